@@ -1,0 +1,34 @@
+"""SwiGLU feed-forward block."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu_hidden(d_model: int, multiple_of: int) -> int:
+    """Llama's default width: 2/3 of 4*d_model, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)). x: (..., d_model) -> (..., d_model).
+
+    gate and up are separate projections so tensor parallelism can shard them column-wise.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,83 @@
+"""Model families by name: the only place that knows which families exist.
+
+pretrain/ and parallel/ look a family up here and use its ModelSpec; adding a family means
+adding a folder under models/ and one `register(...)` call in `_register_builtin`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from undertow.configtools import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the framework needs to know about one model family.
+
+    config_cls:      dataclass of the family's hyper-parameters, with `validate()`.
+    model_cls:       nn.Module built as `model_cls(config)`; it must offer `init_weights()`
+                     (so it can be built on the meta device and materialized later) and
+                     `forward(input_ids, *, position_ids, doc_ids, cu_seqlens, max_seqlen) -> logits`.
+    flops_per_token: (config, seq_len) -> training FLOPs per token (forward + backward), for MFU.
+    layer_cost:      (config, seq_len) -> relative cost per layer (pipeline balancing), or None.
+    plan:            the family's tensor/sequence-parallel plan (filled by parallel/), or None.
+    hf_adapter:      Hugging Face conversion module, or None.
+    """
+
+    name: str
+    config_cls: type
+    model_cls: type
+    flops_per_token: Callable[[Any, int], float]
+    layer_cost: Callable[[Any, int], list[float]] | None = None
+    plan: Any = None
+    hf_adapter: Any = None
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model family {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+
+
+def families() -> list[str]:
+    _register_builtin()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, field_name: str = "family") -> ModelSpec:
+    _register_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"{field_name} = {name!r} is not a known model family; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def family_of(config: Any) -> str:
+    """The family name whose config class `config` is an instance of."""
+    _register_builtin()
+    for spec in _REGISTRY.values():
+        if type(config) is spec.config_cls:
+            return spec.name
+    raise TypeError(f"{type(config).__name__} is not the config of a registered family")
+
+
+def build_model(config: Any):
+    """Instantiate the family's model (on the current default device; use `torch.device('meta')`)."""
+    return get(family_of(config)).model_cls(config)
+
+
+_BUILTIN_DONE = False
+
+
+def _register_builtin() -> None:
+    global _BUILTIN_DONE
+    if _BUILTIN_DONE:
+        return
+    _BUILTIN_DONE = True
+    from undertow.models.transformer import spec as transformer_spec
+
+    register(transformer_spec.SPEC)

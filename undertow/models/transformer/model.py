@@ -1,0 +1,113 @@
+"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query causal attention.
+
+Also the attention block of hybrid stacks. A plain single-device module: parallelism is
+applied from outside (parallel/). Projections are separate (q/k/v/o, gate/up/down) so a
+tensor-parallel plan can shard them by head / column.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from undertow.models.common.attention import causal_attention
+from undertow.models.common.mlp import SwiGLU
+from undertow.models.common.norms import RMSNorm
+from undertow.models.common.rope import apply_rope, rope_cos_sin
+from undertow.models.transformer.config import TransformerConfig
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention. x: (B, T, d_model) -> (B, T, d_model)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, std=std)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        B, T, _ = x.shape
+        # Shapes come from the weights so a tensor-parallel shard sees its local head count.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.init_weights()
+        self.mlp_norm.init_weights()
+        self.attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM. forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("TransformerConfig.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter (call after `to_empty` when built on the meta device)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual branches scaled by depth (GPT-2)
+        nn.init.normal_(self.embed.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,32 @@
+"""Registry entry of the baseline transformer."""
+
+from undertow.models.registry import ModelSpec
+from undertow.models.transformer.config import TransformerConfig
+from undertow.models.transformer.model import TransformerLM
+
+
+def matmul_params(cfg: TransformerConfig) -> int:
+    """Parameters that take part in matmuls per token (all but the embedding lookup and norms)."""
+    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    mlp = 3 * cfg.d_model * cfg.hidden
+    return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 * matmul params + 12 * layers * d_model * seq_len
+    for the attention scores and values (forward + backward, without causal savings)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def layer_cost(cfg: TransformerConfig, seq_len: int) -> list[float]:
+    per_layer = 6.0 * (matmul_params(cfg) - cfg.d_model * cfg.vocab_size) / cfg.n_layers
+    return [per_layer + 12.0 * cfg.d_model * seq_len] * cfg.n_layers
+
+
+SPEC = ModelSpec(
+    name="transformer",
+    config_cls=TransformerConfig,
+    model_cls=TransformerLM,
+    flops_per_token=flops_per_token,
+    layer_cost=layer_cost,
+)

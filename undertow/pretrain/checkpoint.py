@@ -1,0 +1,139 @@
+"""Atomic, resumable checkpoints through torch.distributed.checkpoint (DCP).
+
+Layout of ROOT (the run's checkpoint directory):
+
+    step_00000100/          one complete checkpoint
+        *.distcp, .metadata   model + optimizer tensors (DCP; reshardable)
+        meta.json             step, config, loader/schedule state, RNG states, counters
+    .step_00000200.tmp/     a save in progress (or one that crashed): never loaded
+
+A save writes everything into the hidden temporary directory, fsyncs it and renames it to
+its final name; the rename is the commit, so a crash at any point leaves the previous
+checkpoint usable. After a successful save only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from undertow.log import get_logger
+
+META_NAME = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+log = get_logger("undertow.checkpoint")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under root as (step, path), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, META_NAME)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def rng_state() -> dict:
+    """Every RNG the run may draw from (torch, CUDA, Python, numpy), as JSON-serializable values."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": [version, list(internal), gauss],
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep_last: int
+) -> str:
+    """Write checkpoint `step` atomically; prune to the newest `keep_last`. Returns its path."""
+    os.makedirs(root, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = os.path.join(root, f".step_{step:08d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with open(os.path.join(tmp, META_NAME), "w") as f:
+        json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
+    _fsync_tree(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("checkpoint saved: %s", final)
+    for _, old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta."""
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_NAME})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_state_dict(model, [])[0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    log.info("checkpoint loaded: %s (step %d)", path, meta["step"])
+    return meta

@@ -1,0 +1,252 @@
+"""The experiment config: typed sections loaded from a TOML recipe plus dotted CLI overrides.
+
+A recipe is `undertow/recipes/NAME.toml` (used by name) or any `.toml` path. The `[model]`
+table names its family (`family = "transformer"`); the other keys belong to that family's
+config dataclass from the registry. Everything is validated here, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from undertow.configtools import ConfigError, check, opt, coerce, from_dict, parse_overrides, set_dotted
+from undertow.models import registry
+
+DEFAULT_RECIPE = "tiny"
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = opt(factory=lambda: ["embedded"], help='Token data: `embedded` (the corpus shipped in the package, prepared on first use), a shard directory with manifest.json, a path/glob/brace pattern of .tar shards, `pipe:CMD`, or `megatron:PREFIX` for a .bin/.idx dataset.')
+    weights: list[float] = opt(factory=list, help='Blending weights, one per source (empty: equal).')
+    seq_len: int = opt(256, help="Tokens per training row; documents are packed into rows with their boundaries kept.")
+    val_fraction: float = opt(0.0, help="Fraction of documents held out for validation (stable hash of each document's key).")
+    num_workers: int = opt(0, help='DataLoader worker processes per rank (0: load in the training process).')
+    seed: int = opt(1234, help="Seed of the data order (shard and document shuffling, blending).")
+    embedded_vocab_size: int = opt(2048, help='Vocabulary of the tokenizer trained on the embedded corpus.')
+
+    def validate(self) -> None:
+        check(len(self.sources) > 0, "data.sources", self.sources, "give at least one source")
+        check(
+            not self.weights or len(self.weights) == len(self.sources),
+            "data.weights",
+            self.weights,
+            f"give one weight per source ({len(self.sources)}) or none",
+        )
+        check(all(w > 0 for w in self.weights), "data.weights", self.weights, "weights must be > 0")
+        check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check(
+            32 <= self.embedded_vocab_size <= 65536,
+            "data.embedded_vocab_size",
+            self.embedded_vocab_size,
+            "must be in [32, 65536]",
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = opt("adamw", help="Optimizer (AdamW).")
+    lr: float = opt(1e-3, help="Peak learning rate.")
+    weight_decay: float = opt(0.1, help='Applied to matrices (2-D and up); norms, biases and embeddings are not decayed.')
+    betas: list[float] = opt(factory=lambda: [0.9, 0.95], help="AdamW beta1, beta2.")
+    eps: float = opt(1e-8, help="AdamW epsilon.")
+    fused: Literal["auto", "on", "off"] = opt("auto", help="Fused AdamW kernel: auto uses it on CUDA and CPU.")
+
+    def validate(self) -> None:
+        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
+        check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "constant"] = opt("cosine", help='cosine: warmup then cosine to min_lr_ratio; wsd: warmup, stable, then linear decay over decay_fraction of the steps; constant: warmup then flat.')
+    warmup_steps: int = opt(100, help="Linear warmup steps.")
+    min_lr_ratio: float = opt(0.1, help="Final learning rate as a fraction of the peak (cosine, wsd).")
+    decay_fraction: float = opt(0.2, help="wsd: fraction of all steps spent in the final linear decay.")
+
+    def validate(self) -> None:
+        check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(0 < self.decay_fraction <= 1, "schedule.decay_fraction", self.decay_fraction, "must be in (0, 1]")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = opt(300, help="Optimizer steps in all (a resumed run continues up to this).")
+    micro_batch_size: int = opt(8, help="Rows per forward/backward pass.")
+    grad_accum_steps: int = opt(1, help="Micro-batches per optimizer step (loss averaged over all their tokens).")
+    seed: int = opt(0, help="Seed of parameter initialization and every torch RNG.")
+    device: str = opt("auto", help='auto (cuda if available, else cpu), cpu, cuda, cuda:N.')
+    dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", help='Autocast dtype: auto = bfloat16 on CUDA, float32 on CPU. Parameters stay float32.')
+    grad_clip: float = opt(1.0, help='Clip the global gradient norm to this (0: measure it, do not clip).')
+    activation_checkpointing: bool = opt(False, help="Recompute each block's activations in the backward pass.")
+    compile: bool = opt(False, help="torch.compile each block.")
+    max_bad_steps: int = opt(5, help='Consecutive non-finite steps (skipped) that stop the run.')
+    val_every: int = opt(100, help="Validate every N steps and at the end (0: never; needs data.val_fraction > 0).")
+    val_batches: int = opt(8, help="Validation batches per evaluation (at most one pass over the held-out documents).")
+    run_dir: str = opt("runs/{name}", help="Where checkpoints, TensorBoard events and metrics.jsonl go; {name} is the config's name.")
+    peak_tflops: float = opt(0.0, help='Peak dense TFLOP/s of one device for MFU (0: known GPUs auto-detected, else MFU not shown).')
+    deterministic: bool = opt(True, help='Use deterministic algorithms (bit-identical resume on CPU).')
+
+    def validate(self) -> None:
+        check(self.steps >= 1, "training.steps", self.steps, "must be >= 1")
+        check(self.micro_batch_size >= 1, "training.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        check(self.grad_accum_steps >= 1, "training.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        check(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "must be >= 0")
+        check(self.max_bad_steps >= 1, "training.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        check(self.val_every >= 0, "training.val_every", self.val_every, "must be >= 0 (0: no validation)")
+        check(self.val_batches >= 1, "training.val_batches", self.val_batches, "must be >= 1")
+        check(self.peak_tflops >= 0, "training.peak_tflops", self.peak_tflops, "must be >= 0")
+        dev = self.device
+        check(
+            dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+            "training.device",
+            dev,
+            "auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(100, help='Save every N steps (0: only at the end); the last step is always saved.')
+    keep_last: int = opt(3, help="Complete checkpoints kept; older ones are deleted after a successful save.")
+    resume: str = opt("auto", help='auto: resume from the newest complete checkpoint if there is one; none: start fresh (refused if the run directory already has checkpoints); or a checkpoint directory.')
+    dir: str = opt("", help='Defaults to RUN_DIR/checkpoints.')
+
+    def validate(self) -> None:
+        check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        check(
+            self.resume in ("auto", "none") or os.path.isdir(self.resume),
+            "checkpoint.resume",
+            self.resume,
+            "auto, none, or an existing checkpoint directory",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    every: int = opt(10, help='Console line and TensorBoard scalars every N steps.')
+    tensorboard: bool = opt(True, help="Write TensorBoard event files under RUN_DIR/tb.")
+
+    def validate(self) -> None:
+        check(self.every >= 1, "logging.every", self.every, "must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Single-process training only for now: the tensor, context, pipeline and
+    sharded data-parallel layouts are built by the parallelism work (parallel/) and refused until then."""
+
+    tp: int = opt(1, help="Tensor-parallel degree.")
+    pp: int = opt(1, help="Pipeline-parallel stages.")
+    cp: int = opt(1, help="Context-parallel degree.")
+    dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP).")
+    dp_replicate: int = opt(1, help="Replicated data-parallel degree.")
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp", "dp_shard", "dp_replicate"):
+            value = getattr(self, name)
+            check(value == 1, f"parallel.{name}", value, "only 1 is supported in this version (single process)")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = opt("tiny", help="Run name (defaults to the recipe's file name); used in training.run_dir.")
+    model: Any = opt(None, help="The family's config dataclass (see models/registry.py).")
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def family(self) -> str:
+        return registry.family_of(self.model)
+
+    @property
+    def run_dir(self) -> str:
+        return self.training.run_dir.replace("{name}", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def validate(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        for section in (self.data, self.optimizer, self.schedule, self.training, self.checkpoint, self.logging):
+            section.validate()
+        self.parallel.validate()
+        self.model.validate()
+        check(
+            self.schedule.warmup_steps <= self.training.steps,
+            "schedule.warmup_steps",
+            self.schedule.warmup_steps,
+            f"must be <= training.steps ({self.training.steps})",
+        )
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["model"] = {"family": self.family, **dataclasses.asdict(self.model)}
+        return out
+
+
+def recipe_path(recipe: str) -> str:
+    """A recipe name shipped in the package, or a path to a TOML file."""
+    if recipe.endswith(".toml") or os.sep in recipe:
+        if not os.path.isfile(recipe):
+            raise ConfigError(f"recipe file {recipe!r} does not exist")
+        return recipe
+    shipped = resources.files("undertow.recipes").joinpath(f"{recipe}.toml")
+    if not shipped.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}; shipped recipes: {available_recipes()} (or give a .toml path)")
+    return str(shipped)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("undertow.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def build_config(data: dict) -> ExperimentConfig:
+    """Dict (parsed TOML with overrides applied) -> validated ExperimentConfig."""
+    data = dict(data)
+    model_table = dict(data.pop("model", {}) or {})
+    family = coerce("model.family", model_table.pop("family", "transformer"), str)
+    spec = registry.get(family, field_name="model.family")
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.model = from_dict(spec.config_cls, model_table, "model")
+    cfg.validate()
+    return cfg
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load a recipe (default `tiny`), apply `--section.field VALUE` overrides, validate."""
+    path = recipe_path(recipe or DEFAULT_RECIPE)
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if "name" not in data:
+        data["name"] = os.path.basename(path)[:-5]
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return build_config(data)

@@ -1,0 +1,107 @@
+"""Training metrics: console lines, TensorBoard scalars, metrics.jsonl, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+
+from undertow.log import get_logger
+
+log = get_logger("undertow.metrics")
+
+# Dense bf16 peak TFLOP/s (no sparsity) of common accelerators, matched by substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "V100": 125.0}
+
+
+def detect_peak_tflops(device: torch.device) -> float:
+    """Peak dense TFLOP/s of one device if it is a known GPU, else 0 (MFU not shown)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops
+    return 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of the run so far: CUDA allocator peak, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Throughput:
+    """Tokens/s and MFU over the window since the last `read()`."""
+
+    def __init__(self, flops_per_token: float, peak_tflops: float):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_tflops * 1e12
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> tuple[float, float | None]:
+        now = time.perf_counter()
+        tps = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else None
+        return tps, mfu
+
+
+class MetricsWriter:
+    """Writes every step's scalars to RUN_DIR/metrics.jsonl, and TensorBoard/console every N steps.
+
+    metrics.jsonl keeps full float precision (JSON floats round-trip exactly), so two runs
+    can be compared bit for bit.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool):
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def record(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def publish(self, step: int, scalars: dict[str, float | None], prefix: str) -> None:
+        """TensorBoard scalars under `prefix/` and one console line."""
+        if self.tb is not None:
+            for key, value in scalars.items():
+                if value is not None and math.isfinite(value):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            self.tb.flush()
+        log.info("%s step %d | %s", prefix, step, " | ".join(_fmt(k, v) for k, v in scalars.items()))
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return f"{key} n/a"
+    if key == "lr":
+        return f"lr {value:.2e}"
+    if key == "tokens_per_s":
+        return f"tok/s {value:,.0f}"
+    if key == "mfu":
+        return f"mfu {100 * value:.1f}%"
+    if key == "peak_mem_gib":
+        return f"mem {value:.2f}GiB"
+    if isinstance(value, float):
+        return f"{key} {value:.4f}"
+    return f"{key} {value}"

@@ -1,0 +1,280 @@
+"""The training loop: data -> model -> loss -> AdamW step, with validation, checkpoints and metrics.
+
+Read top to bottom: `Trainer.__init__` builds everything (data, model on the meta device,
+optimizer, resume), `Trainer.fit` runs the steps. Family-specific code lives in models/;
+this file only talks to the registry's ModelSpec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from undertow.log import get_logger
+from undertow.models import registry
+from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
+from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
+from undertow.pretrain import checkpoint as ckpt
+from undertow.pretrain.config import ExperimentConfig
+from undertow.pretrain.data_sources import resolve_sources
+from undertow.pretrain.loader import PackedLoader
+from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
+from undertow.pretrain.optim import build_optimizer
+from undertow.pretrain.schedule import lr_multiplier
+
+log = get_logger("undertow.trainer")
+MODEL_INPUTS = ("position_ids", "doc_ids", "cu_seqlens", "max_seqlen")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_loss: float
+    last_val_loss: float | None
+    skipped_steps: int
+    run_dir: str
+    checkpoint: str | None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"training.device = {name!r} but CUDA is not available")
+    return device
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """None means no autocast (float32)."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.training.device)
+        self.amp_dtype = autocast_dtype(cfg.training.dtype, self.device)
+        if cfg.training.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.training.seed)
+
+        self.sources = resolve_sources(cfg.data)
+        self.train_loader = self._loader("train")
+        self._set_vocab(self.train_loader.vocab_info())
+
+        self.spec = registry.get(cfg.family)
+        with torch.device("meta"):
+            model = self.spec.model_cls(cfg.model)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        if cfg.training.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.training.compile:
+            apply_compile(model)
+        self.model = model
+        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
+
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_bad = 0
+        self.last_val_loss: float | None = None
+        self.resumed_from = self._maybe_resume()
+
+    # ----------------------------------------------------------------- setup
+    def _loader(self, split: str) -> PackedLoader:
+        d, t = self.cfg.data, self.cfg.training
+        return PackedLoader(
+            self.sources,
+            seq_len=d.seq_len,
+            batch_size=t.micro_batch_size,
+            weights=d.weights or None,
+            num_workers=d.num_workers if split == "train" else 0,
+            seed=d.seed,
+            split=split,
+            val_fraction=d.val_fraction,
+            loop=split == "train",
+        )
+
+    def _set_vocab(self, vocab: dict | None) -> None:
+        model_cfg = self.cfg.model
+        data_vocab = vocab["vocab_size"] if vocab else None
+        if model_cfg.vocab_size == 0:
+            if data_vocab is None:
+                raise ValueError("model.vocab_size = 0 needs a tokenizer in the data's manifest; set model.vocab_size")
+            model_cfg.vocab_size = data_vocab
+        elif data_vocab is not None and model_cfg.vocab_size < data_vocab:
+            raise ValueError(
+                f"model.vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({data_vocab}); use >= {data_vocab} or 0 (take it from the tokenizer)"
+            )
+        self.vocab = vocab
+
+    def _maybe_resume(self) -> str | None:
+        resume, root = self.cfg.checkpoint.resume, self.cfg.checkpoint_dir
+        if resume == "none":
+            if ckpt.latest_checkpoint(root):
+                raise RuntimeError(
+                    f"{root} already holds checkpoints; resume them (checkpoint.resume=auto) or use a new training.run_dir"
+                )
+            return None
+        path = ckpt.latest_checkpoint(root) if resume == "auto" else resume
+        if path is None:
+            return None
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        saved_model = meta["config"]["model"]
+        current = self.cfg.to_dict()["model"]
+        if saved_model != current:
+            raise RuntimeError(f"checkpoint {path} was trained with model {saved_model}, the config asks for {current}")
+        self.step = meta["step"]
+        self.skipped_total = meta["skipped_total"]
+        self.consecutive_bad = meta["consecutive_bad"]
+        self.last_val_loss = meta.get("last_val_loss")
+        self.train_loader.load_state_dict(meta["loader"])
+        ckpt.set_rng_state(meta["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self) -> str:
+        meta = {
+            "config": self.cfg.to_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "skipped_total": self.skipped_total,
+            "consecutive_bad": self.consecutive_bad,
+            "last_val_loss": self.last_val_loss,
+            "tokenizer": self.vocab,
+        }
+        return ckpt.save_checkpoint(
+            self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last
+        )
+
+    # ----------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(batch["input_ids"], **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        return lm_loss_sum(logits, batch["labels"])
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
+        """One optimizer step over `grad_accum_steps` micro-batches. Returns (loss, grad_norm, counted labels).
+
+        The loss is the mean over every counted label of the step (token-weighted across micro-batches).
+        """
+        n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self._loss_sum(self._to_device(batch)) / max(n_labels, 1)
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.training.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        return float(total), float(grad_norm), n_labels
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        self.model.eval()
+        loss_sum, n_labels = 0.0, 0
+        for i, batch in enumerate(self._loader("val")):
+            if i >= self.cfg.training.val_batches:
+                break
+            batch = self._to_device(batch)
+            loss_sum += float(self._loss_sum(batch))
+            n_labels += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.model.train()
+        return loss_sum / n_labels if n_labels else None
+
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.training
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        writer = MetricsWriter(cfg.run_dir, cfg.logging.tensorboard)
+        peak = t.peak_tflops or detect_peak_tflops(self.device)
+        meter = Throughput(self.spec.flops_per_token(cfg.model, cfg.data.seq_len), peak)
+        log.info(
+            "model %s: %.2fM parameters, %.3g FLOPs/token; device %s, autocast %s; steps %d..%d",
+            cfg.family, self.n_params / 1e6, meter.flops_per_token, self.device, self.amp_dtype, self.step, t.steps,
+        )
+        data = iter(self.train_loader)
+        last_loss, last_ckpt = float("nan"), self.resumed_from
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        try:
+            with logging_redirect_tqdm():
+                while self.step < t.steps:
+                    micro = [next(data) for _ in range(t.grad_accum_steps)]
+                    lr = cfg.optimizer.lr * lr_multiplier(self.step, t.steps, cfg.schedule)
+                    loss, grad_norm, _ = self.train_step(micro)
+                    meter.add(sum(b["input_ids"].numel() for b in micro))
+                    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                    if finite:
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = lr
+                        self.optimizer.step()
+                        self.consecutive_bad = 0
+                        last_loss = loss
+                    else:
+                        self.skipped_total += 1
+                        self.consecutive_bad += 1
+                        log.warning(
+                            "step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, %d in all)",
+                            self.step, loss, grad_norm, self.consecutive_bad, self.skipped_total,
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    bar.update(1)
+                    writer.record(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite})
+                    if self.consecutive_bad >= t.max_bad_steps:
+                        path = self.save()
+                        raise TrainingDiverged(
+                            f"{self.consecutive_bad} consecutive non-finite steps (training.max_bad_steps = "
+                            f"{t.max_bad_steps}) at step {self.step}; the last good weights are saved in {path}. "
+                            "Lower optimizer.lr, check the data, or raise training.max_bad_steps."
+                        )
+                    if self.step % cfg.logging.every == 0 or self.step == t.steps:
+                        tps, mfu = meter.read()
+                        writer.publish(self.step, {
+                            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu,
+                            "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_total,
+                        }, "train")
+                    if t.val_every and cfg.data.val_fraction > 0 and (self.step % t.val_every == 0 or self.step == t.steps):
+                        self.last_val_loss = self.validate()
+                        if self.last_val_loss is not None:
+                            val = {"loss": self.last_val_loss, "perplexity": math.exp(min(self.last_val_loss, 50.0))}
+                            writer.record(self.step, val, kind="val")
+                            writer.publish(self.step, val, "val")
+                    every = cfg.checkpoint.every
+                    if (every and self.step % every == 0) or self.step == t.steps:
+                        last_ckpt = self.save()
+        finally:
+            bar.close()
+            writer.close()
+        return TrainResult(self.step, last_loss, self.last_val_loss, self.skipped_total, cfg.run_dir, last_ckpt)
+
+
+def train(cfg: ExperimentConfig) -> TrainResult:
+    return Trainer(cfg).fit()
