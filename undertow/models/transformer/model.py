@@ -85,6 +85,9 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialize every parameter (call after `to_empty` when built on the meta device)."""
+        if self.cfg.tie_embeddings:
+            # `to_empty` (meta -> real device) gives every parameter its own storage, untying them.
+            self.lm_head.weight = self.embed.weight
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual branches scaled by depth (GPT-2)
         nn.init.normal_(self.embed.weight, std=std)

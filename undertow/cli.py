@@ -1,0 +1,117 @@
+"""The `undertow` command: `undertow prep ...` and `undertow pretrain [RECIPE] [--section.field VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from undertow import __version__
+from undertow.configtools import ConfigError, describe
+
+
+def _config_help() -> str:
+    from undertow.models import registry
+    from undertow.pretrain.config import ExperimentConfig, available_recipes
+
+    lines = [
+        "recipes shipped in the package: " + ", ".join(available_recipes()) + " (or a path to a .toml file)",
+        "",
+        "Every config field can be overridden as --section.field VALUE (lists: comma-separated):",
+    ]
+    for name, type_name, default, text in describe(ExperimentConfig, ""):
+        if name == "model":
+            continue
+        lines.append(f"  --{name} {type_name.upper()}  (default {default!r})  {text}")
+    for family in registry.families():
+        spec = registry.get(family)
+        lines.append(f"\nmodel fields of family {family!r} (model.family = {family!r}):")
+        for name, type_name, default, text in describe(spec.config_cls, "model"):
+            lines.append(f"  --{name} {type_name.upper()}  (default {default!r})  {text}")
+    return "\n".join(lines)
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from undertow.pretrain.config import load_config
+
+    cfg = load_config(args.recipe, overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from undertow.pretrain.trainer import TrainingDiverged, train
+
+    try:
+        result = train(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
+    print(
+        f"done: {result.steps} steps, last loss {result.last_loss:.4f}{val}, "
+        f"{result.skipped_steps} skipped; run dir {result.run_dir}, checkpoint {result.checkpoint}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="undertow",
+        description="Pretraining for recurrent-family language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"undertow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="train a model from a recipe",
+        description=(
+            "Train a model from a TOML recipe (default: tiny, which trains on the corpus embedded in the "
+            "package). Checkpoints, TensorBoard events and metrics.jsonl go to training.run_dir; an "
+            "interrupted run resumes from its newest checkpoint (checkpoint.resume = auto)."
+        ),
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pre.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: tiny)")
+    pre.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    pre.set_defaults(func=cmd_pretrain, takes_overrides=True)
+
+    from undertow.data_prep.cli import add_prep_parser
+
+    add_prep_parser(sub)
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.field VALUE` / `--section.field=VALUE` overrides from the other arguments."""
+    plain, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            plain.append(arg)
+        i += 1
+    return plain, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    plain, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(plain)
+    try:
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, overrides)
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
