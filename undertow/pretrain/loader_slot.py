@@ -1,0 +1,133 @@
+"""One slot's batches: choose a source per row, pack rows, and keep a state that resumes exactly.
+
+Blending: each row comes from one source, drawn with probability proportional to its weight by a
+hash of (seed, slot, row counter, attempt), so no RNG state is saved: the row counter is enough.
+Sources of weight 0 are never read. In a looping run streams never end, so `attempt` is always 0.
+In a one-pass run a row whose source runs out is continued from another source still holding
+documents (drawn again among those, `attempt` counting the draws) so padding only appears once every
+source is used up.
+
+Slot state (JSON): {"slot": int, "rows": int, "cursors": [[epoch, item, doc, offset] per source]}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from undertow.pretrain.loader_packing import Row, pack_rows
+from undertow.pretrain.loader_sources import ShardSet
+from undertow.pretrain.loader_streams import FRESH_CURSOR, DocumentStream, StreamSettings, unit_hash
+
+# Private keys a worker adds to each batch; the main process strips them.
+SLOT_KEY, STATE_KEY, EXHAUSTED_KEY = "_slot", "_state", "_exhausted"
+
+
+@dataclass(frozen=True)
+class LoaderSpec(StreamSettings):
+    """Everything that decides a loader's batches, resolved and validated (picklable)."""
+
+    sources: tuple[ShardSet, ...]
+    weights: tuple[float, ...]
+    seq_len: int
+    batch_size: int
+    pad_id: int
+
+
+def fresh_slot_state(slot: int, num_sources: int) -> dict:
+    return {"slot": slot, "rows": 0, "cursors": [list(FRESH_CURSOR) for _ in range(num_sources)]}
+
+
+class SlotProducer:
+    """Produces the batches of slot `slot` from `state` on (a fresh start when None)."""
+
+    def __init__(self, spec: LoaderSpec, slot: int, state: dict | None = None):
+        state = state if state is not None else fresh_slot_state(slot, len(spec.sources))
+        self.spec, self.slot, self.rows = spec, slot, int(state["rows"])
+        self.streams = [
+            DocumentStream(shards, i, slot, spec, cursor) for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
+        ]
+        self._blended = [i for i, w in enumerate(spec.weights) if w > 0]
+
+    def state(self) -> dict:
+        return {"slot": self.slot, "rows": self.rows, "cursors": [s.cursor() for s in self.streams]}
+
+    def next_batch(self) -> dict | None:
+        """The next batch, or None once a one-pass run is over (the last batch is padded)."""
+        rows: list[Row] = []
+        while len(rows) < self.spec.batch_size:
+            row = self._fill_row()
+            if not row.pieces:
+                break
+            rows.append(row)
+        return pack_rows(rows, self.spec.seq_len, self.spec.batch_size, self.spec.pad_id) if rows else None
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def _fill_row(self) -> Row:
+        row, need, attempt, last = Row(), self.spec.seq_len, 0, None
+        while need:
+            active = [i for i in self._blended if not self.streams[i].done]
+            if not active:
+                break
+            last = self.streams[self._choose(active, attempt)]
+            attempt += 1
+            while need and (unread := last.remaining()) is not None:
+                piece = unread[:need]
+                row.pieces.append(piece)
+                last.consume(len(piece))
+                need -= len(piece)
+        if not need and last is not None:
+            row.next_token = last.peek()
+        self.rows += 1
+        return row
+
+    def _choose(self, active: list[int], attempt: int) -> int:
+        weights = self.spec.weights
+        target = unit_hash("blend", self.spec.seed, self.slot, self.rows, attempt) * sum(weights[i] for i in active)
+        for i in active:
+            target -= weights[i]
+            if target < 0:
+                return i
+        return active[-1]  # float rounding at the top end
+
+
+def iterate_slot(spec: LoaderSpec, slot: int, state: dict | None = None) -> Iterator[tuple[dict | None, dict]]:
+    """Yield (batch, state after it) for one slot; batch None marks the end of a one-pass run (then
+    stops)."""
+    producer = SlotProducer(spec, slot, state)
+    try:
+        while True:
+            batch = producer.next_batch()
+            yield batch, producer.state()
+            if batch is None:
+                return
+    finally:
+        producer.close()
+
+
+class RankWorkers(IterableDataset):
+    """The slots of one rank as a DataLoader dataset: worker w plays logical slot (w + rotation) % N.
+
+    Each yielded batch carries its slot and that slot's state after it (private keys). A slot whose
+    one-pass run is over yields state-only `EXHAUSTED_KEY` markers forever instead of stopping, so the
+    DataLoader's round-robin over workers never changes and the order of batches stays exact.
+    """
+
+    def __init__(self, spec: LoaderSpec, first_slot: int, states: list[dict], rotation: int):
+        self.spec, self.first_slot, self.states, self.rotation = spec, first_slot, states, rotation
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is None or info.num_workers != len(self.states):
+            raise RuntimeError(f"RankWorkers must run in a DataLoader with num_workers={len(self.states)}")
+        logical = (info.id + self.rotation) % info.num_workers
+        for batch, state in iterate_slot(self.spec, self.first_slot + logical, self.states[logical]):
+            if batch is not None:
+                yield {**batch, SLOT_KEY: logical, STATE_KEY: state}
+        while True:
+            yield {SLOT_KEY: logical, STATE_KEY: state, EXHAUSTED_KEY: 1}

@@ -1,0 +1,106 @@
+"""Small tools around the loader: write a tiny shard set, and read documents back out of batches.
+
+Used by the loader tests and handy for any test or debugging session that needs token data without
+running `undertow prep`, or wants to see which documents a run's batches contained.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from undertow.data_prep.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Document,
+    write_json_atomic,
+    write_shard,
+)
+from undertow.pretrain.loader_packing import IGNORE_INDEX
+
+
+def random_documents(count: int, *, seed: int = 0, min_len: int = 1, max_len: int = 40, low: int = 1, high: int = 1000) -> list[np.ndarray]:
+    """`count` documents of random ids in [low, high) with lengths in [min_len, max_len], each (n,) uint16."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(low, high, size=int(rng.integers(min_len, max_len + 1))).astype(np.uint16) for _ in range(count)]
+
+
+def write_shard_dir(
+    directory: str, documents: list[np.ndarray], shard_sizes: list[int], *, tokenizer: dict | None = None, key_prefix: str = "doc"
+) -> list[str]:
+    """Write `documents` as shards of `shard_sizes` documents each (sum must match) plus a manifest.
+
+    Keys are `{key_prefix}{global index:06d}`. Returns the shard paths in order.
+    """
+    if sum(shard_sizes) != len(documents):
+        raise ValueError(f"shard_sizes {shard_sizes} hold {sum(shard_sizes)} documents, got {len(documents)}")
+    os.makedirs(directory, exist_ok=True)
+    paths, entries, start = [], [], 0
+    for i, size in enumerate(shard_sizes):
+        path = os.path.join(directory, f"shard-{i:06d}.tar")
+        docs = [
+            Document(f"{key_prefix}{j:06d}", documents[j], {"source": "test", "index": j, "tokens": len(documents[j])})
+            for j in range(start, start + size)
+        ]
+        with open(path, "wb") as f:
+            n_docs, n_tokens = write_shard(f, docs)
+        start += size
+        paths.append(path)
+        entries.append({"file": os.path.basename(path), "documents": n_docs, "tokens": n_tokens, "inputs_consumed": start})
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "tokenizer": tokenizer,
+        "settings": {},
+        "shards": entries,
+        "documents": len(documents),
+        "tokens": sum(e["tokens"] for e in entries),
+        "skipped": {},
+        "complete": True,
+    }
+    if tokenizer is None:
+        del manifest["tokenizer"]
+    write_json_atomic(os.path.join(directory, MANIFEST_NAME), manifest)
+    return paths
+
+
+def documents_from_batches(batches: Iterable[dict], pad_id: int = 0) -> list[np.ndarray]:
+    """Rebuild the documents of ONE slot's consecutive batches (e.g. `PackedLoader.iter_slot`).
+
+    Segments come from `doc_ids`; a segment that ends a row continues into the next row when that
+    row's last label is not -100 (and that label must equal the next row's first token, which this
+    checks). A segment of only `pad_id` tokens with labels -100 is padding and is dropped, so test
+    documents should not consist of `pad_id` alone. Returns the documents as (n,) int64 arrays.
+    """
+    documents: list[np.ndarray] = []
+    carried: list[np.ndarray] | None = None  # pieces of a document cut by the previous row's end
+    expected_first = None  # the previous row's last label, when its document continues
+    for batch in batches:
+        ids, labels, doc_ids = (batch[k].numpy() for k in ("input_ids", "labels", "doc_ids"))
+        for row_ids, row_labels, row_docs in zip(ids, labels, doc_ids):
+            bounds = [0, *(np.flatnonzero(np.diff(row_docs)) + 1), len(row_ids)]
+            groups = []
+            for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+                piece = row_ids[s:e]
+                if j == 0 and carried is not None:
+                    if piece[0] != expected_first:
+                        raise ValueError(f"a row starts with {piece[0]}, but the previous row's last label was {expected_first}")
+                    groups.append(carried + [piece])
+                elif not ((piece == pad_id).all() and (row_labels[s:e] == IGNORE_INDEX).all()):
+                    groups.append([piece])
+            carried = None
+            if row_labels[-1] != IGNORE_INDEX:
+                carried, expected_first = groups.pop(), int(row_labels[-1])
+            documents.extend(np.concatenate(g).astype(np.int64) for g in groups)
+    if carried is not None:
+        documents.append(np.concatenate(carried).astype(np.int64))
+    return documents
+
+
+def document_multiset(documents: Iterable[np.ndarray]) -> list[tuple[int, ...]]:
+    """Documents as a sorted list of tuples, to compare collections of documents regardless of order."""
+    return sorted(tuple(int(t) for t in doc) for doc in documents)
