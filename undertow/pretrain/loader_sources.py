@@ -79,8 +79,8 @@ class TarShards:
         return len(self.urls)
 
     def fingerprint(self) -> str:
-        # Basenames for local files, so a dataset copied elsewhere still matches a saved state.
-        return _digest([u if _URL_SCHEME.match(u) else os.path.basename(u) for u in self.urls])
+        # Local files by basename and size, so a dataset copied elsewhere still matches a saved state.
+        return _digest([u if _URL_SCHEME.match(u) else f"{os.path.basename(u)}:{os.path.getsize(u)}" for u in self.urls])
 
     def documents(self, shard: int) -> Iterator[tuple[str, np.ndarray]]:
         from webdataset import gopen

@@ -7,7 +7,7 @@ running `undertow prep`, or wants to see which documents a run's batches contain
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -68,36 +68,37 @@ def write_shard_dir(
     return paths
 
 
-def documents_from_batches(batches: Iterable[dict], pad_id: int = 0) -> list[np.ndarray]:
+def documents_from_batches(batches: Iterable[dict], pad_id: int = 0, source_of: Callable[[int], Hashable] | None = None) -> list[np.ndarray]:
     """Rebuild the documents of ONE slot's consecutive batches (e.g. `PackedLoader.iter_slot`).
 
-    Segments come from `doc_ids`; a segment that ends a row continues into the next row when that
-    row's last label is not -100 (and that label must equal the next row's first token, which this
-    checks). A segment of only `pad_id` tokens with labels -100 is padding and is dropped, so test
-    documents should not consist of `pad_id` alone. Returns the documents as (n,) int64 arrays.
+    Segments come from `doc_ids`; a segment that ends a row continues in the next segment of the same
+    source when that row's last label is not -100 (and that label must be the continuing segment's
+    first token, which this checks). With several blended sources, `source_of(token)` must tell which
+    source a token comes from (a one-pass row may hold the tail of one source, then another). A
+    segment of only `pad_id` tokens with labels -100 is padding and is dropped, so test documents
+    should not consist of `pad_id` alone. Returns the documents as (n,) int64 arrays.
     """
+    source_of = source_of or (lambda token: 0)
     documents: list[np.ndarray] = []
-    carried: list[np.ndarray] | None = None  # pieces of a document cut by the previous row's end
-    expected_first = None  # the previous row's last label, when its document continues
+    carried: dict[Hashable, tuple[list[np.ndarray], int]] = {}  # source -> (pieces of a cut document, its next token)
     for batch in batches:
         ids, labels, doc_ids = (batch[k].numpy() for k in ("input_ids", "labels", "doc_ids"))
         for row_ids, row_labels, row_docs in zip(ids, labels, doc_ids):
             bounds = [0, *(np.flatnonzero(np.diff(row_docs)) + 1), len(row_ids)]
             groups = []
-            for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for s, e in zip(bounds[:-1], bounds[1:]):
                 piece = row_ids[s:e]
-                if j == 0 and carried is not None:
-                    if piece[0] != expected_first:
-                        raise ValueError(f"a row starts with {piece[0]}, but the previous row's last label was {expected_first}")
-                    groups.append(carried + [piece])
+                if source_of(int(piece[0])) in carried:  # the source's next tokens continue its cut document
+                    pieces, next_token = carried.pop(source_of(int(piece[0])))
+                    if piece[0] != next_token:
+                        raise ValueError(f"a row starts with {piece[0]}, but the document it continues goes on with {next_token}")
+                    groups.append(pieces + [piece])
                 elif not ((piece == pad_id).all() and (row_labels[s:e] == IGNORE_INDEX).all()):
                     groups.append([piece])
-            carried = None
             if row_labels[-1] != IGNORE_INDEX:
-                carried, expected_first = groups.pop(), int(row_labels[-1])
+                carried[source_of(int(row_ids[-1]))] = (groups.pop(), int(row_labels[-1]))
             documents.extend(np.concatenate(g).astype(np.int64) for g in groups)
-    if carried is not None:
-        documents.append(np.concatenate(carried).astype(np.int64))
+    documents.extend(np.concatenate(pieces).astype(np.int64) for pieces, _ in carried.values())
     return documents
 
 
