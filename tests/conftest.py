@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test (and every subprocess it starts) prepares the embedded corpus into one temp cache."""
+    cache = str(tmp_path_factory.mktemp("undertow-cache"))
+    old = os.environ.get("UNDERTOW_CACHE")
+    os.environ["UNDERTOW_CACHE"] = cache
+    yield cache
+    if old is None:
+        os.environ.pop("UNDERTOW_CACHE", None)
+    else:
+        os.environ["UNDERTOW_CACHE"] = old

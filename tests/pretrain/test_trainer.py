@@ -1,0 +1,123 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from undertow.data_prep.stats import unigram_entropy
+from undertow.pretrain import checkpoint as ckpt
+from undertow.pretrain import trainer as trainer_mod
+from undertow.pretrain.data_sources import resolve_sources
+from undertow.pretrain.trainer import Trainer, TrainingDiverged, train
+
+from helpers import cli_args, read_losses, tiny_config
+
+
+def test_loss_falls_below_unigram_entropy(tmp_path):
+    cfg = tiny_config(tmp_path, training__steps=150, model__d_model=64, model__n_heads=4, model__n_kv_heads=2,
+                      data__seq_len=64, training__micro_batch_size=8, optimizer__lr=3e-3, training__val_every=150)
+    entropy = unigram_entropy(resolve_sources(cfg.data)[0])
+    result = train(cfg)
+    losses = read_losses(tmp_path)
+    assert losses[1] > entropy  # starts near log(vocab)
+    tail = sum(losses[s] for s in range(141, 151)) / 10
+    assert tail < entropy - 0.5, (tail, entropy)
+    assert result.last_val_loss is not None and result.last_val_loss < entropy
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    big = Trainer(tiny_config(tmp_path / "a", training__micro_batch_size=8, checkpoint__resume="none"))
+    small = Trainer(tiny_config(tmp_path / "b", training__micro_batch_size=4, training__grad_accum_steps=2,
+                                checkpoint__resume="none"))
+    batch = next(iter(big.train_loader))
+    halves = [{k: (v[:4] if k not in ("cu_seqlens", "max_seqlen") else None) for k, v in batch.items()},
+              {k: (v[4:] if k not in ("cu_seqlens", "max_seqlen") else None) for k, v in batch.items()}]
+    halves = [{k: v for k, v in h.items() if v is not None} for h in halves]
+    batch = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
+    loss_big, norm_big, _ = big.train_step([batch])
+    loss_small, norm_small, _ = small.train_step(halves)
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    assert norm_big == pytest.approx(norm_small, rel=1e-4)
+
+
+def test_nan_guard_skips_then_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    real = trainer_mod.lm_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        # step 3 is non-finite once (skipped, run goes on); from step 6 on every step is.
+        return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(trainer_mod, "lm_loss_sum", poisoned)
+    t = Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3))
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+        t.fit()
+    assert t.skipped_total == 4 and t.step == 8
+    good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert all(torch.isfinite(v).all() for v in good.values())
+    path = ckpt.latest_checkpoint(os.path.join(tmp_path, "checkpoints"))
+    assert path.endswith("step_00000008")
+    monkeypatch.setattr(trainer_mod, "lm_loss_sum", real)
+    resumed = Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3))
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, good[k]), k
+    records = read_losses(tmp_path)
+    assert math.isnan(records[3]) and math.isfinite(records[4])
+
+
+def test_tensorboard_scalars_are_readable(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tmp_path, training__steps=10, training__val_every=5))
+    acc = EventAccumulator(os.path.join(tmp_path, "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib",
+                "val/loss", "val/perplexity"):
+        assert tag in tags, tag
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [5, 10]
+    losses = read_losses(tmp_path)
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([losses[5], losses[10]], rel=1e-6)
+
+
+def run_cli(run_dir, *extra):
+    cmd = [sys.executable, "-m", "undertow.cli", "pretrain", *cli_args(run_dir, **dict(extra))]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, workers):
+    common = (("training__steps", 60), ("checkpoint__every", 10), ("data__num_workers", workers),
+              ("model__d_model", 64), ("data__seq_len", 64))
+    ref = run_cli(tmp_path / "ref", *common)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    reference = read_losses(tmp_path / "ref")
+    assert sorted(reference) == list(range(1, 61))
+
+    victim = run_cli(tmp_path / "run", *common)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(read_losses(tmp_path / "run")) >= 25:
+            break
+        assert victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(read_losses(tmp_path / "run"))
+    assert 25 <= killed_at < 60, killed_at
+    assert ckpt.latest_checkpoint(str(tmp_path / "run" / "checkpoints")) is not None
+
+    resumed = run_cli(tmp_path / "run", *common)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    assert read_losses(tmp_path / "run") == reference  # bit-identical, every step
