@@ -6,7 +6,7 @@ import torch
 
 from undertow.pretrain.loader import PackedLoader
 from undertow.pretrain.loader_packing import Row, pack_rows
-from undertow.pretrain.loader_streams import DocumentStream, StreamSettings
+from undertow.pretrain.loader_streams import DocumentStream, PlanItem, StreamSettings, slot_plan
 from undertow.pretrain.loader_sources import resolve_source
 from undertow.pretrain.loader_testing import document_multiset, documents_from_batches, random_documents, write_shard_dir
 
@@ -82,6 +82,16 @@ def test_every_document_is_read_once_across_ranks_and_workers(tmp_path, shard_si
     assert all(per_slot)  # every slot got work
 
 
+def test_shard_plans_are_pinned():
+    """Saved loader states index into these plans: changing them would break resuming old runs."""
+    plans = [slot_plan(7, 3, slot, seed=0, source_index=0, epoch=1) for slot in range(3)]
+    assert plans == [
+        [PlanItem(0, 1, 0), PlanItem(5, 1, 0), PlanItem(2, 3, 0)],
+        [PlanItem(4, 1, 0), PlanItem(1, 1, 0), PlanItem(2, 3, 1)],
+        [PlanItem(3, 1, 0), PlanItem(6, 1, 0), PlanItem(2, 3, 2)],
+    ]
+
+
 def test_each_epoch_is_a_new_partition(tmp_path):
     docs = random_documents(30, seed=3)
     write_shard_dir(str(tmp_path), docs, [6, 6, 6, 6, 6])
@@ -112,3 +122,11 @@ def test_one_pass_pads_only_the_end(tmp_path):
     real = sum(int((b["input_ids"] != 0).sum()) for b in batches)
     assert real == sum(len(d) for d in docs)
     assert list(loader) == []  # a finished one-pass train loader stays finished
+
+
+def test_a_slot_without_documents_is_an_error_not_a_hang(tmp_path):
+    write_shard_dir(str(tmp_path), random_documents(3, seed=5), [3])
+    loader = PackedLoader([str(tmp_path)], seq_len=4, batch_size=1, world_size=4)
+    assert next(loader.iter_slot(2))["input_ids"].shape == (1, 4)
+    with pytest.raises(ValueError, match="gives slot 3 no train document in epoch 0"):
+        next(loader.iter_slot(3))

@@ -57,6 +57,9 @@ def test_resume_continues_exactly(two_sources, num_workers, blend):
     assert_same_batches(take(it, 7), reference[:7])
     state = first.state_dict()
     assert_same_batches(take(it, 2), reference[7:9])  # the live loader is not disturbed by saving
+    assert_same_batches(take(iter(first), 3), reference[9:12])  # a new iter() continues where the last stopped
+    with pytest.raises(RuntimeError, match="replaced by a newer iter"):
+        next(it)  # two live cursors would corrupt the state
 
     second = resumed(kwargs, state)
     it = iter(second)

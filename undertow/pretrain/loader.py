@@ -21,8 +21,8 @@ where it stopped. Slots whose one-pass run ended keep answering with markers (ne
 round-robin never skips a worker.
 
 Iteration is a cursor: `iter(loader)` continues after the last batch it returned (or from a loaded
-state). A "val" loader starts a fresh pass on every `iter()` (each evaluation sees the same batches)
-unless a state was loaded just before.
+state), and an older iterator of the same loader then refuses to go on. A "val" loader starts a fresh
+pass on every `iter()` (each evaluation sees the same batches) unless a state was loaded just before.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ class PackedLoader:
         )
         self._tokenizer = shard_sets[0].tokenizer
         self._reset_position()
-        self._resume_pending = False
+        self._resume_pending, self._generation = False, 0
         log.info(
-            "PackedLoader %s: %d source(s) (%s shards), rank %d/%d x %d slot(s), %d x %d tokens per batch%s",
+            "PackedLoader %s: %d source(s) (%s shards), rank %d of %d with %d slot(s), %d x %d tokens per batch%s",
             split, len(sources), "+".join(str(len(s)) for s in shard_sets), rank, world_size,
             self.workers_per_rank, batch_size, seq_len, "" if self._spec.loop else ", one pass",
         )
@@ -122,9 +122,13 @@ class PackedLoader:
         if self._spec.split == "val" and not self._resume_pending:
             self._reset_position()
         self._resume_pending = False
-        batches = self._iterate_in_process() if self.num_workers == 0 else self._iterate_workers()
+        self._generation += 1  # older iterators of this loader stop: two cursors would corrupt the state
+        return self._batches(self._generation)
+
+    def _batches(self, generation: int) -> Iterator[dict[str, torch.Tensor]]:
+        source = self._iterate_in_process(generation) if self.num_workers == 0 else self._iterate_workers(generation)
         yielded = 0
-        for batch in batches:
+        for batch in source:
             yielded += 1
             yield batch
         if yielded == 0 and self._spec.split == "val":
@@ -140,28 +144,33 @@ class PackedLoader:
             if batch is not None:
                 yield batch
 
-    def _iterate_in_process(self) -> Iterator[dict]:
+    def _iterate_in_process(self, generation: int) -> Iterator[dict]:
         for batch, state in iterate_slot(self._spec, self.rank, self._states[0]):
-            self._states[0] = state
+            self._record(generation, 0, state)
             if batch is None:
                 return
-            self._taken += 1
             yield batch
 
-    def _iterate_workers(self) -> Iterator[dict]:
+    def _iterate_workers(self, generation: int) -> Iterator[dict]:
         n = self.num_workers
         dataset = RankWorkers(self._spec, self.rank * n, copy.deepcopy(self._states), rotation=self._taken % n)
         exhausted: set[int] = set()
         for item in DataLoader(dataset, batch_size=None, num_workers=n, in_order=True):
             logical = item.pop(SLOT_KEY)
-            self._states[logical] = item.pop(STATE_KEY)
-            self._taken += 1
+            self._record(generation, logical, item.pop(STATE_KEY))
             if item.pop(EXHAUSTED_KEY, 0):
                 exhausted.add(logical)
                 if len(exhausted) == n:
                     return
                 continue
             yield item
+
+    def _record(self, generation: int, logical_slot: int, state: dict) -> None:
+        """Note a batch taken from `logical_slot` (or its end-of-pass marker) and that slot's new state."""
+        if generation != self._generation:
+            raise RuntimeError("this PackedLoader iterator was replaced by a newer iter(loader) or load_state_dict()")
+        self._states[logical_slot] = state
+        self._taken += 1
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -195,6 +204,7 @@ class PackedLoader:
             raise ValueError(f"loader state 'taken'={taken!r}: expected an int >= 0")
         self._states, self._taken = copy.deepcopy(slots), taken
         self._resume_pending = True
+        self._generation += 1
 
     def vocab_info(self) -> dict | None:
         """The first source's manifest `tokenizer` entry (vocab_size, bos/eos/pad ids...), if it has one."""

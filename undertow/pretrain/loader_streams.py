@@ -2,7 +2,7 @@
 
 A *slot* is one reader: one DataLoader worker of one rank; there are world_size x max(1, num_workers)
 of them and slot `s` is worker `s % workers` of rank `s // workers`. For every epoch and source, the
-shards are permuted by an RNG seeded with (seed, source index, epoch) and dealt to the slots:
+shards are permuted by (seed, source index, epoch) and dealt to the slots:
 
 - the first `S * (n // S)` shards of the permutation go whole, round-robin: slot s reads shards
   s, s + S, s + 2S, ...;
@@ -14,7 +14,8 @@ So each epoch's documents are a partition over the slots: none read twice, none 
 S are. A document additionally belongs to the validation split when a stable hash of (source name,
 key) falls below `val_fraction`; "train" skips those documents and "val" keeps only them. With
 `shuffle_documents`, a slot reads its documents of a shard in an order permuted per epoch (the shard
-is then held in memory while it is read).
+is then held in memory while it is read). Permutations sort by a hash rather than draw from an RNG,
+so they are the same on every platform and NumPy version: a run resumes exactly after an upgrade.
 
 The cursor `[epoch, item, doc, offset]` says where the next unread token is: token `offset` of the
 `doc`-th document the slot reads from the `item`-th shard of its epoch plan. It is all a stream needs
@@ -41,6 +42,11 @@ def unit_hash(*parts: object) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
+def stable_permutation(n: int, *key: object) -> list[int]:
+    """A permutation of range(n) decided by `key` alone (the same everywhere, see the module docstring)."""
+    return sorted(range(n), key=lambda i: unit_hash(*key, i))
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     """What decides the documents of a slot and their order (shared by all slots of a loader)."""
@@ -64,13 +70,13 @@ class PlanItem:
 
 def slot_plan(num_shards: int, num_slots: int, slot: int, seed: int, source_index: int, epoch: int) -> list[PlanItem]:
     """The shards slot `slot` reads in `epoch`, in order (see the module docstring)."""
-    order = np.random.default_rng([seed, source_index, epoch]).permutation(num_shards)
+    order = stable_permutation(num_shards, "shards", seed, source_index, epoch)
     whole = (num_shards // num_slots) * num_slots
-    plan = [PlanItem(int(order[i]), 1, 0) for i in range(slot, whole, num_slots)]
+    plan = [PlanItem(order[i], 1, 0) for i in range(slot, whole, num_slots)]
     remainder = num_shards - whole
     if remainder:
         j = slot % remainder
-        plan.append(PlanItem(int(order[whole + j]), len(range(j, num_slots, remainder)), slot // remainder))
+        plan.append(PlanItem(order[whole + j], len(range(j, num_slots, remainder)), slot // remainder))
     return plan
 
 
@@ -169,12 +175,12 @@ class DocumentStream:
 
     def _read_item(self, item: PlanItem) -> Iterator[np.ndarray]:
         s = self.settings
-        order_seed = [s.seed, self.source_index, self.epoch, item.shard] if s.shuffle_documents else None
-        return _owned_documents(self.shards, item, s.split, s.val_fraction, order_seed, skip=self.doc)
+        order_key = ("documents", s.seed, self.source_index, self.epoch, item.shard) if s.shuffle_documents else None
+        return _owned_documents(self.shards, item, s.split, s.val_fraction, order_key, skip=self.doc)
 
 
 def _owned_documents(
-    shards: ShardSet, item: PlanItem, split: str, val_fraction: float, order_seed: list[int] | None, skip: int
+    shards: ShardSet, item: PlanItem, split: str, val_fraction: float, order_key: tuple | None, skip: int
 ) -> Iterator[np.ndarray]:
     """Tokens of the documents a slot keeps from one shard, in reading order, after the first `skip`."""
     raw = shards.documents(item.shard)
@@ -184,9 +190,9 @@ def _owned_documents(
             for index, (key, tokens) in enumerate(raw)
             if index % item.group == item.member and in_val_split(shards.name, key, val_fraction) == (split == "val")
         )
-        if order_seed is not None:
+        if order_key is not None:
             docs = list(kept)
-            kept = (docs[i] for i in np.random.default_rng(order_seed).permutation(len(docs)))
+            kept = (docs[i] for i in stable_permutation(len(docs), *order_key))
         yield from itertools.islice(kept, skip, None)
     finally:
         raw.close()
