@@ -8,7 +8,12 @@ from undertow.pretrain.loader import PackedLoader
 from undertow.pretrain.loader_packing import Row, pack_rows
 from undertow.pretrain.loader_streams import DocumentStream, PlanItem, StreamSettings, slot_plan
 from undertow.pretrain.loader_sources import resolve_source
-from undertow.pretrain.loader_testing import document_multiset, documents_from_batches, random_documents, write_shard_dir
+from undertow.pretrain.loader_testing import (
+    document_multiset,
+    documents_from_batches,
+    random_documents,
+    write_shard_dir,
+)
 
 
 def slot_documents(loader: PackedLoader) -> list[list[np.ndarray]]:
@@ -75,7 +80,9 @@ def test_rows_keep_document_boundaries_and_overlap_by_one_token(tmp_path):
 def test_every_document_is_read_once_across_ranks_and_workers(tmp_path, shard_sizes, world_size, num_workers):
     docs = random_documents(sum(shard_sizes), seed=2)
     write_shard_dir(str(tmp_path), docs, shard_sizes)
-    loader = PackedLoader([str(tmp_path)], seq_len=8, batch_size=2, world_size=world_size, num_workers=num_workers, loop=False)
+    loader = PackedLoader(
+        [str(tmp_path)], seq_len=8, batch_size=2, world_size=world_size, num_workers=num_workers, loop=False
+    )
     assert loader.num_slots == world_size * max(1, num_workers)
     per_slot = slot_documents(loader)
     assert document_multiset(d for slot in per_slot for d in slot) == document_multiset(docs)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_testing import document_multiset, documents_from_batches, random_documents, write_shard_dir
+from undertow.pretrain.loader_testing import (
+    document_multiset,
+    documents_from_batches,
+    random_documents,
+    write_shard_dir,
+)
 
 
 @pytest.fixture
@@ -38,7 +43,15 @@ def test_blending_follows_the_weights(sources):
 
 
 def test_one_pass_blend_reads_every_document_once(sources):
-    loader = PackedLoader([s for s, _ in sources], weights=[0.2, 0.5, 0.3], seq_len=8, batch_size=2, world_size=2, num_workers=2, loop=False)
+    loader = PackedLoader(
+        [s for s, _ in sources],
+        weights=[0.2, 0.5, 0.3],
+        seq_len=8,
+        batch_size=2,
+        world_size=2,
+        num_workers=2,
+        loop=False,
+    )
     got = []
     for slot in range(loader.num_slots):
         batches = list(loader.iter_slot(slot))
@@ -53,7 +66,9 @@ def test_val_and_train_split_the_documents(sources):
     assert len(set(everything)) == len(everything)  # documents are unique, so sets compare them
 
     def read(split: str) -> list:  # all slots of 2 ranks x 2 workers
-        loader = PackedLoader(paths, seq_len=8, batch_size=2, world_size=2, num_workers=2, split=split, val_fraction=0.25, loop=False)
+        loader = PackedLoader(
+            paths, seq_len=8, batch_size=2, world_size=2, num_workers=2, split=split, val_fraction=0.25, loop=False
+        )
         slots = (loader.iter_slot(s) for s in range(loader.num_slots))
         return document_multiset(d for batches in slots for d in documents_from_batches(batches, source_of=source_of))
 
@@ -65,12 +80,17 @@ def test_val_and_train_split_the_documents(sources):
 
 def test_workers_deliver_the_slots_round_robin(sources):
     """Two workers of rank 1 in a real DataLoader give exactly slots 2 and 3 alternately."""
-    kwargs = dict(sources=[s for s, _ in sources], seq_len=8, batch_size=2, world_size=2, rank=1, num_workers=2, loop=False)
+    kwargs = dict(
+        sources=[s for s, _ in sources], seq_len=8, batch_size=2, world_size=2, rank=1, num_workers=2, loop=False
+    )
     loader = PackedLoader(**kwargs)
     streams = [list(loader.iter_slot(2)), list(loader.iter_slot(3))]
     expected = [b for pair in itertools.zip_longest(*streams) for b in pair if b is not None]
     got = list(loader)
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
-        assert all(torch.equal(g[k], e[k]) for k in ("input_ids", "labels", "cu_seqlens")) and g["max_seqlen"] == e["max_seqlen"]
+        assert (
+            all(torch.equal(g[k], e[k]) for k in ("input_ids", "labels", "cu_seqlens"))
+            and g["max_seqlen"] == e["max_seqlen"]
+        )
         assert not any(k.startswith("_") for k in g)  # worker bookkeeping is stripped

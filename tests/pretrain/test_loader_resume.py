@@ -88,7 +88,9 @@ def test_resume_mid_document_and_mid_shard(two_sources):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_val_pass(two_sources, num_workers):
-    kwargs = dict(sources=list(two_sources), seq_len=8, batch_size=2, num_workers=num_workers, split="val", val_fraction=0.5)
+    kwargs = dict(
+        sources=list(two_sources), seq_len=8, batch_size=2, num_workers=num_workers, split="val", val_fraction=0.5
+    )
     reference = list(PackedLoader(**kwargs))
     assert len(reference) > 4
     loader = PackedLoader(**kwargs)

@@ -10,7 +10,12 @@ import torch
 from undertow.pretrain import loader_sources
 from undertow.pretrain.loader import PackedLoader
 from undertow.pretrain.loader_sources import ShardReadError
-from undertow.pretrain.loader_testing import document_multiset, documents_from_batches, random_documents, write_shard_dir
+from undertow.pretrain.loader_testing import (
+    document_multiset,
+    documents_from_batches,
+    random_documents,
+    write_shard_dir,
+)
 
 TOKENIZER = {"file": "tok.model", "sha256": "abc", "vocab_size": 1000, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 

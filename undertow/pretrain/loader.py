@@ -12,7 +12,9 @@ How it fits together (one idea per file):
   and the token cursor [epoch, item, doc, offset] that restarts a stream exactly;
 - loader_slot.py: per-row blending of sources, packing rows into batches, the per-slot state, and the
   IterableDataset that runs a rank's slots in DataLoader workers;
-- loader_packing.py: the batch format, and why consecutive rows overlap by one token.
+- loader_packing.py: the batch format, and why consecutive rows overlap by one token;
+- loader_checks.py: argument and state validation; loader_testing.py: tiny shard sets for tests and
+  rebuilding documents from batches.
 
 Workers and exact resume: with N workers the DataLoader takes batches round-robin from them; each
 batch carries its slot's state, the main process keeps the latest state per slot and the number of
@@ -28,13 +30,19 @@ pass on every `iter()` (each evaluation sees the same batches) unless a state wa
 from __future__ import annotations
 
 import copy
-import math
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from undertow.log import get_logger
+from undertow.pretrain.loader_checks import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    check_state,
+    common_tokenizer,
+    validate_arguments,
+)
 from undertow.pretrain.loader_slot import (
     EXHAUSTED_KEY,
     SLOT_KEY,
@@ -44,14 +52,9 @@ from undertow.pretrain.loader_slot import (
     fresh_slot_state,
     iterate_slot,
 )
-from undertow.pretrain.loader_sources import ShardSet, resolve_source
+from undertow.pretrain.loader_sources import resolve_source
 
 log = get_logger("pretrain.loader")
-
-STATE_FORMAT, STATE_VERSION = "undertow-packed-loader", 1
-# State fields that must match for an exact resume; the others may change (with a warning).
-_MUST_MATCH = ("world_size", "num_workers", "rank", "seed", "split", "val_fraction", "loop", "shuffle_documents")
-_MAY_CHANGE = ("seq_len", "batch_size", "weights")
 
 
 class PackedLoader:
@@ -69,6 +72,10 @@ class PackedLoader:
             of source name and document key). "val" needs val_fraction > 0 and is always one pass.
         loop: train loops over epochs forever; False makes train one pass too.
         shuffle_documents: permute the documents of each shard per epoch (holds a shard in memory).
+
+    Padding (end of a one-pass run only) uses the first manifest tokenizer's pad_id when it is >= 0,
+    else 0; padded positions are their own segment with labels -100. `iter_slot(slot)` runs any one
+    slot in this process (tests, tools). `num_slots`, `workers_per_rank` describe the split.
     """
 
     def __init__(
@@ -87,12 +94,12 @@ class PackedLoader:
         loop: bool = True,
         shuffle_documents: bool = True,
     ):
-        _validate_arguments(locals())
+        validate_arguments(locals())
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.workers_per_rank = max(1, num_workers)
         self.num_slots = world_size * self.workers_per_rank
         shard_sets = tuple(resolve_source(s, f"sources[{i}]") for i, s in enumerate(sources))
-        tokenizer = _common_tokenizer(shard_sets)
+        tokenizer = common_tokenizer(shard_sets)
         pad_id = tokenizer.get("pad_id", -1) if tokenizer else -1
         self._spec = LoaderSpec(
             num_slots=self.num_slots,
@@ -108,12 +115,20 @@ class PackedLoader:
             pad_id=pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0,
         )
         self._tokenizer = shard_sets[0].tokenizer
+        self._settings = self._describe_settings()
         self._reset_position()
         self._resume_pending, self._generation = False, 0
         log.info(
             "PackedLoader %s: %d source(s) (%s shards), rank %d of %d with %d slot(s), %d x %d tokens per batch%s",
-            split, len(sources), "+".join(str(len(s)) for s in shard_sets), rank, world_size,
-            self.workers_per_rank, batch_size, seq_len, "" if self._spec.loop else ", one pass",
+            split,
+            len(sources),
+            "+".join(str(len(s)) for s in shard_sets),
+            rank,
+            world_size,
+            self.workers_per_rank,
+            batch_size,
+            seq_len,
+            "" if self._spec.loop else ", one pass",
         )
 
     # ---- iteration -------------------------------------------------------------------------------
@@ -194,15 +209,8 @@ class PackedLoader:
                  "taken": batches this rank has taken (markers of finished one-pass slots included),
                  "slots": [{"slot", "rows", "cursors": [[epoch, item, doc, offset] per source]} per worker]}
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            found = (state.get("format"), state.get("version")) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a PackedLoader state: expected format {STATE_FORMAT!r} v{STATE_VERSION}, got {found!r}")
-        self._check_config(state.get("config", {}))
-        slots, taken = state.get("slots"), state.get("taken")
-        _check_slots(slots, self.rank, self.workers_per_rank, len(self._spec.sources))
-        if not (isinstance(taken, int) and taken >= 0):
-            raise ValueError(f"loader state 'taken'={taken!r}: expected an int >= 0")
-        self._states, self._taken = copy.deepcopy(slots), taken
+        check_state(state, self._config(), self.rank, self.workers_per_rank)
+        self._states, self._taken = copy.deepcopy(state["slots"]), state["taken"]
         self._resume_pending = True
         self._generation += 1
 
@@ -216,6 +224,10 @@ class PackedLoader:
         self._taken = 0
 
     def _config(self) -> dict:
+        return copy.deepcopy(self._settings)
+
+    def _describe_settings(self) -> dict:
+        """What a state records about the loader that saved it (computed once: it stats every shard)."""
         spec = self._spec
         return {
             "sources": [s.source for s in spec.sources],
@@ -233,88 +245,3 @@ class PackedLoader:
             "batch_size": spec.batch_size,
             "weights": [repr(w) for w in spec.weights],
         }
-
-    def _check_config(self, saved: dict) -> None:
-        mine = self._config()
-        problems = [f"{k}: saved {saved.get(k)!r}, this loader {mine[k]!r}" for k in _MUST_MATCH if saved.get(k) != mine[k]]
-        per_source = ("sources", "shards", "shard_fingerprints")
-        saved_sources = list(zip(*(saved.get(k) or [] for k in per_source)))
-        if len(saved_sources) != len(mine["sources"]):
-            problems.append(f"sources: saved {saved.get('sources')!r}, this loader {mine['sources']!r}")
-        for i, (old, new) in enumerate(zip(saved_sources, zip(*(mine[k] for k in per_source)))):
-            if old[1:] != new[1:]:
-                problems.append(f"sources[{i}]: saved {old[0]!r} ({old[1]} shards, {old[2]}), this loader {new[0]!r} ({new[1]} shards, {new[2]})")
-            elif old[0] != new[0]:
-                log.warning("sources[%d] moved from %r to %r (same shards): resuming", i, old[0], new[0])
-        if problems:
-            raise ValueError("the loader state does not match this loader, so it cannot resume exactly:\n  " + "\n  ".join(problems))
-        changed = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in _MAY_CHANGE if saved.get(k) != mine[k]]
-        if changed:
-            log.warning("loader resumed with %s: no document is skipped or repeated, but batches differ from an uninterrupted run", ", ".join(changed))
-
-
-def _validate_arguments(args: dict) -> None:
-    """Check every argument before any work; errors name the field, the value and what is valid."""
-
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def require(ok: bool, field: str, valid: str) -> None:
-        if not ok:
-            raise ValueError(f"PackedLoader {field}={args[field]!r}: {valid}")
-
-    sources = args["sources"]
-    require(isinstance(sources, (list, tuple)) and len(sources) > 0, "sources", "expected a non-empty list of source strings")
-    require(is_int(args["seq_len"]) and args["seq_len"] >= 2, "seq_len", "expected an int >= 2")
-    require(is_int(args["batch_size"]) and args["batch_size"] >= 1, "batch_size", "expected an int >= 1")
-    require(is_int(args["world_size"]) and args["world_size"] >= 1, "world_size", "expected an int >= 1")
-    require(is_int(args["rank"]) and 0 <= args["rank"] < args["world_size"], "rank", f"expected an int in [0, world_size={args['world_size']})")
-    require(is_int(args["num_workers"]) and args["num_workers"] >= 0, "num_workers", "expected an int >= 0")
-    require(is_int(args["seed"]) and args["seed"] >= 0, "seed", "expected an int >= 0")
-    require(args["split"] in ("train", "val"), "split", "expected 'train' or 'val'")
-    vf = args["val_fraction"]
-    require(isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0 <= vf < 1, "val_fraction", "expected a number in [0, 1)")
-    require(args["split"] == "train" or vf > 0, "val_fraction", "split='val' needs val_fraction > 0 (no document is held out)")
-    require(isinstance(args["loop"], bool), "loop", "expected True or False")
-    require(isinstance(args["shuffle_documents"], bool), "shuffle_documents", "expected True or False")
-    weights = args["weights"]
-    if weights is not None:
-        require(isinstance(weights, (list, tuple)) and len(weights) == len(sources), "weights", f"expected one weight per source ({len(sources)})")
-        ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights)
-        require(ok, "weights", "every weight must be a finite number >= 0")
-        require(sum(weights) > 0, "weights", "at least one weight must be > 0")
-
-
-def _common_tokenizer(shard_sets: tuple[ShardSet, ...]) -> dict | None:
-    """The tokenizer entry the sources agree on (first one found); different tokenizers are an error."""
-    found = [(s.source, s.tokenizer) for s in shard_sets if s.tokenizer]
-    for source, tok in found[1:]:
-        first_source, first = found[0]
-        same = tok.get("sha256") == first.get("sha256") and tok.get("vocab_size") == first.get("vocab_size")
-        if not same:
-            raise ValueError(
-                f"sources {first_source!r} and {source!r} were tokenized differently "
-                f"({first.get('sha256')!r}/{first.get('vocab_size')} vs {tok.get('sha256')!r}/{tok.get('vocab_size')}): "
-                "blending them would mix token ids"
-            )
-    return found[0][1] if found else None
-
-
-def _check_slots(slots, rank: int, workers: int, num_sources: int) -> None:
-    def bad(why: str):
-        raise ValueError(f"loader state 'slots': {why}")
-
-    if not isinstance(slots, list) or len(slots) != workers:
-        bad(f"expected a list of {workers} slot states (one per worker), got {slots!r:.200}")
-    for w, slot in enumerate(slots):
-        expected = rank * workers + w
-        if not isinstance(slot, dict) or slot.get("slot") != expected:
-            bad(f"entry {w} should be slot {expected} (rank {rank}, worker {w}), got {slot!r:.200}")
-        if not (isinstance(slot.get("rows"), int) and slot["rows"] >= 0):
-            bad(f"slot {expected}: 'rows' must be an int >= 0, got {slot.get('rows')!r}")
-        cursors = slot.get("cursors")
-        well_formed = isinstance(cursors, list) and len(cursors) == num_sources and all(
-            isinstance(c, list) and len(c) == 4 and all(isinstance(v, int) and v >= 0 for v in c) for c in cursors
-        )
-        if not well_formed:
-            bad(f"slot {expected}: 'cursors' must be {num_sources} lists [epoch, item, doc, offset] of ints >= 0, got {cursors!r:.200}")

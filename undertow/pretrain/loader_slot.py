@@ -47,7 +47,8 @@ class SlotProducer:
         state = state if state is not None else fresh_slot_state(slot, len(spec.sources))
         self.spec, self.slot, self.rows = spec, slot, int(state["rows"])
         self.streams = [
-            DocumentStream(shards, i, slot, spec, cursor) for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
+            DocumentStream(shards, i, slot, spec, cursor)
+            for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
         ]
         self._blended = [i for i, w in enumerate(spec.weights) if w > 0]
 

@@ -80,7 +80,9 @@ class TarShards:
 
     def fingerprint(self) -> str:
         # Local files by basename and size, so a dataset copied elsewhere still matches a saved state.
-        return _digest([u if _URL_SCHEME.match(u) else f"{os.path.basename(u)}:{os.path.getsize(u)}" for u in self.urls])
+        return _digest(
+            [u if _URL_SCHEME.match(u) else f"{os.path.basename(u)}:{os.path.getsize(u)}" for u in self.urls]
+        )
 
     def documents(self, shard: int) -> Iterator[tuple[str, np.ndarray]]:
         from webdataset import gopen
@@ -213,9 +215,13 @@ def _resolve_directory(directory: str, field: str) -> TarShards:
     paths = [os.path.join(directory, f) for f in files]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise ValueError(f"{field}={directory!r}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing: {missing[:5]}")
+        raise ValueError(
+            f"{field}={directory!r}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing: {missing[:5]}"
+        )
     if not manifest.get("complete", False):
-        log.warning("%s=%r: manifest is not marked complete; reading the %d shards it lists", field, directory, len(paths))
+        log.warning(
+            "%s=%r: manifest is not marked complete; reading the %d shards it lists", field, directory, len(paths)
+        )
     name = os.path.basename(os.path.normpath(directory))
     return TarShards(directory, name, paths, manifest.get("tokenizer"))
 
@@ -246,5 +252,7 @@ def _no_duplicates(items: list[str], source: str, field: str) -> list[str]:
     seen: set[str] = set()
     repeated = [x for x in items if x in seen or seen.add(x)]
     if repeated:
-        raise ValueError(f"{field}={source!r}: shards listed more than once (their documents would repeat): {repeated[:5]}")
+        raise ValueError(
+            f"{field}={source!r}: shards listed more than once (their documents would repeat): {repeated[:5]}"
+        )
     return items

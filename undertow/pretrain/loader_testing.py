@@ -22,14 +22,23 @@ from undertow.data_prep.format import (
 from undertow.pretrain.loader_packing import IGNORE_INDEX
 
 
-def random_documents(count: int, *, seed: int = 0, min_len: int = 1, max_len: int = 40, low: int = 1, high: int = 1000) -> list[np.ndarray]:
+def random_documents(
+    count: int, *, seed: int = 0, min_len: int = 1, max_len: int = 40, low: int = 1, high: int = 1000
+) -> list[np.ndarray]:
     """`count` documents of random ids in [low, high) with lengths in [min_len, max_len], each (n,) uint16."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(low, high, size=int(rng.integers(min_len, max_len + 1))).astype(np.uint16) for _ in range(count)]
+    return [
+        rng.integers(low, high, size=int(rng.integers(min_len, max_len + 1))).astype(np.uint16) for _ in range(count)
+    ]
 
 
 def write_shard_dir(
-    directory: str, documents: list[np.ndarray], shard_sizes: list[int], *, tokenizer: dict | None = None, key_prefix: str = "doc"
+    directory: str,
+    documents: list[np.ndarray],
+    shard_sizes: list[int],
+    *,
+    tokenizer: dict | None = None,
+    key_prefix: str = "doc",
 ) -> list[str]:
     """Write `documents` as shards of `shard_sizes` documents each (sum must match) plus a manifest.
 
@@ -49,7 +58,9 @@ def write_shard_dir(
             n_docs, n_tokens = write_shard(f, docs)
         start += size
         paths.append(path)
-        entries.append({"file": os.path.basename(path), "documents": n_docs, "tokens": n_tokens, "inputs_consumed": start})
+        entries.append(
+            {"file": os.path.basename(path), "documents": n_docs, "tokens": n_tokens, "inputs_consumed": start}
+        )
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -68,7 +79,9 @@ def write_shard_dir(
     return paths
 
 
-def documents_from_batches(batches: Iterable[dict], pad_id: int = 0, source_of: Callable[[int], Hashable] | None = None) -> list[np.ndarray]:
+def documents_from_batches(
+    batches: Iterable[dict], pad_id: int = 0, source_of: Callable[[int], Hashable] | None = None
+) -> list[np.ndarray]:
     """Rebuild the documents of ONE slot's consecutive batches (e.g. `PackedLoader.iter_slot`).
 
     Segments come from `doc_ids`; a segment that ends a row continues in the next segment of the same
@@ -91,7 +104,9 @@ def documents_from_batches(batches: Iterable[dict], pad_id: int = 0, source_of: 
                 if source_of(int(piece[0])) in carried:  # the source's next tokens continue its cut document
                     pieces, next_token = carried.pop(source_of(int(piece[0])))
                     if piece[0] != next_token:
-                        raise ValueError(f"a row starts with {piece[0]}, but the document it continues goes on with {next_token}")
+                        raise ValueError(
+                            f"a row starts with {piece[0]}, but the document it continues goes on with {next_token}"
+                        )
                     groups.append(pieces + [piece])
                 elif not ((piece == pad_id).all() and (row_labels[s:e] == IGNORE_INDEX).all()):
                     groups.append([piece])
