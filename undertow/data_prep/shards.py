@@ -1,0 +1,236 @@
+"""Prepare webdataset token shards (see `format.py`) from raw inputs, deterministically and resumably.
+
+    manifest = prepare_shards(["data/*.jsonl.gz"], "tok.model", "shards/", shard_tokens=1 << 25, workers=8)
+
+Documents are tokenized by `workers` processes and written by this one in input order;
+a shard closes once it holds `shard_tokens` tokens (documents are never split), is
+written to `NAME.tmp`, fsynced and renamed, and then the manifest is rewritten atomically.
+The bytes of every shard and of the manifest depend only on the inputs and the settings
+recorded in `manifest["settings"]`, never on the number of workers.
+
+Resume: rerunning on a directory whose manifest is incomplete and has the same settings
+drops the input documents the last finished shard consumed (`inputs_consumed`), restores
+the skip counts it recorded, removes stray `.tmp` and unlisted shard files and goes on;
+the result is byte-identical to an uninterrupted run. A complete manifest with the same
+settings is returned as is; different settings are an error (use a new directory or
+`overwrite=True`).
+
+Manifest fields beyond the format contract: `tokenizer.unk_id`, `shards[i].bytes` and
+`shards[i].sha256` (integrity of each shard file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from typing import Iterator, Sequence
+
+from undertow.data_prep.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Document, read_manifest,
+                                       sha256_file, write_json_atomic, write_shard)
+from undertow.data_prep.pipeline import Progress, TokenizedDoc, check_workers, summary_line, tokenize_stream
+from undertow.data_prep.sources import Sources, SkipCounter
+from undertow.data_prep.tokenizer import Tokenizer, resolve_token_dtype
+from undertow.log import get_logger
+
+log = get_logger("undertow.data_prep.shards")
+
+SHARD_NAME = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+TOKENIZER_NAME = "tokenizer.model"
+DEFAULT_SHARD_TOKENS = 1 << 25  # ~64 MiB of uint16 ids per shard
+
+
+def check_special_ids(tok: Tokenizer, add_bos: bool, append_eos: bool) -> None:
+    """Fail before any work when BOS/EOS are asked for but the tokenizer has none."""
+    if add_bos and tok.bos_id < 0:
+        raise ValueError(f"add_bos is set but tokenizer {tok.path!r} has no BOS piece (bos_id -1)")
+    if append_eos and tok.eos_id < 0:
+        raise ValueError(f"append_eos is set but tokenizer {tok.path!r} has no EOS piece (eos_id -1)")
+
+
+def _settings(sources: Sources, tok: Tokenizer, dtype: str, shard_tokens: int, append_eos: bool,
+              add_bos: bool) -> dict:
+    """Everything that determines the bytes of the shards (workers and progress do not)."""
+    return {"inputs": sources.describe(), "field": sources.field, "text_split": sources.text_split,
+            "tokenizer_sha256": tok.sha256, "dtype": dtype, "shard_tokens": shard_tokens,
+            "append_eos": append_eos, "add_bos": add_bos}
+
+
+def _own_files(out_dir: str) -> list[str]:
+    """Files in `out_dir` that a prep run writes (and may delete): shards, manifest, temp files."""
+    names = glob.glob(os.path.join(glob.escape(out_dir), SHARD_GLOB)) + glob.glob(os.path.join(glob.escape(out_dir), "*.tmp"))
+    manifest = os.path.join(out_dir, MANIFEST_NAME)
+    return sorted(names + ([manifest] if os.path.exists(manifest) else []))
+
+
+def _existing_manifest(out_dir: str, settings: dict, overwrite: bool) -> dict | None:
+    """The manifest to continue from, None for a fresh start; errors on a conflicting directory."""
+    if overwrite:
+        for path in _own_files(out_dir):
+            os.remove(path)
+        return None
+    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        if glob.glob(os.path.join(glob.escape(out_dir), SHARD_GLOB)):
+            raise ValueError(f"{out_dir!r} holds shard files but no {MANIFEST_NAME}; use a new output directory "
+                             "or overwrite=True (--overwrite) to replace them")
+        return None
+    manifest = read_manifest(out_dir)
+    old = manifest.get("settings", {})
+    if old != settings:
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(f"{out_dir!r} was prepared with different settings ({detail}); use a new output directory "
+                         "or overwrite=True (--overwrite) to replace it")
+    return manifest
+
+
+def _clean_for_resume(out_dir: str, manifest: dict) -> None:
+    """Remove temp files and shards the manifest does not list; check the listed ones."""
+    listed = {s["file"] for s in manifest["shards"]}
+    for path in _own_files(out_dir):
+        name = os.path.basename(path)
+        if name.endswith(".tmp") or (name != MANIFEST_NAME and name not in listed):
+            os.remove(path)
+    for shard in manifest["shards"]:
+        path = os.path.join(out_dir, shard["file"])
+        if not os.path.exists(path) or os.path.getsize(path) != shard["bytes"]:
+            raise ValueError(f"{path!r} is missing or has the wrong size, so {out_dir!r} cannot be resumed; "
+                             "use overwrite=True (--overwrite)")
+
+
+def _tokenizer_file(tokenizer_path: str, out_dir: str, tok: Tokenizer, copy: bool, overwrite: bool) -> str:
+    """Install the tokenizer beside the shards if asked; return the manifest's tokenizer.file.
+
+    The name is relative to `out_dir` when the model lies inside it, absolute otherwise.
+    """
+    if copy:
+        dest = os.path.join(out_dir, TOKENIZER_NAME)
+        if os.path.exists(dest) and sha256_file(dest) != tok.sha256 and not overwrite:
+            raise ValueError(f"{dest!r} exists and is a different tokenizer; use a new output directory "
+                             "or overwrite=True (--overwrite)")
+        if not os.path.exists(dest) or sha256_file(dest) != tok.sha256:
+            shutil.copyfile(tokenizer_path, f"{dest}.tmp")
+            os.replace(f"{dest}.tmp", dest)
+        return TOKENIZER_NAME
+    model, root = os.path.abspath(tokenizer_path), os.path.abspath(out_dir)
+    return os.path.relpath(model, root) if os.path.commonpath([model, root]) == root else model
+
+
+def _shard_documents(first: TokenizedDoc, stream: Iterator[TokenizedDoc], key_start: int, shard_tokens: int,
+                     last: list, bar: Progress) -> Iterator[Document]:
+    """Documents of one shard: `first`, then more from `stream` until `shard_tokens` is reached.
+
+    The stream is not advanced past the shard's last document, so the skip counts seen when
+    the shard closes are exactly those before its end. `last` receives the last document.
+    """
+    doc: TokenizedDoc | None = first
+    tokens = 0
+    while doc is not None:
+        n = int(doc.tokens.shape[0])
+        yield Document(f"{key_start:012d}", doc.tokens, {"source": doc.source, "index": doc.index, "tokens": n})
+        last[:] = [doc]
+        bar.update(n)
+        key_start += 1
+        tokens += n
+        if tokens >= shard_tokens:
+            return
+        doc = next(stream, None)
+
+
+def _write_shards(stream: Iterator[TokenizedDoc], out_dir: str, manifest: dict, skips: SkipCounter,
+                  shard_tokens: int, bar: Progress) -> None:
+    while (first := next(stream, None)) is not None:
+        name = SHARD_NAME.format(len(manifest["shards"]))
+        path = os.path.join(out_dir, name)
+        last: list[TokenizedDoc] = []
+        with open(f"{path}.tmp", "wb") as f:
+            n_docs, n_tokens = write_shard(f, _shard_documents(first, stream, manifest["documents"], shard_tokens,
+                                                                last, bar))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
+        manifest["shards"].append({"file": name, "documents": n_docs, "tokens": n_tokens,
+                                   "inputs_consumed": last[0].ordinal + 1,
+                                   "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
+        manifest["documents"] += n_docs
+        manifest["tokens"] += n_tokens
+        manifest["skipped"] = skips.as_dict()
+        write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+
+
+def prepare_shards(
+    inputs: Sequence[str],
+    tokenizer_path: str,
+    out_dir: str,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int = 1,
+    dtype: str = "auto",
+    append_eos: bool = True,
+    add_bos: bool = False,
+    fmt: str = "auto",
+    field: str = "text",
+    text_split: str = "file",
+    overwrite: bool = False,
+    copy_tokenizer: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` into webdataset shards plus `manifest.json` in `out_dir`; return the manifest.
+
+    Args:
+        inputs: file paths / glob patterns (see `Sources`); fmt, field, text_split: how to read them.
+        tokenizer_path: SentencePiece model file.
+        out_dir: created if missing; resumed if it holds an incomplete run with the same settings.
+        shard_tokens: a shard closes at the first document that brings it to this many tokens.
+        workers: tokenizer processes (not part of the settings: any count gives the same bytes).
+        dtype: "auto" (smallest that fits the vocabulary), "uint16" or "uint32".
+        append_eos, add_bos: put EOS after / BOS before every document.
+        overwrite: delete shards and manifest already in `out_dir` (other files are kept).
+        copy_tokenizer: copy the model into `out_dir` as tokenizer.model, making it self-contained.
+        progress: show a tqdm bar.
+    """
+    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    check_workers(workers)
+    sources = Sources(inputs, fmt=fmt, field=field, text_split=text_split)
+    tok = Tokenizer.load(tokenizer_path)
+    np_dtype = resolve_token_dtype(tok.vocab_size, dtype)
+    check_special_ids(tok, add_bos, append_eos)
+    settings = _settings(sources, tok, np_dtype.name, shard_tokens, append_eos, add_bos)
+
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = _existing_manifest(out_dir, settings, overwrite)
+    if manifest is not None and manifest["complete"]:
+        log.info("%s is already complete: %s", out_dir, summary_line(
+            manifest["documents"], manifest["tokens"], manifest["skipped"], len(manifest["shards"])))
+        return manifest
+    if manifest is not None:
+        _clean_for_resume(out_dir, manifest)
+        log.info("resuming %s after %d shards (%d input documents consumed)", out_dir, len(manifest["shards"]),
+                 manifest["shards"][-1]["inputs_consumed"] if manifest["shards"] else 0)
+    else:
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": np_dtype.name,
+                    "tokenizer": tok.describe(_tokenizer_file(tokenizer_path, out_dir, tok, copy_tokenizer, overwrite)),
+                    "settings": settings, "shards": [], "documents": 0, "tokens": 0, "skipped": {},
+                    "complete": False}
+        write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+
+    skips = SkipCounter(counts=manifest["skipped"])
+    consumed = manifest["shards"][-1]["inputs_consumed"] if manifest["shards"] else 0
+    stream = tokenize_stream(sources.items(), tokenizer_path, dtype=np_dtype, add_bos=add_bos,
+                             append_eos=append_eos, skips=skips, workers=workers, skip_documents=consumed)
+    bar = Progress(progress, "prep shards", manifest["documents"], manifest["tokens"])
+    try:
+        _write_shards(stream, out_dir, manifest, skips, shard_tokens, bar)
+    finally:
+        bar.close()
+        stream.close()
+    if manifest["documents"] == 0:
+        raise ValueError(f"no documents to write: every input document was skipped ({skips.summary()})")
+    manifest["skipped"] = skips.as_dict()
+    manifest["complete"] = True
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    log.info("prepared %s: %s", out_dir, summary_line(manifest["documents"], manifest["tokens"],
+                                                     manifest["skipped"], len(manifest["shards"])))
+    return manifest
