@@ -14,7 +14,7 @@ from undertow.pretrain import trainer as trainer_mod
 from undertow.pretrain.data_sources import resolve_sources
 from undertow.pretrain.trainer import Trainer, TrainingDiverged, train
 
-from helpers import cli_args, read_losses, tiny_config
+from tests.pretrain.helpers import cli_args, read_losses, tiny_config
 
 
 def test_loss_falls_below_unigram_entropy(tmp_path):

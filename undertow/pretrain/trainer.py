@@ -67,6 +67,10 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(
+                "this version trains in a single process; multi-process layouts (parallel.*) are not built yet"
+            )
         self.device = pick_device(cfg.training.device)
         self.amp_dtype = autocast_dtype(cfg.training.dtype, self.device)
         if cfg.training.deterministic:
