@@ -122,6 +122,7 @@ def _shard_sequences(shard_dir: str, manifest: dict) -> Iterator[np.ndarray]:
 
 def megatron_from_shards(shard_dir: str, out_prefix: str, *, progress: bool = True) -> dict:
     """Convert a complete `prepare_shards` directory into `<out_prefix>.bin/.idx` (+ `.json`)."""
+    _indexed_dataset()  # fail on a missing megatron-core before any work
     manifest = read_manifest(shard_dir)
     if not manifest["complete"]:
         raise ValueError(f"{shard_dir!r} is an unfinished prep (manifest complete=false); "
