@@ -34,14 +34,21 @@ def _config_help() -> str:
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from undertow.pretrain.config import load_config
 
+    if args.resume is not None:
+        overrides = [*overrides, "--checkpoint.resume", args.resume]
     cfg = load_config(args.recipe, overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from undertow.pretrain.trainer import TrainingDiverged, train
+    from undertow.pretrain.trainer import Trainer, TrainingDiverged
 
     try:
-        result = train(cfg)
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad data, resume or launch: before any step
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.fit()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -74,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: tiny)")
     pre.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    pre.add_argument(
+        "--resume",
+        metavar="auto|none|DIR",
+        help="same as --checkpoint.resume: auto (newest complete checkpoint of the run, the default), "
+        "none (start fresh), or a checkpoint directory",
+    )
     pre.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
     from undertow.data_prep.cli import add_prep_parser

@@ -78,3 +78,8 @@ def test_split_overrides_keeps_positional_recipe():
     plain, over = split_overrides(["pretrain", "tiny", "--model.d_model", "8", "--print-config", "--a.b=1"])
     assert plain == ["pretrain", "tiny", "--print-config"]
     assert over == ["--model.d_model", "8", "--a.b=1"]
+
+
+def test_cli_resume_flag_sets_checkpoint_resume(capsys):
+    assert main(["pretrain", "--resume", "none", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == "none"

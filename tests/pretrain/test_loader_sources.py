@@ -1,5 +1,6 @@
 """PackedLoader sources: directories, brace/glob patterns, pipe: URLs, megatron:PREFIX, and bad input."""
 
+import json
 import os
 import sys
 
@@ -87,6 +88,9 @@ def test_megatron_source(tmp_path, monkeypatch):
     loader = PackedLoader([f"megatron:{prefix}"], seq_len=8, batch_size=2, world_size=2, num_workers=2, loop=False)
     assert all_documents(loader) == document_multiset(docs)
     assert loader.vocab_info() is None
+    with open(f"{prefix}.json", "w") as f:  # the record `undertow prep megatron` writes beside .bin/.idx
+        json.dump({"tokenizer": {"vocab_size": 321, "pad_id": 3}}, f)
+    assert PackedLoader([f"megatron:{prefix}"], seq_len=8, batch_size=2).vocab_info() == {"vocab_size": 321, "pad_id": 3}
 
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.indexed_dataset", None)
     with pytest.raises(ImportError, match="needs megatron-core"):

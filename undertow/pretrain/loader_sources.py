@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import signal
@@ -114,6 +115,15 @@ def _close(stream, url: str, finished: bool) -> None:
             raise ShardReadError(f"shard {url!r}: {e}") from e
 
 
+def _megatron_tokenizer(prefix: str) -> dict | None:
+    """The tokenizer entry of PREFIX.json, the record `undertow prep megatron` writes beside .bin/.idx."""
+    record = f"{prefix}.json"
+    if not os.path.isfile(record):
+        return None
+    with open(record) as f:
+        return json.load(f).get("tokenizer")
+
+
 class MegatronShards:
     """A Megatron `.bin/.idx` dataset, cut into virtual shards of `docs_per_shard` documents.
 
@@ -124,7 +134,7 @@ class MegatronShards:
     def __init__(self, source: str, prefix: str, num_docs: int, docs_per_shard: int):
         self.source, self.prefix = source, prefix
         self.name = os.path.basename(prefix)
-        self.tokenizer = None
+        self.tokenizer = _megatron_tokenizer(prefix)
         self.num_docs, self.docs_per_shard = num_docs, docs_per_shard
         self._dataset = None
 
