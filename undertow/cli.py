@@ -34,6 +34,8 @@ def _config_help() -> str:
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from undertow.pretrain.config import load_config
 
+    if args.name is not None:
+        overrides = [*overrides, "--name", args.name]
     if args.resume is not None:
         overrides = [*overrides, "--checkpoint.resume", args.resume]
     cfg = load_config(args.recipe, overrides)
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: tiny)")
     pre.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    pre.add_argument("--name", help="run name (default: the recipe's); used in training.run_dir")
     pre.add_argument(
         "--resume",
         metavar="auto|none|DIR",

@@ -134,7 +134,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        if not arg.startswith("--") or len(arg) < 3:
             raise ConfigError(
                 f"unrecognized argument {arg!r}: overrides look like --section.field VALUE "
                 "(e.g. --model.d_model 256 or --training.steps=50)"
@@ -181,6 +181,10 @@ def describe(cls, prefix: str) -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()
         else:
             default = None
-        type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        choices = _literal_choices(tp)
+        if choices is not None:
+            type_name = "{" + "|".join(map(str, choices)) + "}"
+        else:
+            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         rows.append((name, type_name, default, f.metadata.get("help", "")))
     return rows

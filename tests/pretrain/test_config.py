@@ -83,3 +83,11 @@ def test_split_overrides_keeps_positional_recipe():
 def test_cli_resume_flag_sets_checkpoint_resume(capsys):
     assert main(["pretrain", "--resume", "none", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"]["resume"] == "none"
+
+
+def test_cli_name_flag_and_literal_choices_in_help(capsys):
+    assert main(["pretrain", "--name", "exp1", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "exp1"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "{cosine|wsd|constant}" in capsys.readouterr().out
