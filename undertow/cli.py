@@ -10,6 +10,11 @@ from undertow import __version__
 from undertow.configtools import ConfigError, describe
 
 
+def _meta(type_name: str) -> str:
+    """Metavar for --help: choices as written, other types upper-cased (INT, FLOAT, LIST...)."""
+    return type_name if type_name.startswith("{") else type_name.upper()
+
+
 def _config_help() -> str:
     from undertow.models import registry
     from undertow.pretrain.config import ExperimentConfig, available_recipes
@@ -22,12 +27,12 @@ def _config_help() -> str:
     for name, type_name, default, text in describe(ExperimentConfig, ""):
         if name == "model":
             continue
-        lines.append(f"  --{name} {type_name.upper()}  (default {default!r})  {text}")
+        lines.append(f"  --{name} {_meta(type_name)}  (default {default!r})  {text}")
     for family in registry.families():
         spec = registry.get(family)
         lines.append(f"\nmodel fields of family {family!r} (model.family = {family!r}):")
         for name, type_name, default, text in describe(spec.config_cls, "model"):
-            lines.append(f"  --{name} {type_name.upper()}  (default {default!r})  {text}")
+            lines.append(f"  --{name} {_meta(type_name)}  (default {default!r})  {text}")
     return "\n".join(lines)
 
 
