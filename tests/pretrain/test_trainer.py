@@ -121,3 +121,15 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, workers):
     assert resumed.returncode == 0, out
     assert "resumed from" in out
     assert read_losses(tmp_path / "run") == reference  # bit-identical, every step
+
+
+def test_init_from_takes_weights_and_model_config_with_fresh_optimizer(tmp_path):
+    first = train(tiny_config(tmp_path / "a", training__steps=6, model__d_model=48))
+    # The new run's recipe asks for another width: the checkpoint's model wins.
+    t = Trainer(tiny_config(tmp_path / "b", training__steps=4, checkpoint__init_from=first.checkpoint))
+    assert t.cfg.model.d_model == 48 and t.step == 0 and not t.optimizer.state
+    source = Trainer(tiny_config(tmp_path / "a", training__steps=6, model__d_model=48))
+    for (name, a), (_, b) in zip(t.model.state_dict().items(), source.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    t.fit()
+    assert ckpt.latest_checkpoint(str(tmp_path / "b" / "checkpoints")).endswith("step_00000004")

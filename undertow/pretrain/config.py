@@ -126,6 +126,12 @@ class CheckpointConfig:
     keep_last: int = opt(3, help="Complete checkpoints kept; older ones are deleted after a successful save.")
     resume: str = opt("auto", help='auto: resume from the newest complete checkpoint if there is one; none: start fresh (refused if the run directory already has checkpoints); or a checkpoint directory.')
     dir: str = opt("", help='Defaults to RUN_DIR/checkpoints.')
+    init_from: str = opt(
+        "",
+        help="Start a new run from the model weights (and model config) of this checkpoint directory, e.g. one "
+        "written by `undertow convert from-hf`, with a fresh optimizer at step 0; ignored once the run has "
+        "checkpoints of its own.",
+    )
 
     def validate(self) -> None:
         check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
@@ -135,6 +141,12 @@ class CheckpointConfig:
             "checkpoint.resume",
             self.resume,
             "auto, none, or an existing checkpoint directory",
+        )
+        check(
+            not self.init_from or os.path.isfile(os.path.join(self.init_from, "meta.json")),
+            "checkpoint.init_from",
+            self.init_from,
+            "a complete checkpoint directory (one holding meta.json)",
         )
 
 

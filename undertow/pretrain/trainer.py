@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from undertow.configtools import from_dict
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
@@ -78,6 +79,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.training.seed)
 
+        init_meta = self._adopt_init_model() if cfg.checkpoint.init_from else None
         self.sources = resolve_sources(cfg.data)
         self.train_loader = self._loader("train")
         self._set_vocab(self.train_loader.vocab_info())
@@ -100,6 +102,9 @@ class Trainer:
         self.consecutive_bad = 0
         self.last_val_loss: float | None = None
         self.resumed_from = self._maybe_resume()
+        if self.resumed_from is None and init_meta is not None:
+            ckpt.load_checkpoint(cfg.checkpoint.init_from, self.model, None)
+            log.info("initialized from %s (model weights only; fresh optimizer, step 0)", cfg.checkpoint.init_from)
 
     # ----------------------------------------------------------------- setup
     def _loader(self, split: str) -> PackedLoader:
@@ -115,6 +120,18 @@ class Trainer:
             val_fraction=d.val_fraction,
             loop=split == "train",
         )
+
+    def _adopt_init_model(self) -> dict:
+        """With checkpoint.init_from, the model is the checkpoint's: take its model config."""
+        with open(os.path.join(self.cfg.checkpoint.init_from, ckpt.META_NAME)) as f:
+            meta = json.load(f)
+        saved = dict(meta["config"]["model"])
+        spec = registry.get(saved.pop("family"), field_name="model.family (of checkpoint.init_from)")
+        model_cfg = from_dict(spec.config_cls, saved, "model")
+        if self.cfg.model != model_cfg:
+            log.warning("checkpoint.init_from: using the checkpoint's model config %s", saved)
+        self.cfg.model = model_cfg
+        return meta
 
     def _set_vocab(self, vocab: dict | None) -> None:
         model_cfg = self.cfg.model
