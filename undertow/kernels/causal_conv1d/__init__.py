@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from undertow.kernels.causal_conv1d.chunked import causal_conv1d_chunked
 from undertow.kernels.causal_conv1d.reference import causal_conv1d_reference
 from undertow.kernels.dispatch import select_backend
 
-IMPLEMENTATIONS = {"reference": causal_conv1d_reference}
+IMPLEMENTATIONS = {"reference": causal_conv1d_reference, "chunked": causal_conv1d_chunked}
 
 
 def causal_conv1d(

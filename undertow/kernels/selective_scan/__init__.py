@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from undertow.kernels.dispatch import select_backend
+from undertow.kernels.selective_scan.chunked import selective_scan_chunked
 from undertow.kernels.selective_scan.reference import selective_scan_reference
 
-IMPLEMENTATIONS = {"reference": selective_scan_reference}
+IMPLEMENTATIONS = {"reference": selective_scan_reference, "chunked": selective_scan_chunked}
 
 
 def selective_scan(

@@ -1,0 +1,157 @@
+"""Mamba-1 selective scan, chunked over time in PyTorch, with a hand-written backward.
+
+The recurrence h_t = a_t * h_{t-1} + b_t, with a_t = exp(dt_t * A) (0 where a document starts,
+which makes the reset exact) and b_t = dt_t * u_t * B_t, runs chunk by chunk. Within a chunk of
+L steps a Hillis-Steele prefix scan combines the (a, b) pairs in log2(L) vectorized steps; the
+chunk's last state is carried into the next. Decays are only ever multiplied, never divided, so
+no exponent is positive when A <= 0 (Mamba's A = -exp(A_log)).
+
+The (Bt, L, Dc, N) states exist for one chunk at a time: the forward keeps only each chunk's
+incoming state, and the backward recomputes a chunk's states from it, then runs the adjoint
+recurrence g_t = dh_t + a_{t+1} * g_{t+1} backwards as the same prefix scan on reversed time.
+
+The elementwise parts around the recurrence (softplus and delta_bias, the D skip, the silu(z)
+gate) go through ordinary autograd in `selective_scan_from_core`, which the Triton form shares.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from undertow.kernels.dispatch import segment_starts
+
+CHUNK = 64
+
+
+def _transition(dt, A, u, B, starts):
+    """dt, u: (Bt, L, Dc); A: (Dc, N); B: (Bt, L, N); starts: (Bt, L) bool.
+    Returns a, b: (Bt, L, Dc, N): the decay (0 at document starts) and the input of each step."""
+    a = torch.exp(dt.unsqueeze(-1) * A).masked_fill_(starts[:, :, None, None], 0.0)
+    b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
+    return a, b
+
+
+def _prefix_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0 (zero when None).
+    a, b: (Bt, L, ...); h0: (Bt, ...). Returns (Bt, L, ...); a and b are left untouched."""
+    a, b = a.clone(), b.clone()
+    if h0 is not None:
+        b[:, 0] += a[:, 0] * h0
+    L, k = a.shape[1], 1
+    while k < L:
+        b[:, k:] += a[:, k:] * b[:, :-k]
+        if 2 * k < L:
+            a[:, k:] = a[:, k:] * a[:, :-k]
+        k *= 2
+    return b
+
+
+class _ScanCore(torch.autograd.Function):
+    """y_t[d] = sum_n C_t[n] h_t[d, n] over the recurrence above; all tensors float32."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, h0, starts, chunk):
+        Bt, T, Dc = u.shape
+        y = u.new_empty(Bt, T, Dc)
+        incoming = []
+        h = h0
+        for c0 in range(0, T, chunk):
+            sl = slice(c0, c0 + chunk)
+            incoming.append(h)
+            a, b = _transition(dt[:, sl], A, u[:, sl], B[:, sl], starts[:, sl])
+            H = _prefix_scan(a, b, h)
+            y[:, sl] = torch.einsum("bldn,bln->bld", H, C[:, sl])
+            h = H[:, -1]
+        ctx.save_for_backward(u, dt, A, B, C, starts, torch.stack(incoming, 1))
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(starts)
+        return y, h.clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_final):
+        u, dt, A, B, C, starts, incoming = ctx.saved_tensors
+        chunk = ctx.chunk
+        T = u.shape[1]
+        dy = torch.zeros_like(u) if dy is None else dy
+        du, ddt = torch.empty_like(u), torch.empty_like(dt)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        g = torch.zeros_like(incoming[:, 0]) if dh_final is None else dh_final.clone()
+        for i, c0 in reversed(list(enumerate(range(0, T, chunk)))):
+            sl = slice(c0, c0 + chunk)
+            h_in = incoming[:, i]
+            dts, us, Bs = dt[:, sl], u[:, sl], B[:, sl]
+            a, b = _transition(dts, A, us, Bs, starts[:, sl])
+            H = _prefix_scan(a, b, h_in)
+            dC[:, sl] = torch.einsum("bldn,bld->bln", H, dy[:, sl])
+            direct = dy[:, sl].unsqueeze(-1) * C[:, sl].unsqueeze(2)
+            direct[:, -1] += g
+            a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
+            G = _prefix_scan(a_next.flip(1), direct.flip(1), None).flip(1)
+            dB[:, sl] = torch.einsum("bldn,bld->bln", G, dts * us)
+            GB = torch.einsum("bldn,bln->bld", G, Bs)
+            du[:, sl] = GB * dts
+            H_prev = torch.cat([h_in.unsqueeze(1), H[:, :-1]], 1)
+            da = G * H_prev * a  # d loss / d(dt * A); zero at resets since a is
+            ddt[:, sl] = GB * us + torch.einsum("bldn,dn->bld", da, A)
+            dA += torch.einsum("bldn,bld->dn", da, dts)
+            g = a[:, 0] * G[:, 0]
+        return du, ddt, dA, dB, dC, g, None, None
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, doc_ids):
+    Bt, T, Dc = u.shape
+    N = A.shape[-1]
+    expected = {
+        "delta": (delta, (Bt, T, Dc)), "A": (A, (Dc, N)), "B": (B, (Bt, T, N)), "C": (C, (Bt, T, N)),
+        "D": (D, (Dc,)), "z": (z, (Bt, T, Dc)), "delta_bias": (delta_bias, (Dc,)),
+        "initial_state": (initial_state, (Bt, Dc, N)), "doc_ids": (doc_ids, (Bt, T)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(tensor.shape)}; expected {shape}")
+
+
+Core = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def selective_scan_from_core(
+    core: Core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, doc_ids, return_final_state
+):
+    """Shared by the chunked and Triton forms: `core(u, dt, A, B, C, h0, starts)` runs the
+    recurrence on float32 dt (Bt, T, Dc) and h0 (Bt, Dc, N) and returns (y_core, final_state)."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, doc_ids)
+    Bt, T, Dc = u.shape
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()
+    if delta_softplus:
+        dt = F.softplus(dt)
+    h0 = initial_state.float() if initial_state is not None else u.new_zeros(Bt, Dc, A.shape[1], dtype=torch.float32)
+    starts = segment_starts(doc_ids, (Bt, T), u.device)
+    y, h = core(u, dt, A, B, C, h0, starts)
+    if D is not None:
+        y = y + D.float() * u.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(u.dtype)
+    return (y, h) if return_final_state else y
+
+
+def _chunked_core(u, dt, A, B, C, h0, starts):
+    return _ScanCore.apply(u.float(), dt, A.float(), B.float(), C.float(), h0, starts, CHUNK)
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, *,
+    initial_state=None, doc_ids=None, return_final_state=False,
+):
+    """u, delta, z: (Bt, T, Dc); A: (Dc, N); B, C: (Bt, T, N); D, delta_bias: (Dc,);
+    initial_state: (Bt, Dc, N); doc_ids: (Bt, T).
+    Returns y (Bt, T, Dc) in u's dtype [, final_state (Bt, Dc, N) float32]."""
+    return selective_scan_from_core(
+        _chunked_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, doc_ids, return_final_state
+    )
