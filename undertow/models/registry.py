@@ -81,3 +81,6 @@ def _register_builtin() -> None:
     from undertow.models.transformer import spec as transformer_spec
 
     register(transformer_spec.SPEC)
+    from undertow.models.mamba import spec as mamba_spec
+
+    register(mamba_spec.SPEC)

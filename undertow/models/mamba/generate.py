@@ -1,0 +1,155 @@
+"""Incremental decoding for MambaLM: prefill once, then one token at a time with carried state.
+
+Prefill runs the prompt through each mixer's full forward (the kernels' `return_final_state`
+seeds the per-layer states). Each later token takes a single-token step per layer:
+  m, M  the recurrence itself: conv window (last d_conv - 1 inputs) and SSM state, float32
+  *     a key/value cache (keys after RoPE) that grows by one position per token
+  -     stateless
+The steps restate the kernels' recurrences (see kernels/*/reference.py) for one time step, so the
+tests comparing them with the full forward also check that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from undertow.models.common.attention import causal_attention
+from undertow.models.common.rope import apply_rope
+from undertow.models.mamba.mamba1 import Mamba1Mixer
+from undertow.models.mamba.mamba2 import Mamba2Mixer
+from undertow.models.transformer.model import Attention
+
+
+@dataclass
+class KVCache:
+    """Keys (after RoPE) and values of the positions so far: (B, L, n_kv_heads, head_dim) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def conv_step(window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """One step of the depthwise causal conv + SiLU. window: (B, D, K-1) float32, oldest first;
+    x: (B, D). Returns y (B, D) in x's dtype and the next window."""
+    full = torch.cat([window, x.float().unsqueeze(-1)], dim=-1)  # (B, D, K)
+    y = (full * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return F.silu(y).to(x.dtype), full[:, :, 1:]
+
+
+def mamba1_step(mixer: Mamba1Mixer, u: torch.Tensor, state):
+    """u: (B, d_model) -> (B, d_model), next state. state = (window (B, d_inner, K-1), h (B, d_inner, N))."""
+    window, h = state
+    x, window = conv_step(window, mixer.in_proj_x(u), mixer.conv_weight, mixer.conv_bias)
+    dt, B, C = mixer.ssm_inputs(x)  # (B, d_inner), (B, N), (B, N)
+    dt = F.softplus(dt.float() + mixer.dt_proj.bias.float())
+    A = -torch.exp(mixer.A_log.float())
+    x32 = x.float()
+    h = torch.exp(dt[..., None] * A) * h + (dt * x32)[..., None] * B.float()[:, None, :]
+    y = (h * C.float()[:, None, :]).sum(-1) + mixer.D.float() * x32
+    y = y * F.silu(mixer.in_proj_z(u).float())
+    return mixer.out_proj(y.to(u.dtype)), (window, h)
+
+
+def mamba2_step(mixer: Mamba2Mixer, u: torch.Tensor, state):
+    """u: (B, d_model) -> (B, d_model), next state. state = (window (B, d_inner + 2GN, K-1), S (B, H, P, N))."""
+    window, S = state
+    xbc, window = conv_step(window, mixer.conv_input(u), mixer.conv_weight, mixer.conv_bias)
+    x, B, C = mixer.split_conv_output(xbc)  # (B, H, P), (B, G, N), (B, G, N)
+    heads_per_group = x.shape[1] // B.shape[1]
+    B, C = (t.float().repeat_interleave(heads_per_group, dim=1) for t in (B, C))  # (B, H, N)
+    dt = F.softplus(mixer.in_proj_dt(u).float() + mixer.dt_bias.float())  # (B, H)
+    A = -torch.exp(mixer.A_log.float())
+    x32 = x.float()
+    S = torch.exp(dt * A)[..., None, None] * S + (dt[..., None] * x32)[..., None] * B[:, :, None, :]
+    y = (S * C[:, :, None, :]).sum(-1) + mixer.D.float()[:, None] * x32  # (B, H, P)
+    out = mixer.out_proj(mixer.norm(y.flatten(-2).to(u.dtype), mixer.in_proj_z(u)))
+    return out, (window, S)
+
+
+def attention_with_cache(attn: Attention, h: torch.Tensor, cos, sin, cache: KVCache | None):
+    """h: (B, T, d_model); cos/sin: (B, T, head_dim) of these positions. Without a cache: causal
+    attention over the T positions (prefill); with one: T must be 1 and the token attends to every
+    cached position and itself. Returns (B, T, d_model), the cache including these positions."""
+    B, T, _ = h.shape
+    q = apply_rope(attn.q_proj(h).view(B, T, -1, attn.head_dim), cos, sin)
+    k = apply_rope(attn.k_proj(h).view(B, T, -1, attn.head_dim), cos, sin)
+    v = attn.v_proj(h).view(B, T, -1, attn.head_dim)
+    if cache is None:
+        out = causal_attention(q, k, v)
+    else:
+        if T != 1:
+            raise ValueError(f"a cached attention step takes one token at a time, got {T}")
+        k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=kt.shape[1] != qt.shape[1]).transpose(1, 2)
+    return attn.o_proj(out.reshape(B, T, -1)), KVCache(k, v)
+
+
+def prefill(model, input_ids: torch.Tensor):
+    """Full forward over the prompt (B, T) -> last-position logits (B, V), per-layer states."""
+    B, T = input_ids.shape
+    cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
+    x = model.embed_tokens(input_ids)
+    states = []
+    for layer in model.layers:
+        h = layer.mixer_input(x)
+        if layer.kind in "mM":
+            out, state = layer.mixer(h, return_state=True)
+        elif layer.kind == "*":
+            out, state = attention_with_cache(layer.mixer, h, cos, sin, None)
+        else:
+            out, state = layer.mixer(h), None
+        x = x + out.to(x.dtype)
+        states.append(state)
+    return model.logits(x[:, -1]), states
+
+
+def step(model, tokens: torch.Tensor, position: int, states: list):
+    """One new token per row, tokens (B,) at `position` -> logits (B, V); updates `states` in place."""
+    B = tokens.shape[0]
+    cos, sin = model.rope(torch.full((B, 1), position, device=tokens.device))
+    x = model.embed_tokens(tokens)
+    for i, layer in enumerate(model.layers):
+        h = layer.mixer_input(x)
+        if layer.kind == "m":
+            out, states[i] = mamba1_step(layer.mixer, h, states[i])
+        elif layer.kind == "M":
+            out, states[i] = mamba2_step(layer.mixer, h, states[i])
+        elif layer.kind == "*":
+            out, states[i] = attention_with_cache(layer.mixer, h[:, None], cos, sin, states[i])
+            out = out[:, 0]
+        else:
+            out = layer.mixer(h)
+        x = x + out.to(x.dtype)
+    return model.logits(x)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:
+    """input_ids (B, T), one prompt per row, no padding -> (B, T + max_new_tokens).
+    greedy: argmax; otherwise samples from softmax(logits) (seed torch for reproducibility)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 0")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, prompt length >= 1), got shape {tuple(input_ids.shape)}")
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if greedy:
+            return logits.argmax(-1)
+        return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)[:, 0]
+
+    if max_new_tokens == 0:
+        return input_ids
+    logits, states = prefill(model, input_ids)
+    token = pick(logits)
+    out = [input_ids, token[:, None]]
+    for i in range(1, max_new_tokens):
+        logits = step(model, token, input_ids.shape[1] + i - 1, states)
+        token = pick(logits)
+        out.append(token[:, None])
+    return torch.cat(out, dim=1)

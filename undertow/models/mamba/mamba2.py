@@ -1,0 +1,91 @@
+"""The Mamba-2 mixer (SSD: scalar decay per head, B and C shared by groups of heads).
+
+    z, x, B, C, dt = in_proj_z(u), in_proj_x(u), in_proj_B(u), in_proj_C(u), in_proj_dt(u)
+    x|B|C  = silu(causal_conv1d(x|B|C))          one depthwise conv over the concatenated channels
+    y      = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias)      per head h of size headdim
+    out    = out_proj(norm(y, z))                 norm = weight * rmsnorm(y * silu(z)) per group
+
+The input projections are separate modules (not one fused in_proj) so a tensor-parallel plan can
+shard z/x/dt by head and B/C by group; a fused layout for export lives in the HF adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from undertow.kernels.causal_conv1d import causal_conv1d
+from undertow.kernels.ssd import ssd
+from undertow.models.common.gated_norm import GatedRMSNorm
+from undertow.models.mamba.config import MambaConfig
+from undertow.models.mamba.mamba1 import init_conv, init_dt_bias
+
+
+class Mamba2Mixer(nn.Module):
+    """SSD mixer. forward(u (B, T, d_model)) -> (B, T, d_model).
+
+    state (for generation): (conv window (B, d_inner + 2 * ngroups * d_state, d_conv - 1),
+    SSM state (B, nheads, headdim, d_state)), float32.
+    """
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, di, gn, h = cfg.d_model, cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.nheads
+        self.in_proj_z = nn.Linear(d, di, bias=cfg.proj_bias)
+        self.in_proj_x = nn.Linear(d, di, bias=cfg.proj_bias)
+        self.in_proj_B = nn.Linear(d, gn, bias=cfg.proj_bias)
+        self.in_proj_C = nn.Linear(d, gn, bias=cfg.proj_bias)
+        self.in_proj_dt = nn.Linear(d, h, bias=cfg.proj_bias)
+        self.conv_weight = nn.Parameter(torch.empty(di + 2 * gn, cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.empty(di + 2 * gn)) if cfg.conv_bias else None
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(h))
+        self.norm = GatedRMSNorm(di, di // cfg.ngroups, cfg.norm_eps)
+        self.out_proj = nn.Linear(di, d, bias=cfg.proj_bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        projections = (self.in_proj_z, self.in_proj_x, self.in_proj_B, self.in_proj_C, self.in_proj_dt)
+        for proj, s in [(p, std) for p in projections] + [(self.out_proj, out_std)]:
+            nn.init.normal_(proj.weight, std=s)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        init_conv(self.conv_weight, self.conv_bias)
+        init_dt_bias(self.dt_bias, self.cfg)
+        # A uniform in [1, 16] per head (Mamba-2's initialization).
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
+        nn.init.ones_(self.D)
+        self.norm.init_weights()
+
+    def split_conv_output(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d_inner + 2 G N) -> x (B, T, H, P), B (B, T, G, N), C (B, T, G, N)."""
+        cfg = self.cfg
+        gn = cfg.ngroups * cfg.d_state
+        x, B, C = xbc.split([cfg.d_inner, gn, gn], dim=-1)
+        return (
+            x.unflatten(-1, (-1, cfg.headdim)),
+            B.unflatten(-1, (cfg.ngroups, cfg.d_state)),
+            C.unflatten(-1, (cfg.ngroups, cfg.d_state)),
+        )
+
+    def conv_input(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, T, d_model) -> the conv's input channels x | B | C, (B, T, d_inner + 2 G N)."""
+        return torch.cat([self.in_proj_x(u), self.in_proj_B(u), self.in_proj_C(u)], dim=-1)
+
+    def forward(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None, return_state: bool = False):
+        """u: (B, T, d_model); doc_ids: (B, T) resets the conv window and SSM state where it changes.
+        Returns (B, T, d_model) [, state after the last token]."""
+        z, dt = self.in_proj_z(u), self.in_proj_dt(u)
+        xbc, conv_state = causal_conv1d(
+            self.conv_input(u), self.conv_weight, self.conv_bias, activation="silu", doc_ids=doc_ids,
+            return_final_state=True,
+        )
+        x, B, C = self.split_conv_output(xbc)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ssd(
+            x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias, chunk_size=self.cfg.chunk_size, doc_ids=doc_ids,
+            return_final_state=True,
+        )
+        out = self.out_proj(self.norm(y.flatten(-2), z))
+        return (out, (conv_state, ssm_state)) if return_state else out

@@ -1,0 +1,132 @@
+"""Mamba / Mamba-2 / hybrid language model: a stack of pre-norm residual blocks, one mixer each.
+
+A plain single-device module: parallelism is applied from outside (parallel/). Attention layers
+reuse the transformer's `Attention` (with RoPE from position_ids) and MLP layers the common SwiGLU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from undertow.models.common.mlp import SwiGLU
+from undertow.models.common.norms import RMSNorm
+from undertow.models.common.rope import rope_cos_sin
+from undertow.models.mamba import generate as decoding
+from undertow.models.mamba.config import MambaConfig
+from undertow.models.mamba.mamba1 import Mamba1Mixer
+from undertow.models.mamba.mamba2 import Mamba2Mixer
+from undertow.models.transformer.model import Attention
+
+
+def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
+    """The mixer of one `layer_pattern` letter."""
+    if kind == "m":
+        return Mamba1Mixer(cfg)
+    if kind == "M":
+        return Mamba2Mixer(cfg)
+    if kind == "*":
+        return Attention(cfg.attention_config())
+    if kind == "-":
+        return SwiGLU(cfg.d_model, cfg.hidden)
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)). x: (B, T, d_model) -> (B, T, d_model), in x's dtype (float32 residual
+    when residual_in_fp32); the mixer runs in the weights' dtype (or autocast's)."""
+
+    def __init__(self, kind: str, cfg: MambaConfig):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(kind, cfg)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.norm.init_weights()
+        self.mixer.init_weights(std, out_std)
+
+    def mixer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """norm(x) in the weights' dtype (x may be the float32 residual of half-precision weights)."""
+        return self.norm(x).to(self.norm.weight.dtype)
+
+    def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        h = self.mixer_input(x)
+        if self.kind == "*":
+            out = self.mixer(h, cos, sin, doc_ids, cu_seqlens, max_seqlen)
+        elif self.kind == "-":
+            out = self.mixer(h)
+        else:
+            out = self.mixer(h, doc_ids)
+        return x + out.to(x.dtype)
+
+
+class MambaLM(nn.Module):
+    """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("MambaConfig.vocab_size must be set (> 0) before building the model")
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(kind, cfg) for kind in cfg.layer_pattern)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter (call after `to_empty` when built on the meta device)."""
+        if self.cfg.tie_embeddings:
+            # `to_empty` (meta -> real device) gives every parameter its own storage, untying them.
+            self.lm_head.weight = self.embed.weight
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual branches scaled by depth (GPT-2)
+        nn.init.normal_(self.embed.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none."""
+        if "*" not in self.cfg.layer_pattern:
+            return None, None
+        return rope_cos_sin(position_ids, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x.float() if self.cfg.residual_in_fp32 else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(position_ids)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
+        return self.logits(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:
+        """Continue each row of `input_ids` (B, T) by `max_new_tokens` tokens -> (B, T + max_new_tokens).
+        See generate.py: the prompt runs through the full forward once, then one token at a time."""
+        return decoding.generate(self, input_ids, max_new_tokens, greedy=greedy)

@@ -1,0 +1,68 @@
+"""Registry entry of the Mamba family: training FLOPs per token and per-layer costs.
+
+Training FLOPs are 3x the forward (backward = 2x forward). Forward FLOPs per token of one layer:
+  matmuls   2 per weight of every projection (a multiply and an add)
+  conv      2 * d_conv per convolved channel
+  m scan    6 * d_inner * d_state (decay, input outer product, state update, readout)
+  M SSD     the chunked form: 4 * d_inner * d_state (chunk states and their readout)
+            + Q * (ngroups * d_state + d_inner) inside a chunk of Q = min(chunk_size, seq_len)
+            positions (causal halves of C B^T and of its product with x)
+  * scores  4 * seq_len * n_heads * head_dim (Q K^T and A V, no causal saving, like the transformer)
+plus the LM head, 2 * d_model * vocab_size.
+"""
+
+from __future__ import annotations
+
+from undertow.models.mamba.config import MambaConfig
+from undertow.models.mamba.model import MambaLM
+from undertow.models.registry import ModelSpec
+
+
+def layer_matmul_params(cfg: MambaConfig, kind: str) -> int:
+    """Weights of one layer's projections (the matmuls; not convs, norms, A, D or biases)."""
+    d, di, n = cfg.d_model, cfg.d_inner, cfg.d_state
+    if kind == "m":
+        return 2 * d * di + di * (cfg.rank + 2 * n) + cfg.rank * di + di * d
+    if kind == "M":
+        return d * (2 * di + 2 * cfg.ngroups * n + cfg.nheads) + di * d
+    if kind == "*":
+        head_dim = d // cfg.n_heads
+        kv_heads = cfg.n_kv_heads or cfg.n_heads
+        return d * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
+    if kind == "-":
+        return 3 * d * cfg.hidden
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
+
+
+def layer_forward_flops(cfg: MambaConfig, kind: str, seq_len: int) -> float:
+    """Forward FLOPs per token of one layer of `kind` (see the module docstring)."""
+    flops = 2.0 * layer_matmul_params(cfg, kind)
+    di, n = cfg.d_inner, cfg.d_state
+    if kind == "m":
+        flops += 2.0 * cfg.d_conv * di + 6.0 * di * n
+    elif kind == "M":
+        gn = cfg.ngroups * n
+        chunk = min(cfg.chunk_size, seq_len)
+        flops += 2.0 * cfg.d_conv * (di + 2 * gn) + 4.0 * di * n + chunk * (gn + di)
+    elif kind == "*":
+        flops += 4.0 * seq_len * cfg.d_model
+    return flops
+
+
+def layer_cost(cfg: MambaConfig, seq_len: int) -> list[float]:
+    """Training FLOPs per token of each layer, in order (for the pipeline split)."""
+    return [3.0 * layer_forward_flops(cfg, kind, seq_len) for kind in cfg.layer_pattern]
+
+
+def flops_per_token(cfg: MambaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of the whole model, LM head included."""
+    return sum(layer_cost(cfg, seq_len)) + 6.0 * cfg.d_model * cfg.vocab_size
+
+
+SPEC = ModelSpec(
+    name="mamba",
+    config_cls=MambaConfig,
+    model_cls=MambaLM,
+    flops_per_token=flops_per_token,
+    layer_cost=layer_cost,
+)
