@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from undertow.models.mamba.generate import prefill, step
+from tests.models.test_mamba import V, build, rel_err, tiny_cfg
+
+
+@pytest.mark.parametrize("pattern", ["mm", "MM", "M*-m"])
+def test_step_by_step_logits_match_the_full_forward(pattern):
+    model = build(tiny_cfg(pattern, falcon_norm=pattern == "mm"))
+    ids = torch.randint(0, V, (2, 13))
+    full = model(ids)
+    prompt = 4
+    with torch.no_grad():
+        logits, states = prefill(model, ids[:, :prompt])
+        assert rel_err(logits, full[:, prompt - 1]) <= 1e-5
+        for t in range(prompt, ids.shape[1]):
+            logits = step(model, ids[:, t], t, states)
+            assert rel_err(logits, full[:, t]) <= 1e-5, t
+
+
+def test_greedy_generation_equals_argmax_of_repeated_full_forwards():
+    model = build(tiny_cfg("mM*-"))
+    prompt = torch.randint(0, V, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=6)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, expected)
+
+
+def test_sampling_is_seeded_and_checks_its_arguments():
+    model = build(tiny_cfg("M*"))
+    prompt = torch.randint(0, V, (1, 3))
+    torch.manual_seed(5)
+    a = model.generate(prompt, 4, greedy=False)
+    torch.manual_seed(5)
+    assert torch.equal(a, model.generate(prompt, 4, greedy=False))
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompt, -1)
