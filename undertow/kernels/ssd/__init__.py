@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
+from undertow.kernels.ssd.chunked import ssd_chunked
 from undertow.kernels.ssd.reference import ssd_reference
 
-IMPLEMENTATIONS = {"reference": ssd_reference}
+
+def _ssd_triton(*args, **kwargs):
+    """The Triton form, imported on first use: triton is slow to import, and whether its kernels run
+    in the interpreter (TRITON_INTERPRET) is fixed when the kernel module is imported."""
+    from undertow.kernels.ssd.triton import ssd_triton
+
+    return ssd_triton(*args, **kwargs)
+
+
+IMPLEMENTATIONS = {"reference": ssd_reference, "chunked": ssd_chunked}
+if triton_available():  # without triton the package still imports, with reference and chunked
+    IMPLEMENTATIONS["triton"] = _ssd_triton
 
 
 def ssd(

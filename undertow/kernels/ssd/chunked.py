@@ -1,0 +1,149 @@
+"""Mamba-2 SSD, chunked form in PyTorch (autograd gives every gradient); fast on CPU.
+
+The row is cut into chunks of L tokens. With a_t the within-chunk inclusive cumsum of dt*A and
+u_t = dt_t * x_t, per head and chunk c:
+    intra   y_t += sum_{s<=t, same segment} (C_t . B_s) exp(a_t - a_s) u_s
+    inter   y_t += [t still in the segment carried into c] exp(a_t) S_in[c] @ C_t
+    state   S_in[c+1] = g_c S_in[c] + sum_{s in the chunk's last segment} exp(a_end - a_s) u_s (outer) B_s
+with g_c = exp(a_end) if no document starts inside chunk c, else 0 (the carried state stops).
+Every exponent is a difference a_t - a_s with s <= t (<= 0 for A < 0): no overflow.
+
+The helpers `check_inputs`, `chunk_decays`, `chunk_segments` and `finish` are shared with the
+Triton form, which computes the same three terms in kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from undertow.kernels.dispatch import segment_starts
+from undertow.kernels.ssd.reference import ssd_dt
+
+
+def check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, doc_ids, chunk_size) -> None:
+    """Raise ValueError naming the argument whose shape does not fit x: (Bt, T, H, P)."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be (Bt, T, H, P), got shape {tuple(x.shape)}")
+    Bt, T, H, P = x.shape
+    expect = {"dt": (dt, (Bt, T, H)), "A": (A, (H,)), "z": (z, (Bt, T, H, P)), "dt_bias": (dt_bias, (H,)),
+              "doc_ids": (doc_ids, (Bt, T))}
+    for name, (tensor, shape) in expect.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}, got {tuple(tensor.shape)}")
+    if B.ndim != 4 or tuple(B.shape[:2]) != (Bt, T) or B.shape != C.shape:
+        raise ValueError(f"B and C must both be (Bt={Bt}, T={T}, G, N), got {tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[2], B.shape[3]
+    if H % G != 0:
+        raise ValueError(f"heads {H} must be a multiple of groups {G}")
+    if D is not None and tuple(D.shape) not in ((H,), (H, P)):
+        raise ValueError(f"D must be ({H},) or ({H}, {P}), got {tuple(D.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (Bt, H, P, N):
+        raise ValueError(f"initial_state must be {(Bt, H, P, N)}, got {tuple(initial_state.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def chunk_decays(step: torch.Tensor, A: torch.Tensor, chunk: int) -> torch.Tensor:
+    """step: (Bt, T, H) float32 -> a: (Bt, H, nc * chunk) float32, the inclusive cumsum of step * A
+    restarted at every chunk; positions past T continue the last value (they are masked anyway)."""
+    Bt, T, H = step.shape
+    nc = math.ceil(T / chunk)
+    dA = F.pad(step * A.float(), (0, 0, 0, nc * chunk - T))  # (Bt, nc*L, H)
+    return dA.view(Bt, nc, chunk, H).cumsum(2).permute(0, 3, 1, 2).reshape(Bt, H, nc * chunk)
+
+
+def chunk_segments(doc_ids: torch.Tensor | None, Bt: int, T: int, chunk: int, device):
+    """Segment bookkeeping of each chunk.
+    Returns seg (Bt, nc*L) int32 (segment number of each token, padding repeats the last),
+    seg_ref (Bt, nc) (segment of the token before the chunk: the one its carried state belongs to)
+    and ends (nc,) int64 (index of each chunk's last real token)."""
+    nc = math.ceil(T / chunk)
+    seg = segment_starts(doc_ids, (Bt, T), device).to(torch.int32).cumsum(1, dtype=torch.int32)
+    seg = F.pad(seg, (0, nc * chunk - T), mode="replicate") if nc * chunk > T else seg
+    ends = torch.clamp(torch.arange(1, nc + 1, device=device) * chunk, max=T) - 1
+    seg_ref = torch.zeros(Bt, nc, dtype=torch.int32, device=device)
+    seg_ref[:, 1:] = seg[:, chunk - 1:(nc - 1) * chunk:chunk]
+    return seg, seg_ref, ends
+
+
+def finish(y: torch.Tensor, x: torch.Tensor, D, z) -> torch.Tensor:
+    """y: (Bt, T, H, P) float32 scan output -> (y + D x) * silu(z), in x's dtype."""
+    if D is not None:
+        Dv = D.float()
+        y = y + (Dv[:, None] if Dv.ndim == 1 else Dv) * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk):
+    """The three chunk terms. x: (Bt, T, H, P); step: (Bt, T, H); a: (Bt, H, nc*L); B, C: (Bt, T, G, N).
+    Returns y (Bt, T, H, P) float32 and the final state (Bt, H, P, N) float32."""
+    Bt, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Hg, L = H // G, chunk
+    nc = a.shape[-1] // L
+    pad = nc * L - T
+    u = F.pad(x.float() * step[..., None], (0, 0, 0, 0, 0, pad)).view(Bt, nc, L, G, Hg, P)
+    Bc = F.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(Bt, nc, L, G, N)
+    Cc = F.pad(C.float(), (0, 0, 0, 0, 0, pad)).view(Bt, nc, L, G, N)
+    a = a.view(Bt, G, Hg, nc, L)
+    segc = seg.view(Bt, nc, L)
+    a_end = a.reshape(Bt, G, Hg, nc * L)[..., ends]  # (Bt, G, Hg, nc)
+    seg_end = seg[:, ends]  # (Bt, nc)
+
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    same = (segc[:, :, :, None] == segc[:, :, None, :]) & causal  # (Bt, nc, L, L)
+    diff = a[..., :, None] - a[..., None, :]  # (Bt, G, Hg, nc, L, L)
+    decay = torch.where(same[:, None, None], diff, float("-inf")).exp()
+    scores = torch.einsum("bctgn,bcsgn->bgcts", Cc, Bc)[:, :, None] * decay
+    y = torch.einsum("bghcts,bcsghp->bctghp", scores, u)
+
+    tail = (segc == seg_end[:, :, None])[:, None, None]  # tokens of the chunk's last segment
+    to_end = torch.where(tail, a_end[..., None] - a, float("-inf")).exp()  # (Bt, G, Hg, nc, L)
+    chunk_states = torch.einsum("bghcs,bcsghp,bcsgn->bcghpn", to_end, u, Bc)
+    carry = torch.where(seg_end == seg_ref, 1.0, 0.0)[:, None, None] * a_end.exp()  # g_c: (Bt, G, Hg, nc)
+
+    S = (initial_state.float().view(Bt, G, Hg, P, N) if initial_state is not None
+         else x.new_zeros(Bt, G, Hg, P, N, dtype=torch.float32))
+    states_in = []
+    for c in range(nc):
+        states_in.append(S)
+        S = carry[..., c, None, None] * S + chunk_states[:, c]
+    S_in = torch.stack(states_in, dim=1)  # (Bt, nc, G, Hg, P, N)
+
+    head = (segc == seg_ref[:, :, None])[:, None, None]  # tokens still in the carried segment
+    from_start = torch.where(head, a, float("-inf")).exp()  # (Bt, G, Hg, nc, L)
+    y = y + torch.einsum("bctgn,bcghpn,bghct->bctghp", Cc, S_in, from_start)
+    return y.reshape(Bt, nc * L, H, P)[:, :T], S.reshape(Bt, H, P, N)
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Same signature and results as `ssd_reference` (see reference.py for shapes), plus `chunk_size`."""
+    check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, doc_ids, chunk_size)
+    Bt, T = x.shape[:2]
+    step = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
+    a = chunk_decays(step, A, chunk_size)
+    seg, seg_ref, ends = chunk_segments(doc_ids, Bt, T, chunk_size, x.device)
+    y, final = _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk_size)
+    y = finish(y, x, D, z)
+    return (y, final) if return_final_state else y

@@ -1,0 +1,150 @@
+"""Triton backward kernels of SSD. Layouts as in triton_fwd.py; every gradient is float32.
+
+With E_c = dL/dS_in[c+1] (the gradient of chunk c's outgoing state) and dy the output gradient,
+each token i of a chunk collects its gradients in two roles:
+  target  (i reads the carried state and the tokens s <= i): dC_i and part of da_i;
+  source  (i is read by E_c and the tokens t >= i):          du_i -> dx_i, ddt_i, dB_i, rest of da_i.
+The gradient of a at each chunk's last token from its outgoing state, sum(E_c * S_out[c]), comes
+from the reverse state pass (its factors exp(a_end - a_s) and g_c all scale with exp(a_end)).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm
+
+
+@triton.jit
+def state_pass_bwd_kernel(
+    DS, DFINAL, A, SEG, STATES, DEND, DINIT, T, Tp, H, PN, nc,
+    HAS_DFINAL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Reverse state pass. DS holds on entry sum_t exp(a_t)[carried] dy_t (outer) C_t per chunk (the
+    gradient of S_in[c] from chunk c's own outputs) and on exit E_c. DEND[bh, c, block] gets the
+    partial sums of E_c * S_out[c]; DINIT the gradient of the initial state. Grid (Bt * H, cdiv(P*N, BLOCK))."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    blk = tl.program_id(1)
+    i = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = i < PN
+    if HAS_DFINAL:
+        E = tl.load(DFINAL + bh * PN + i, mask=ok, other=0.0).to(tl.float32)
+    else:
+        E = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(nc):
+        c = nc - 1 - k
+        ds_ptr = DS + ((b * nc + c) * H + h) * PN + i
+        own = tl.load(ds_ptr, mask=ok, other=0.0)
+        tl.store(ds_ptr, E, mask=ok)
+        s_out = tl.load(STATES + ((b * (nc + 1) + c + 1) * H + h) * PN + i, mask=ok, other=0.0)
+        tl.store(DEND + (bh * nc + c) * tl.num_programs(1) + blk, tl.sum(E * s_out, axis=0))
+        end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+        carry = tl.where(seg_end == seg_ref, tl.exp(a_end), 0.0)
+        E = carry * E + own
+    tl.store(DINIT + bh * PN + i, E, mask=ok)
+
+
+@triton.jit
+def chunk_scan_bwd_target_kernel(
+    DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+):
+    """Tokens t as readers: DC[t] (per head) and DA[t] from the carried state and from the tokens
+    s <= t of the same segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    _, _, _, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    t = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = (t < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
+    seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-1)
+    c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N), other=0.0)
+    dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
+
+    s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+    head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
+    dc = mm(dy_t * head[:, None], s_in, LOW)
+    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), LOW), axis=1) * head
+
+    for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
+        s_loc = s0 + tl.arange(0, BLOCK_K)
+        s = c * L + s_loc
+        s_ok = (s < T) & (s_loc < L)
+        a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
+        seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+        b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
+        dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+        x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
+        same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
+        decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
+        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), LOW) * decay
+        dc += mm(d_scores, b_s, LOW)
+        da += tl.sum(d_scores * mm(c_t, tl.trans(b_s), LOW), axis=1)
+    tl.store(DC + ((b * T + t[:, None]) * H + h) * N + n[None, :], dc, mask=t_ok[:, None] & (n[None, :] < N))
+    tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
+
+
+@triton.jit
+def chunk_scan_bwd_source_kernel(
+    DY, X, DT, A, SEG, B, C, DS, DX, DDT, DB, DA, T, Tp, H, G, P, N, nc,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+):
+    """Tokens s as sources: DX, DDT, DB (per head) and the rest of DA (added to what the target
+    kernel stored) from the outgoing-state gradient E_c (in DS) and from the tokens t >= s of the same
+    segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    _, a_end, seg_end, _ = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    s = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = (s < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
+    seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-1)
+    b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
+    dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+    x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P),
+                  other=0.0).to(tl.float32)
+    u_s = x_s * dt_s[:, None]
+
+    e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+    tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
+    eb = mm(b_s, tl.trans(e), LOW)  # (BLOCK_M, BLOCK_P)
+    du = eb * tail[:, None]
+    db = mm(u_s * tail[:, None], e, LOW)
+    da = -tl.sum(u_s * du, axis=1)
+
+    for t0 in range(mb * BLOCK_M, L, BLOCK_K):
+        t_loc = t0 + tl.arange(0, BLOCK_K)
+        t = c * L + t_loc
+        t_ok = (t < T) & (t_loc < L)
+        a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
+        seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+        c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N), other=0.0)
+        dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
+        same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
+        decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+        cb = mm(b_s, tl.trans(c_t), LOW)
+        du += mm(cb * decay, dy_t, LOW)
+        d_scores = mm(u_s, tl.trans(dy_t), LOW) * decay
+        db += mm(d_scores, c_t, LOW)
+        da -= tl.sum(d_scores * cb, axis=1)
+    tl.store(DX + ((b * T + s[:, None]) * H + h) * P + p[None, :], du * dt_s[:, None], mask=s_ok[:, None] & (p[None, :] < P))
+    tl.store(DDT + (b * T + s) * H + h, tl.sum(du * x_s, axis=1), mask=s_ok)
+    tl.store(DB + ((b * T + s[:, None]) * H + h) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
+    da_ptr = DA + (b * H + h) * Tp + s
+    tl.store(da_ptr, tl.load(da_ptr, mask=s_ok, other=0.0) + da, mask=s_ok)

@@ -1,0 +1,136 @@
+"""Triton forward kernels of SSD (see chunked.py for the three chunk terms they compute).
+
+Layouts (all contiguous): x, dy, y (Bt, T, H, P); dt (Bt, T, H) float32; a (Bt, H, Tp) float32 with
+Tp = nc * L; seg (Bt, Tp) int32; B, C (Bt, T, G, N); chunk states (Bt, nc, H, P, N) float32;
+states (Bt, nc + 1, H, P, N) float32 = the state entering each chunk, then the final state.
+Matrix products run in float32 ("ieee", no tf32) for float32 inputs, else on the inputs' 16-bit type
+with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mm(a, b, LOW: tl.constexpr):
+    """a @ b with float32 accumulation; operands cast to LOW (float32 -> exact "ieee" products)."""
+    if LOW == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(LOW), b.to(LOW))
+
+
+@triton.jit
+def chunk_bounds(A, SEG, b, h, c, T, Tp, H, L: tl.constexpr):
+    """Per chunk: index of its last real token, a at that token, the segment of that token and the
+    segment of the token before the chunk (whose state the chunk carries in)."""
+    end = tl.minimum(c * L + L, T) - 1
+    a_end = tl.load(A + (b * H + h) * Tp + end)
+    seg_end = tl.load(SEG + b * Tp + end)
+    seg_ref = tl.load(SEG + b * Tp + tl.maximum(c * L - 1, 0))
+    return end, a_end, seg_end, seg_ref
+
+
+@triton.jit
+def chunk_outer_kernel(
+    X, DT, A, SEG, K, OUT, T, Tp, H, G, P, N, nc,
+    FROM_END: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+):
+    """OUT[b, c, h] = sum_t w_t X_t (outer) K_t over the tokens t of chunk c:
+    FROM_END: w_t = dt_t exp(a_end - a_t) [t in the chunk's last segment]  (chunk state, X = x, K = B);
+    else:     w_t = exp(a_t) [t in the carried segment]                      (dS_in from dy, X = dy, K = C).
+    Grid (nc, Bt * H, cdiv(P, BLOCK_P))."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, L, BLOCK_L):
+        t = c * L + t0 + tl.arange(0, BLOCK_L)
+        valid = (t < T) & (t0 + tl.arange(0, BLOCK_L) < L)
+        a_t = tl.load(A + (b * H + h) * Tp + t, mask=valid, other=0.0)
+        seg_t = tl.load(SEG + b * Tp + t, mask=valid, other=-1)
+        if FROM_END:
+            dt_t = tl.load(DT + (b * T + t) * H + h, mask=valid, other=0.0)
+            w = tl.where(valid & (seg_t == seg_end), tl.exp(tl.where(valid, a_end - a_t, 0.0)) * dt_t, 0.0)
+        else:
+            w = tl.where(valid & (seg_t == seg_ref), tl.exp(a_t), 0.0)
+        xt = tl.load(X + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=valid[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
+        kt = tl.load(K + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=valid[:, None] & (n[None, :] < N), other=0.0)
+        acc += mm(tl.trans(xt * w[:, None]), kt, LOW)
+    out = OUT + ((b * nc + c) * H + h) * P * N
+    tl.store(out + p[:, None] * N + n[None, :], acc, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def state_pass_fwd_kernel(
+    CHUNK_STATES, INIT, A, SEG, STATES, T, Tp, H, PN, nc,
+    HAS_INIT: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """STATES[b, 0] = initial state; STATES[b, c + 1] = g_c STATES[b, c] + CHUNK_STATES[b, c], with
+    g_c = exp(a_end) when chunk c holds no document start, else 0. Grid (Bt * H, cdiv(P * N, BLOCK))."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < PN
+    if HAS_INIT:
+        S = tl.load(INIT + bh * PN + i, mask=ok, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(nc):
+        tl.store(STATES + ((b * (nc + 1) + c) * H + h) * PN + i, S, mask=ok)
+        end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+        carry = tl.where(seg_end == seg_ref, tl.exp(a_end), 0.0)
+        S = carry * S + tl.load(CHUNK_STATES + ((b * nc + c) * H + h) * PN + i, mask=ok, other=0.0)
+    tl.store(STATES + ((b * (nc + 1) + nc) * H + h) * PN + i, S, mask=ok)
+
+
+@triton.jit
+def chunk_scan_fwd_kernel(
+    X, DT, A, SEG, B, C, STATES, Y, T, Tp, H, G, P, N, nc,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+):
+    """Y[t] = exp(a_t)[t in the carried segment] S_in @ C_t + sum_{s<=t, same segment} (C_t.B_s)
+    exp(a_t - a_s) dt_s x_s, for BLOCK_M tokens t of one chunk. Grid (nc * cdiv(L, BLOCK_M), Bt * H,
+    cdiv(P, BLOCK_P))."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    _, _, _, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    t = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = (t < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
+    seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-1)
+    c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N), other=0.0)
+
+    s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[None, :] * N + n[:, None],
+                   mask=(p[None, :] < P) & (n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_P)
+    head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
+    acc = mm(c_t, s_in, LOW) * head[:, None]
+
+    for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
+        s_loc = s0 + tl.arange(0, BLOCK_K)
+        s = c * L + s_loc
+        s_ok = (s < T) & (s_loc < L)
+        a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
+        seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+        b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
+        dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+        x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
+        same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
+        decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
+        scores = mm(c_t, tl.trans(b_s), LOW) * decay
+        acc += mm(scores, x_s.to(tl.float32) * dt_s[:, None], LOW)
+    tl.store(Y + ((b * T + t[:, None]) * H + h) * P + p[None, :], acc, mask=t_ok[:, None] & (p[None, :] < P))
