@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
+    from undertow.planner import add_plan_parser
+
+    add_plan_parser(sub)
     from undertow.data_prep.cli import add_prep_parser
 
     add_prep_parser(sub)

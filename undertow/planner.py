@@ -1,0 +1,114 @@
+"""`undertow plan RECIPE`: size and cost of a recipe's model, without building it for real.
+
+The model is instantiated on the meta device through the registry (any family), so a 7B recipe
+plans in a second on a laptop. The table gives parameters, training FLOPs per token at the
+recipe's seq_len (the family's own count, the one MFU uses) and the bytes of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from undertow.configtools import ConfigError
+from undertow.models import registry
+
+
+@dataclasses.dataclass
+class Plan:
+    recipe: str
+    family: str
+    layers: int
+    seq_len: int
+    parameters: int
+    embedding_parameters: int
+    flops_per_token: float
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("recipe", self.recipe),
+            ("family", self.family),
+            ("layers", str(self.layers)),
+            ("parameters", f"{_si(self.parameters)} ({self.parameters:,})"),
+            ("  of which embeddings/head", f"{_si(self.embedding_parameters)}"),
+            (f"training FLOPs/token @ seq_len {self.seq_len}", f"{self.flops_per_token:.3e}"),
+            ("weights fp32", _bytes(4 * self.parameters)),
+            ("weights bf16", _bytes(2 * self.parameters)),
+        ]
+
+    def table(self) -> str:
+        rows = self.rows()
+        left = max(len(k) for k, _ in rows)
+        right = max(len(v) for _, v in rows)
+        rule = f"+-{'-' * left}-+-{'-' * right}-+"
+        lines = [rule] + [f"| {k:<{left}} | {v:>{right}} |" for k, v in rows] + [rule]
+        return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def resolve_vocab(cfg) -> None:
+    """vocab_size = 0 means 'from the tokenizer': known without preparing data only for the
+    embedded corpus (its tokenizer has data.embedded_vocab_size pieces)."""
+    if cfg.model.vocab_size:
+        return
+    if cfg.data.sources == ["embedded"]:
+        cfg.model.vocab_size = cfg.data.embedded_vocab_size
+        return
+    raise ConfigError(
+        "model.vocab_size = 0 (from the tokenizer) cannot be planned without the data's tokenizer; "
+        "give the size, e.g. --model.vocab_size 32000"
+    )
+
+
+def make_plan(recipe: str | None, overrides: list[str] | None = None) -> Plan:
+    """Load the recipe (with overrides), build its model on the meta device, measure it."""
+    from undertow.pretrain.config import DEFAULT_RECIPE, load_config
+
+    cfg = load_config(recipe, overrides)
+    resolve_vocab(cfg)
+    spec = registry.get(cfg.family)
+    with torch.device("meta"):
+        model = spec.model_cls(cfg.model)
+    unique = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    embedding_ids = {id(p) for name, p in model.named_parameters() if not name.startswith("layers.") and p.ndim == 2}
+    return Plan(
+        recipe=recipe or DEFAULT_RECIPE,
+        family=cfg.family,
+        layers=len(model.layers),
+        seq_len=cfg.data.seq_len,
+        parameters=sum(p.numel() for p in unique),
+        embedding_parameters=sum(p.numel() for p in unique if id(p) in embedding_ids),
+        flops_per_token=spec.flops_per_token(cfg.model, cfg.data.seq_len),
+    )
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    print(make_plan(args.recipe, overrides).table())
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="show a recipe's parameters, FLOPs/token and weight bytes",
+        description="Build the recipe's model on the meta device (no memory, no data) and print its "
+        "parameter count, training FLOPs per token at data.seq_len and the size of its weights in "
+        "fp32 and bf16. Overrides (--model.d_model 512 ...) apply as in `undertow pretrain`.",
+    )
+    plan.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: tiny)")
+    plan.set_defaults(func=cmd_plan, takes_overrides=True)
