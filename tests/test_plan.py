@@ -12,8 +12,12 @@ PUBLISHED = {
     "falcon-mamba-7b": 7.27e9,
     # mistralai/Mamba-Codestral-7B-v0.1 model card: "Number of parameters: 7,285,403,648".
     "codestral-mamba-7b": 7_285_403_648,
-    # arXiv:2406.07887 (An Empirical Study of Mamba-based Language Models), model table: the
-    # Mamba-2-Hybrid has 8.66B parameters.
+    # arXiv:2406.07887 (An Empirical Study of Mamba-based Language Models) gives the Mamba-2-Hybrid
+    # 8.66B parameters in its model table (quoted from the paper; the table text itself was not
+    # retrievable when this was written). Cross-check from the published Megatron-LM 8B config
+    # (examples/mamba/run_text_gen_server_8b.sh, defaults of megatron.core's Mamba-2 layer):
+    # 24 Mamba-2 layers x 109,640,064 + 4 GQA attention x 41,947,136 + 28 GELU MLPs (4096 -> 16384
+    # -> 4096) x 134,221,824 + untied 256000 x 4096 embedding and head + final norm = 8,654,517,248.
     "mamba2-hybrid-8b": 8.66e9,
 }
 
