@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     from undertow.data_prep.cli import add_prep_parser
 
     add_prep_parser(sub)
+    from undertow.hf.cli import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""`undertow convert to-hf CHECKPOINT OUT_DIR` and `undertow convert from-hf HF_DIR OUT_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_TO_HF = """\
+Write a Hugging Face directory that stock transformers loads without trust_remote_code:
+config.json, model.safetensors, tokenizer.json + tokenizer_config.json (rebuilt from the run's
+SentencePiece model and checked to encode exactly like it) and tokenizer.model.
+
+Mamba family layer patterns and their transformers classes:
+  all m                      MambaForCausalLM (FalconMambaForCausalLM with model.falcon_norm)
+  all M                      Mamba2ForCausalLM
+  pairs of (M or *) and -    BambaForCausalLM, e.g. M-M-*-M-
+Other patterns are refused with the reason.
+
+example:
+  undertow convert to-hf runs/tiny-mamba2/checkpoints/step_00000300 hf/tiny-mamba2
+  python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/tiny-mamba2')"
+"""
+
+_FROM_HF = """\
+Import a Hugging Face directory (config.json with model_type mamba, falcon_mamba, mamba2 or
+bamba; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
+step 0, the config and the tokenizer entry (tokenizer.model is copied beside it). No optimizer
+state: start training from it with --checkpoint.init_from OUT_DIR.
+
+example:
+  undertow convert from-hf hf/tiny-mamba2 ckpt/tiny-mamba2
+  undertow pretrain tiny --checkpoint.init_from ckpt/tiny-mamba2
+"""
+
+
+def cmd_to_hf(args: argparse.Namespace) -> int:
+    from undertow.hf.export import export_checkpoint
+
+    config = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
+                               overwrite=args.overwrite)
+    print(f"wrote {args.out_dir} ({config['architectures'][0]}, {args.dtype})")
+    return 0
+
+
+def cmd_from_hf(args: argparse.Namespace) -> int:
+    from undertow.hf.import_ import import_hf
+
+    path = import_hf(args.hf_dir, args.out_dir, name=args.name, overwrite=args.overwrite)
+    print(f"wrote checkpoint {path}; train from it with --checkpoint.init_from {path}")
+    return 0
+
+
+def _run(func):
+    """Conversion errors (refusals, missing files) print one line and exit 2."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+def add_convert_parser(subparsers) -> None:
+    """Add `convert {to-hf,from-hf}` to the `undertow` command's subparsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    convert = subparsers.add_parser("convert", help="convert checkpoints to and from Hugging Face",
+                                    description="Convert checkpoints to and from Hugging Face transformers.")
+    sub = convert.add_subparsers(dest="convert_command", required=True)
+
+    to_hf = sub.add_parser("to-hf", help="undertow checkpoint -> Hugging Face directory", description=_TO_HF,
+                           formatter_class=fmt)
+    to_hf.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory (or a checkpoint root: its newest)")
+    to_hf.add_argument("out_dir", help="the Hugging Face directory to write")
+    to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="dtype of the saved weights (default float32)")
+    to_hf.add_argument("--tokenizer", metavar="PATH",
+                       help="SentencePiece model to export (default: the one meta.json records, sha256-checked)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    to_hf.set_defaults(func=_run(cmd_to_hf))
+
+    from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> undertow checkpoint", description=_FROM_HF,
+                             formatter_class=fmt)
+    from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors")
+    from_hf.add_argument("out_dir", help="the checkpoint directory to write")
+    from_hf.add_argument("--name", help="run name stored in the checkpoint's config (default: HF_DIR's name)")
+    from_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    from_hf.set_defaults(func=_run(cmd_from_hf))

@@ -1,0 +1,156 @@
+"""undertow checkpoint -> Hugging Face directory (config.json, model.safetensors, tokenizer).
+
+    export_checkpoint(CHECKPOINT, OUT_DIR)
+
+CHECKPOINT is a `step_XXXXXXXX/` directory (or a run's checkpoint root: its newest one). The
+model is rebuilt from meta.json's config through the registry, its weights loaded with DCP, and
+the family's adapter (models/<family>/hf.py) maps names, layouts and config. Everything that can
+refuse (architecture, tokenizer) is checked before OUT_DIR is written; OUT_DIR is built in a
+temporary sibling and renamed into place, so it never holds half an export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from undertow.hf import adapter_for_family
+from undertow.hf.tokenizer import write_hf_tokenizer
+from undertow.log import get_logger
+
+log = get_logger("undertow.hf.export")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory (has meta.json), or the newest complete one under a checkpoint root."""
+    from undertow.pretrain import checkpoint as ckpt
+
+    if os.path.isfile(os.path.join(path, ckpt.META_NAME)):
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {ckpt.META_NAME}) nor a directory of step_* checkpoints")
+    return latest
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_candidates(checkpoint: str, entry: dict, data_sources: list[str], embedded_vocab: int) -> list[str]:
+    """Where the tokenizer entry's `file` may be: absolute, beside the checkpoint, or in a data source dir."""
+    file = entry.get("file") or ""
+    if os.path.isabs(file):
+        return [file]
+    found = [os.path.join(checkpoint, file)]
+    for source in data_sources:
+        if source == "embedded":
+            from undertow.data_prep.corpus import ensure_embedded_dataset
+
+            source = ensure_embedded_dataset(vocab_size=embedded_vocab)
+        if os.path.isdir(source):
+            found.append(os.path.join(source, file))
+    return found
+
+
+def find_tokenizer(checkpoint: str, meta: dict, explicit: str | None = None) -> str:
+    """The SentencePiece file the checkpoint was trained with, its sha256 checked against meta.json."""
+    entry = meta.get("tokenizer") or {}
+    if explicit is not None:
+        candidates = [explicit]
+    elif not entry:
+        raise FileNotFoundError(f"{checkpoint}/meta.json records no tokenizer; pass --tokenizer PATH")
+    else:
+        data = meta["config"].get("data", {})
+        candidates = _tokenizer_candidates(checkpoint, entry, data.get("sources", []),
+                                           data.get("embedded_vocab_size", 2048))
+    for path in candidates:
+        if os.path.isfile(path):
+            if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+                raise ValueError(f"tokenizer {path} is not the one the checkpoint was trained with "
+                                 f"(sha256 differs from meta.json's {entry['sha256'][:12]}...)")
+            return path
+    raise FileNotFoundError(f"tokenizer file {entry.get('file')!r} not found (looked at {candidates}); "
+                            "pass --tokenizer PATH")
+
+
+def read_checkpoint(checkpoint: str) -> tuple[dict, str, object]:
+    """(meta dict, family, validated model config) of a checkpoint directory.
+
+    Only the model config is rebuilt, not the whole experiment: its data paths or resume
+    directory need not exist where the export runs."""
+    from undertow.configtools import from_dict
+    from undertow.models import registry
+    from undertow.pretrain import checkpoint as ckpt
+
+    with open(os.path.join(checkpoint, ckpt.META_NAME)) as f:
+        meta = json.load(f)
+    saved = dict(meta["config"]["model"])
+    family = saved.pop("family")
+    model_cfg = from_dict(registry.get(family, "model.family").config_cls, saved, "model")
+    model_cfg.validate()
+    return meta, family, model_cfg
+
+
+def load_model(checkpoint: str, model_cfg) -> torch.nn.Module:
+    """The model of `model_cfg` with the checkpoint's weights (DCP), on CPU, in eval mode."""
+    from undertow.models import registry
+    from undertow.pretrain import checkpoint as ckpt
+
+    model = registry.build_model(model_cfg)
+    ckpt.load_checkpoint(checkpoint, model, None)
+    return model.eval()
+
+
+def _special_ids(entry: dict) -> dict:
+    """bos/eos/pad ids of the tokenizer entry; None where the tokenizer has none (id -1)."""
+    ids = {role: entry.get(f"{role}_id") for role in ("bos", "eos", "pad")}
+    return {role: i if isinstance(i, int) and i >= 0 else None for role, i in ids.items()}
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", tokenizer: str | None = None,
+                      overwrite: bool = False) -> dict:
+    """Write OUT_DIR for stock transformers; returns the config.json dict written."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta, family, model_cfg = read_checkpoint(checkpoint)
+    adapter = adapter_for_family(family)
+    architecture = adapter.hf_architecture(model_cfg)  # refuse before loading anything
+    spm_path = find_tokenizer(checkpoint, meta, tokenizer)
+    model = load_model(checkpoint, model_cfg)
+    config, tensors = adapter.to_hf(model_cfg, model.state_dict(), _special_ids(meta.get("tokenizer") or {}))
+    config["torch_dtype"] = dtype
+    tensors = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
+    try:
+        write_hf_tokenizer(spm_path, tmp)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s, step %s) to %s as %s", checkpoint, family, meta.get("step"), out_dir, architecture)
+    return config
+
