@@ -80,6 +80,16 @@ def test_packed_documents_equal_each_document_alone(pattern):
         start += n
 
 
+def test_cu_seqlens_alone_marks_the_documents():
+    model = build(tiny_cfg("mM*"))
+    ids = torch.randint(0, V, (2, 8))
+    cu_seqlens = torch.tensor([0, 3, 8, 10, 16], dtype=torch.int32)  # rows: [3, 5] and [2, 6]
+    doc_ids = torch.tensor([[0] * 3 + [1] * 5, [2] * 2 + [3] * 6], dtype=torch.int32)
+    expected = model(ids, doc_ids=doc_ids)
+    assert torch.equal(model(ids, cu_seqlens=cu_seqlens, max_seqlen=6), expected)
+    assert not torch.allclose(model(ids), expected)
+
+
 def test_meta_init_is_deterministic_finite_and_tied():
     cfg = tiny_cfg("mM*-")
     a, b = build(cfg, seed=3), build(cfg, seed=3)

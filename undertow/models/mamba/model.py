@@ -21,6 +21,13 @@ from undertow.models.mamba.mamba2 import Mamba2Mixer
 from undertow.models.transformer.model import Attention
 
 
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """cu_seqlens (S+1,) over the flattened batch * seq_len tokens -> segment index (batch, seq_len) int32."""
+    tokens = torch.arange(batch * seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+    return segment.view(batch, seq_len).to(torch.int32)
+
+
 def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
     """The mixer of one `layer_pattern` letter."""
     if kind == "m":
@@ -117,6 +124,8 @@ class MambaLM(nn.Module):
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        if doc_ids is None and cu_seqlens is not None:  # the recurrences reset where doc_ids change
+            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rope(position_ids)
