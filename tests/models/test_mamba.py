@@ -121,6 +121,17 @@ def test_half_precision_weights_keep_a_float32_residual():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+def test_bfloat16_autocast_stays_close_to_float32():
+    model = build(tiny_cfg("mM*-"))
+    ids = torch.randint(0, V, (2, 16))
+    ref = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) <= 1e-2
+    out.float().logsumexp(-1).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_gated_rms_norm_normalizes_each_group():
     norm = GatedRMSNorm(8, 4)
     y, z = torch.randn(3, 8), torch.randn(3, 8)
