@@ -152,7 +152,7 @@ def test_dispatch_picks_and_forces_backends():
     default = "triton" if DEVICE == "cuda" and HAS_TRITON else "chunked"
     y = ssd(**inputs, chunk_size=4)
     torch.testing.assert_close(y, IMPLEMENTATIONS[default](**inputs, chunk_size=4))
-    torch.testing.assert_close(ssd(**inputs, backend="reference"), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ssd(**inputs, backend="reference"), y, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unknown"):
         ssd(**inputs, backend="cuda-magic")
 

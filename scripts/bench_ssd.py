@@ -1,0 +1,208 @@
+"""Speed of the SSD (Mamba-2) kernel forms. Prints a markdown table with the command, machine and date.
+
+    python scripts/bench_ssd.py cpu [--T 2048] [--batch 1] [--heads 8] [--trials 3] [--threads 2]
+        chunked against the reference loop on CPU, forward and forward + backward (median of
+        --trials runs after one warm-up), with document boundaries and a carried-in state.
+    python scripts/bench_ssd.py gpu [--out DIR] [--reps 50]
+        Triton SSD beside mamba_ssm's mamba_chunk_scan_combined in the same run, at B=8,T=2048 and
+        B=2,T=8192, 32 heads x 64, d_state 128, chunk 256, bf16: CUDA events around each call, the L2
+        cache flushed before it, median over --reps calls after warm-up. mamba_ssm must be importable
+        (scripts/gpu_check.sh installs the anchor wheels); without it only our rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from undertow.kernels.ssd import IMPLEMENTATIONS
+
+
+def make_inputs(Bt, T, H, P, N, dtype, device, *, seed=0, doc_every=0, init=False):
+    """Fresh random Mamba-2-like inputs (G = 1): A in [-16, -1], dt_bias = softplus^-1 of dt in
+    [1e-3, 1e-1]; document starts every `doc_every` tokens if > 0."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=device) * scale
+
+    dt0 = torch.exp(torch.rand(H, generator=gen, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    inputs = {
+        "x": rnd(Bt, T, H, P).to(dtype), "dt": rnd(Bt, T, H, scale=0.5).to(dtype),
+        "A": -(torch.rand(H, generator=gen, device=device) * 15 + 1),
+        "B": rnd(Bt, T, 1, N).to(dtype), "C": rnd(Bt, T, 1, N).to(dtype),
+        "D": rnd(H), "dt_bias": dt0 + torch.log(-torch.expm1(-dt0)),
+        "initial_state": rnd(Bt, H, P, N) if init else None,
+    }
+    if doc_every:
+        inputs["doc_ids"] = (torch.arange(T, device=device) // doc_every).expand(Bt, T).contiguous()
+    return inputs
+
+
+def leaves_of(inputs: dict) -> dict:
+    return {k: v.detach().clone().requires_grad_(v.is_floating_point()) if v is not None else None
+            for k, v in inputs.items()}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs), CUDA {torch.version.cuda}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def header(args) -> str:
+    import triton
+
+    return (f"`python scripts/bench_ssd.py {' '.join(sys.argv[1:])}` — {machine()}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+def cpu_seconds(fn, inputs, backward: bool, trials: int, chunk: int) -> float:
+    kwargs = {} if fn is IMPLEMENTATIONS["reference"] else {"chunk_size": chunk}
+
+    def step():
+        leaves = leaves_of(inputs)
+        if not backward:
+            with torch.no_grad():
+                fn(**leaves, **kwargs)
+            return
+        y, final = fn(**leaves, **kwargs, return_final_state=True)
+        (y.float().sum() + final.sum()).backward()
+
+    step()
+    seconds = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def run_cpu(args) -> list[str]:
+    torch.set_num_threads(args.threads)
+    inputs = make_inputs(args.batch, args.T, args.heads, args.headdim, args.dstate, torch.float32, "cpu",
+                         doc_every=500, init=True)
+    rows = [header(args), "",
+            f"B={args.batch}, T={args.T}, {args.heads} heads x {args.headdim}, d_state {args.dstate}, chunk "
+            f"{args.chunk}, float32, document starts every 500 tokens, carried-in state; median of {args.trials}.",
+            "", "| pass | reference ms | chunked ms | speed-up |", "|---|---:|---:|---:|"]
+    for name, backward in (("forward", False), ("forward+backward", True)):
+        ref = cpu_seconds(IMPLEMENTATIONS["reference"], inputs, backward, args.trials, args.chunk)
+        fast = cpu_seconds(IMPLEMENTATIONS["chunked"], inputs, backward, args.trials, args.chunk)
+        rows.append(f"| {name} | {ref * 1e3:,.1f} | {fast * 1e3:,.1f} | {ref / fast:.1f}x |")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def import_mamba_chunk_scan():
+    """mamba_ssm's SSD Triton entry point, or None. Its package __init__ imports the CUDA extension
+    (absent from a pure-Python wheel), so the package is registered bare and only the Triton
+    submodule is imported."""
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None:
+        return None
+    if "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["mamba_ssm"] = package
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined
+
+
+def cuda_ms(call, leaves: dict, reps: int) -> float:
+    """Median ms of call() by CUDA events, grads reset and L2 flushed (outside the events) before each."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    for _ in range(3):  # compile, autotune, warm
+        call()
+    times = []
+    for _ in range(reps):
+        for v in leaves.values():
+            if v is not None:
+                v.grad = None
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_gpu(args) -> list[str]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mamba = import_mamba_chunk_scan()
+    H, P, N, chunk = 32, 64, 128, 256
+    rows = [header(args), "", f"{H} heads x {P}, d_state {N}, chunk {chunk}, G=1, bf16 x/dt/B/C, fp32 A/D/dt_bias; "
+            f"median of {args.reps} calls, L2 flushed; mamba_ssm: "
+            + ("mamba_chunk_scan_combined" if mamba else "NOT INSTALLED"), "",
+            "| kernel | B x T | forward ms | forward+backward ms | rel. L2 diff of y vs mamba_ssm |",
+            "|---|---|---:|---:|---:|"]
+    results = []
+    for Bt, T in ((8, 2048), (2, 8192)):
+        inputs = make_inputs(Bt, T, H, P, N, torch.bfloat16, "cuda", seed=Bt * T)
+        kernels = {"undertow triton": lambda v: IMPLEMENTATIONS["triton"](
+            v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"], dt_bias=v["dt_bias"], chunk_size=chunk)}
+        if mamba is not None:
+            kernels["mamba_ssm"] = lambda v: mamba(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk, D=v["D"],
+                                                  dt_bias=v["dt_bias"], dt_softplus=True)
+        with torch.no_grad():
+            outputs = {name: fn(inputs).float() for name, fn in kernels.items()}
+        dy = torch.randn_like(outputs["undertow triton"]).to(torch.bfloat16)
+        for name, fn in kernels.items():
+            leaves = leaves_of(inputs)
+            fwd = cuda_ms(lambda: fn(leaves), leaves, args.reps)
+            fwd_bwd = cuda_ms(lambda: fn(leaves).backward(dy), leaves, args.reps)
+            diff = ""
+            if mamba is not None and name != "mamba_ssm":
+                ref = outputs["mamba_ssm"]
+                diff = f"{((outputs[name] - ref).norm() / ref.norm()).item():.2e}"
+            results.append({"kernel": name, "B": Bt, "T": T, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_diff_y": diff})
+            rows.append(f"| {name} | {Bt} x {T} | {fwd:.3f} | {fwd_bwd:.3f} | {diff} |")
+        del inputs, outputs
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out, "bench_ssd.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["cpu", "gpu"])
+    parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--dstate", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--out", default=None, help="gpu: also write bench_ssd.md and bench_ssd.json here")
+    args = parser.parse_args()
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        sys.exit("bench_ssd.py gpu: no CUDA device")
+    rows = run_cpu(args) if args.mode == "cpu" else run_gpu(args)
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        Path(args.out, f"bench_ssd_{args.mode}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

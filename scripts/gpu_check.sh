@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU check of the kernels, for a machine that receives a copy of this repository (the device tool).
+#
+# Before the run, once, in the repository root of the machine that sends the copy:
+#   echo /.anchors/ >> .git/info/exclude && cp -r /work/shared/anchors .anchors
+# then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~540 s.
+#
+# It (1) runs tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor
+# wheels are NOT on the path, so no test can touch mamba_ssm); (2) installs the anchor wheels (pure Python,
+# no index, no deps) into a scratch dir put on PYTHONPATH for the benchmark alone; (3) runs
+# scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process.
+# Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json.
+# Exit status: 0 when both steps passed, else 1 (2 when the anchors are missing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+ANCHORS="$PWD/.anchors"
+SITE=/tmp/undertow-anchor-site
+if [ ! -d "$ANCHORS/wheels" ]; then
+  echo "gpu_check: $ANCHORS/wheels is missing; copy /work/shared/anchors to .anchors and carry it" | tee "$OUT/bench.log"
+  exit 2
+fi
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia-smi.txt"
+
+status=0
+echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
+PYTHONPATH="$PWD" timeout 300 python3 -m pytest tests/kernels -q -rs 2>&1 | tee -a "$OUT/tests.log" || status=1
+
+echo "== anchor wheels -> $SITE" | tee "$OUT/bench.log"
+rm -rf "$SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ANCHORS"/wheels/*.whl 2>&1 | tee -a "$OUT/bench.log"
+echo "== SSD benchmark" | tee -a "$OUT/bench.log"
+PYTHONPATH="$PWD:$SITE" timeout 220 python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+exit $status
