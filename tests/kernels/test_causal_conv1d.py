@@ -34,10 +34,17 @@ def make_inputs(B, T, D, K, dtype, *, with_bias=True, with_init=True, seed=0):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("K,T", [(2, 1), (3, 7), (4, 33), (2, 100), (4, 100)])
-@pytest.mark.parametrize("with_docs", [False, True])
-@pytest.mark.parametrize("with_init", [False, True])
+FULL_GRID = [
+    (K, T, docs, init) for K, T in [(2, 1), (3, 7), (4, 33), (2, 100), (4, 100)] for docs in (False, True)
+    for init in (False, True)
+]
+# The interpreter runs Triton slowly on CPU: a subset that still covers every K, T and flag.
+TRITON_GRID = [(2, 1, False, True), (3, 7, True, False), (4, 33, True, True), (4, 33, False, False),
+               (2, 100, True, True), (4, 100, True, False)]
+CASES = [("chunked", *case) for case in FULL_GRID] + [("triton", *case) for case in TRITON_GRID if "triton" in BACKENDS]
+
+
+@pytest.mark.parametrize("backend,K,T,with_docs,with_init", CASES)
 def test_matches_reference_fp32(compare_with_reference, backend, K, T, with_docs, with_init):
     B, D = 2, 5
     inputs = make_inputs(B, T, D, K, torch.float32, with_init=with_init, seed=T * 10 + K)
@@ -57,7 +64,7 @@ def test_no_activation_no_bias(compare_with_reference, backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("K,T", [(2, 9), (4, 40)])
+@pytest.mark.parametrize("K,T", [(2, 9), (4, 70)])
 def test_triton_fp16(compare_with_reference, K, T):
     inputs = make_inputs(2, T, 6, K, torch.float16, seed=K)
     inputs["doc_ids"] = make_doc_ids(2, T, seed=K)
@@ -65,7 +72,7 @@ def test_triton_fp16(compare_with_reference, K, T):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("split", [1, 2, 13])
+@pytest.mark.parametrize("split", [1, 13])
 def test_split_sequence_carries_state(backend, split):
     """Running [0, split) then [split, T) with final_state -> initial_state equals one pass."""
     fn = IMPLEMENTATIONS[backend]

@@ -6,9 +6,13 @@ import torch
 
 from undertow.kernels.causal_conv1d.chunked import causal_conv1d_chunked
 from undertow.kernels.causal_conv1d.reference import causal_conv1d_reference
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
 
 IMPLEMENTATIONS = {"reference": causal_conv1d_reference, "chunked": causal_conv1d_chunked}
+if triton_available():
+    from undertow.kernels.causal_conv1d.triton import causal_conv1d_triton
+
+    IMPLEMENTATIONS["triton"] = causal_conv1d_triton
 
 
 def causal_conv1d(
