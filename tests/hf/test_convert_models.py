@@ -158,3 +158,33 @@ def test_help_texts(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert all(w in out for w in words), (argv, out)
+
+
+FOREIGN = {  # transformers configs saved by transformers itself: no undertow entry, no tokenizer.model
+    "mamba": dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, time_step_rank=4),
+    "mamba2": dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=8, head_dim=8, n_groups=2,
+                   chunk_size=8),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FOREIGN))
+def test_import_a_model_saved_by_transformers(tmp_path, model_type):
+    torch.manual_seed(0)
+    hf_config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **FOREIGN[model_type])
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    meta, _, model_cfg = read_checkpoint(str(tmp_path / "ckpt"))
+    assert meta["tokenizer"] is None and model_cfg.vocab_size == VOCAB
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf_model(ids).logits - our_model(str(tmp_path / "ckpt"))(ids)).abs().max().item() <= 1e-4
+
+
+def test_bamba_with_partial_rotary_is_refused(tmp_path, capsys):
+    config = transformers.BambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, attn_layer_indices=[1],
+                                      mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "hf"))
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 2
+    assert "partial_rotary_factor 1.0" in capsys.readouterr().err

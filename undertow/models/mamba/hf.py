@@ -204,7 +204,7 @@ def _config_from_hf(config: dict) -> MambaConfig:
         d_head = _get(config, "mamba_d_head")
         return MambaConfig(
             **common, layer_pattern=pattern, ffn_hidden=_get(config, "intermediate_size"),
-            n_heads=_get(config, "num_attention_heads"), n_kv_heads=_get(config, "num_key_value_heads"),
+            n_heads=_get(config, "num_attention_heads"), n_kv_heads=config.get("num_key_value_heads") or 0,
             rope_theta=float(rope.get("rope_theta", 10000.0)), norm_eps=_get(config, "rms_norm_eps"),
             headdim=d_head, ngroups=_get(config, "mamba_n_groups"), d_state=_get(config, "mamba_d_state"),
             d_conv=_get(config, "mamba_d_conv"), expand=_get(config, "mamba_expand"),
@@ -213,8 +213,10 @@ def _config_from_hf(config: dict) -> MambaConfig:
     mamba = {"d_state": _get(config, "state_size"), "expand": _get(config, "expand"),
              "d_conv": _get(config, "conv_kernel"), "proj_bias": _get(config, "use_bias"),
              "conv_bias": _get(config, "use_conv_bias"), "norm_eps": _get(config, "layer_norm_epsilon"),
-             "residual_in_fp32": _get(config, "residual_in_fp32", True), "dt_min": _get(config, "time_step_min"),
-             "dt_max": _get(config, "time_step_max"), "dt_init_floor": _get(config, "time_step_floor")}
+             "residual_in_fp32": _get(config, "residual_in_fp32", True)}
+    defaults = MambaConfig()  # initialization-only settings: older config.json files may lack them
+    for ours, theirs in (("dt_min", "time_step_min"), ("dt_max", "time_step_max"), ("dt_init_floor", "time_step_floor")):
+        mamba[ours] = _get(config, theirs, getattr(defaults, ours))
     n = _get(config, "num_hidden_layers")
     if model_type == "mamba2":
         return MambaConfig(**common, **mamba, layer_pattern="M" * n, headdim=_get(config, "head_dim"),
