@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from undertow.kernels.ssd.chunked import check_inputs, chunk_decays, chunk_segments, finish
 from undertow.kernels.ssd.reference import ssd_dt
@@ -19,7 +18,7 @@ from undertow.kernels.ssd.triton_bwd import (
 )
 from undertow.kernels.ssd.triton_fwd import chunk_outer_kernel, chunk_scan_fwd_kernel, state_pass_fwd_kernel
 
-_LOW = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _blocks(L: int, P: int, N: int) -> dict:
@@ -41,7 +40,7 @@ class _ChunkScan(torch.autograd.Function):
         G, N = B.shape[2], B.shape[3]
         Tp = a.shape[-1]
         nc = Tp // chunk
-        low = _LOW[x.dtype]
+        exact = x.dtype == torch.float32
         blk = _blocks(chunk, P, N)
         dims = dict(T=T, Tp=Tp, H=H)
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -49,7 +48,7 @@ class _ChunkScan(torch.autograd.Function):
         chunk_states = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, 1)](
             x, step, a, seg, B, chunk_states, **dims, G=G, P=P, N=N, nc=nc, FROM_END=True, L=chunk,
-            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], LOW=low)
+            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
         states = torch.empty(Bt, nc + 1, H, P, N, **f32)
         block = min(1024, triton.next_power_of_2(P * N))
         init = initial_state.float().contiguous() if initial_state is not None else chunk_states
@@ -58,7 +57,7 @@ class _ChunkScan(torch.autograd.Function):
             HAS_INIT=initial_state is not None, L=chunk, BLOCK=block)
         y = torch.empty(Bt, T, H, P, **f32)
         chunk_scan_fwd_kernel[(nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H, 1)](
-            x, step, a, seg, B, C, states, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, LOW=low)
+            x, step, a, seg, B, C, states, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, EXACT=exact)
 
         ctx.save_for_backward(x, step, a, B, C, seg, ends, states)
         ctx.chunk, ctx.has_init, ctx.init_dtype = chunk, initial_state is not None, getattr(initial_state, "dtype", None)
@@ -72,7 +71,7 @@ class _ChunkScan(torch.autograd.Function):
         G, N = B.shape[2], B.shape[3]
         Tp = a.shape[-1]
         nc = Tp // chunk
-        low = _LOW[x.dtype]
+        exact = x.dtype == torch.float32
         blk = _blocks(chunk, P, N)
         dims = dict(T=T, Tp=Tp, H=H)
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -81,7 +80,7 @@ class _ChunkScan(torch.autograd.Function):
         ds = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, 1)](
             dy, step, a, seg, C, ds, **dims, G=G, P=P, N=N, nc=nc, FROM_END=False, L=chunk,
-            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], LOW=low)
+            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
         block = min(1024, triton.next_power_of_2(P * N))
         n_blocks = triton.cdiv(P * N, block)
         dend = torch.empty(Bt * H, nc, n_blocks, **f32)
@@ -94,13 +93,13 @@ class _ChunkScan(torch.autograd.Function):
         dc = torch.empty(Bt, T, H, N, **f32)
         da = torch.zeros(Bt, H, Tp, **f32)
         chunk_scan_bwd_target_kernel[grid](
-            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, LOW=low)
+            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, EXACT=exact)
         dx = torch.empty(Bt, T, H, P, **f32)
         dstep = torch.empty(Bt, T, H, **f32)
         db = torch.empty(Bt, T, H, N, **f32)
         chunk_scan_bwd_source_kernel[grid](
             dy, x, step, a, seg, B, C, ds, dx, dstep, db, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk,
-            LOW=low)
+            EXACT=exact)
 
         da[:, :, ends] += dend.sum(-1).view(Bt, H, nc)
         dB = db.view(Bt, T, G, H // G, N).sum(3).to(B.dtype)
@@ -128,8 +127,8 @@ def ssd_triton(
 ):
     """Same signature and results as `ssd_reference` (see reference.py for shapes), plus `chunk_size`."""
     check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, doc_ids, chunk_size)
-    if x.dtype not in _LOW or B.dtype != x.dtype or C.dtype != x.dtype:
-        raise ValueError(f"ssd triton: x, B, C must share one of {list(_LOW)}; got {x.dtype}, {B.dtype}, {C.dtype}")
+    if x.dtype not in DTYPES or B.dtype != x.dtype or C.dtype != x.dtype:
+        raise ValueError(f"ssd triton: x, B, C must share one of {DTYPES}; got {x.dtype}, {B.dtype}, {C.dtype}")
     Bt, T = x.shape[:2]
     step = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
     a = chunk_decays(step, A, chunk_size).contiguous()

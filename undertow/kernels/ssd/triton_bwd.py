@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm
+from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm, mm_inputs
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def state_pass_bwd_kernel(
 def chunk_scan_bwd_target_kernel(
     DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
 ):
     """Tokens t as readers: DC[t] (per head) and DA[t] from the carried state and from the tokens
     s <= t of the same segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
@@ -72,8 +72,8 @@ def chunk_scan_bwd_target_kernel(
     s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
     head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-    dc = mm(dy_t * head[:, None], s_in, LOW)
-    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), LOW), axis=1) * head
+    dc = mm(dy_t * head[:, None], s_in, EXACT)
+    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), EXACT), axis=1) * head
 
     for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
         s_loc = s0 + tl.arange(0, BLOCK_K)
@@ -86,9 +86,9 @@ def chunk_scan_bwd_target_kernel(
         x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), LOW) * decay
-        dc += mm(d_scores, b_s, LOW)
-        da += tl.sum(d_scores * mm(c_t, tl.trans(b_s), LOW), axis=1)
+        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), EXACT) * decay
+        dc += mm(d_scores, b_s, EXACT)
+        da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), EXACT), axis=1)
     tl.store(DC + ((b * T + t[:, None]) * H + h) * N + n[None, :], dc, mask=t_ok[:, None] & (n[None, :] < N))
     tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
 
@@ -97,7 +97,7 @@ def chunk_scan_bwd_target_kernel(
 def chunk_scan_bwd_source_kernel(
     DY, X, DT, A, SEG, B, C, DS, DX, DDT, DB, DA, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
 ):
     """Tokens s as sources: DX, DDT, DB (per head) and the rest of DA (added to what the target
     kernel stored) from the outgoing-state gradient E_c (in DS) and from the tokens t >= s of the same
@@ -123,9 +123,9 @@ def chunk_scan_bwd_source_kernel(
     e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                 mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
     tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
-    eb = mm(b_s, tl.trans(e), LOW)  # (BLOCK_M, BLOCK_P)
+    eb = mm(b_s, tl.trans(e), EXACT)  # (BLOCK_M, BLOCK_P)
     du = eb * tail[:, None]
-    db = mm(u_s * tail[:, None], e, LOW)
+    db = mm(u_s * tail[:, None], e, EXACT)
     da = -tl.sum(u_s * du, axis=1)
 
     for t0 in range(mb * BLOCK_M, L, BLOCK_K):
@@ -138,10 +138,10 @@ def chunk_scan_bwd_source_kernel(
         dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        cb = mm(b_s, tl.trans(c_t), LOW)
-        du += mm(cb * decay, dy_t, LOW)
-        d_scores = mm(u_s, tl.trans(dy_t), LOW) * decay
-        db += mm(d_scores, c_t, LOW)
+        cb = mm_inputs(b_s, tl.trans(c_t), EXACT)
+        du += mm(cb * decay, dy_t, EXACT)
+        d_scores = mm(u_s, tl.trans(dy_t), EXACT) * decay
+        db += mm(d_scores, c_t, EXACT)
         da -= tl.sum(d_scores * cb, axis=1)
     tl.store(DX + ((b * T + s[:, None]) * H + h) * P + p[None, :], du * dt_s[:, None], mask=s_ok[:, None] & (p[None, :] < P))
     tl.store(DDT + (b * T + s) * H + h, tl.sum(du * x_s, axis=1), mask=s_ok)

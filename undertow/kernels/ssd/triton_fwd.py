@@ -3,8 +3,8 @@
 Layouts (all contiguous): x, dy, y (Bt, T, H, P); dt (Bt, T, H) float32; a (Bt, H, Tp) float32 with
 Tp = nc * L; seg (Bt, Tp) int32; B, C (Bt, T, G, N); chunk states (Bt, nc, H, P, N) float32;
 states (Bt, nc + 1, H, P, N) float32 = the state entering each chunk, then the final state.
-Matrix products run in float32 ("ieee", no tf32) for float32 inputs, else on the inputs' 16-bit type
-with float32 accumulation.
+Matrix products accumulate in float32; for float32 inputs they are exact ("ieee", no tf32), for 16-bit
+inputs C.B runs on the inputs' type and every other product in tf32 (see `mm`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,21 @@ import triton.language as tl
 
 
 @triton.jit
-def mm(a, b, LOW: tl.constexpr):
-    """a @ b with float32 accumulation; operands cast to LOW (float32 -> exact "ieee" products)."""
-    if LOW == tl.float32:
+def mm(a, b, EXACT: tl.constexpr):
+    """a @ b on float32 operands: exact ("ieee") for float32 inputs, else tf32. For 16-bit inputs the
+    derived operands (scores, dt*x, states, gradients) keep a 10-bit mantissa and float32's range:
+    rounding them to bf16 would cost ~1e-2 in A's gradient."""
+    if EXACT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(LOW), b.to(LOW))
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+
+
+@triton.jit
+def mm_inputs(a, b, EXACT: tl.constexpr):
+    """a @ b of two raw inputs (C and B), which share one dtype: exact for float32, else native."""
+    if EXACT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -36,7 +46,7 @@ def chunk_bounds(A, SEG, b, h, c, T, Tp, H, L: tl.constexpr):
 def chunk_outer_kernel(
     X, DT, A, SEG, K, OUT, T, Tp, H, G, P, N, nc,
     FROM_END: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
 ):
     """OUT[b, c, h] = sum_t w_t X_t (outer) K_t over the tokens t of chunk c:
     FROM_END: w_t = dt_t exp(a_end - a_t) [t in the chunk's last segment]  (chunk state, X = x, K = B);
@@ -64,7 +74,7 @@ def chunk_outer_kernel(
                      mask=valid[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
         kt = tl.load(K + ((b * T + t[:, None]) * G + g) * N + n[None, :],
                      mask=valid[:, None] & (n[None, :] < N), other=0.0)
-        acc += mm(tl.trans(xt * w[:, None]), kt, LOW)
+        acc += mm(tl.trans(xt * w[:, None]), kt, EXACT)
     out = OUT + ((b * nc + c) * H + h) * P * N
     tl.store(out + p[:, None] * N + n[None, :], acc, mask=(p[:, None] < P) & (n[None, :] < N))
 
@@ -96,7 +106,7 @@ def state_pass_fwd_kernel(
 def chunk_scan_fwd_kernel(
     X, DT, A, SEG, B, C, STATES, Y, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
 ):
     """Y[t] = exp(a_t)[t in the carried segment] S_in @ C_t + sum_{s<=t, same segment} (C_t.B_s)
     exp(a_t - a_s) dt_s x_s, for BLOCK_M tokens t of one chunk. Grid (nc * cdiv(L, BLOCK_M), Bt * H,
@@ -118,7 +128,7 @@ def chunk_scan_fwd_kernel(
     s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[None, :] * N + n[:, None],
                    mask=(p[None, :] < P) & (n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_P)
     head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-    acc = mm(c_t, s_in, LOW) * head[:, None]
+    acc = mm(c_t, s_in, EXACT) * head[:, None]
 
     for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
         s_loc = s0 + tl.arange(0, BLOCK_K)
@@ -131,6 +141,6 @@ def chunk_scan_fwd_kernel(
         x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-        scores = mm(c_t, tl.trans(b_s), LOW) * decay
-        acc += mm(scores, x_s.to(tl.float32) * dt_s[:, None], LOW)
+        scores = mm_inputs(c_t, tl.trans(b_s), EXACT) * decay
+        acc += mm(scores, x_s.to(tl.float32) * dt_s[:, None], EXACT)
     tl.store(Y + ((b * T + t[:, None]) * H + h) * P + p[None, :], acc, mask=t_ok[:, None] & (p[None, :] < P))
