@@ -48,7 +48,7 @@ def test_plan_command_prints_a_table_and_takes_overrides(capsys):
     assert main(["plan", "tiny-hybrid", "--data.seq_len", "64"]) == 0
     out = capsys.readouterr().out
     assert "tiny-hybrid" in out and "training FLOPs/token @ seq_len 64" in out
-    assert "weights fp32" in out and "weights bf16" in out
+    assert "weights fp32" in out and "weights bf16" in out and "per layer, min .. max" in out
 
 
 def test_unknown_vocabulary_is_a_clear_error(capsys):

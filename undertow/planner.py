@@ -2,7 +2,8 @@
 
 The model is instantiated on the meta device through the registry (any family), so a 7B recipe
 plans in a second on a laptop. The table gives parameters, training FLOPs per token at the
-recipe's seq_len (the family's own count, the one MFU uses) and the bytes of the weights.
+recipe's seq_len (the family's own count, the one MFU uses), the spread of its per-layer cost
+(what the pipeline split balances) and the bytes of the weights.
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ class Plan:
     parameters: int
     embedding_parameters: int
     flops_per_token: float
+    layer_flops: list[float] | None  # the family's per-layer cost (pipeline balancing), if it has one
 
     def rows(self) -> list[tuple[str, str]]:
-        return [
+        rows = [
             ("recipe", self.recipe),
             ("family", self.family),
             ("layers", str(self.layers)),
             ("parameters", f"{_si(self.parameters)} ({self.parameters:,})"),
             ("  of which embeddings/head", f"{_si(self.embedding_parameters)}"),
             (f"training FLOPs/token @ seq_len {self.seq_len}", f"{self.flops_per_token:.3e}"),
+        ]
+        if self.layer_flops:
+            rows.append(("  per layer, min .. max", f"{min(self.layer_flops):.3e} .. {max(self.layer_flops):.3e}"))
+        return rows + [
             ("weights fp32", _bytes(4 * self.parameters)),
             ("weights bf16", _bytes(2 * self.parameters)),
         ]
@@ -94,6 +100,7 @@ def make_plan(recipe: str | None, overrides: list[str] | None = None) -> Plan:
         parameters=sum(p.numel() for p in unique),
         embedding_parameters=sum(p.numel() for p in unique if id(p) in embedding_ids),
         flops_per_token=spec.flops_per_token(cfg.model, cfg.data.seq_len),
+        layer_flops=spec.layer_cost(cfg.model, cfg.data.seq_len) if spec.layer_cost else None,
     )
 
 
