@@ -14,11 +14,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 
 
 def doc_ids_for(kind: str, Bt: int, T: int, chunk: int) -> torch.Tensor | None:
-    """None, or (Bt, T) ids with starts inside chunks ("inside"), or at chunk edges and on
-    neighbouring tokens ("edges"); row 1 differs from row 0."""
+    """None, or (Bt, T) ids with starts inside chunks ("inside"), or on a chunk's last and first
+    tokens and their neighbours ("edges"); row 1 has every other start of row 0."""
     if kind == "none":
         return None
-    starts = {"inside": [3, chunk + 5, 2 * chunk + 1], "edges": [chunk, chunk + 1, 2 * chunk, 2 * chunk + 2]}[kind]
+    edges = [chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 2]
+    starts = {"inside": [3, chunk + 5, 2 * chunk + 1], "edges": edges}[kind]
     ids = torch.zeros(Bt, T, dtype=torch.long)
     for row in range(Bt):
         for s in starts if row == 0 else starts[1::2]:
@@ -82,9 +83,10 @@ def test_chunked_plain_dt_limit_no_extras(compare):
     check(compare, "chunked", inputs, TOL[torch.float32], 8, dt_softplus=False, dt_limit=(0.05, 0.8))
 
 
-def test_chunked_large_head_and_state(compare):
-    """Head dim 64 and d_state 256, chunk not dividing T."""
-    inputs = make_inputs(1, 21, 2, 64, 1, 256, torch.float32, seed=11)
+@pytest.mark.parametrize("P,N", [(64, 256), (128, 128)])
+def test_chunked_large_head_and_state(compare, P, N):
+    """Head dims 64 and 128, d_state up to 256, chunk not dividing T."""
+    inputs = make_inputs(1, 21, 2, P, 1, N, torch.float32, seed=11)
     inputs["doc_ids"] = doc_ids_for("inside", 1, 21, 8)
     check(compare, "chunked", inputs, TOL[torch.float32], 8)
 
