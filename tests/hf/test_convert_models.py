@@ -26,6 +26,7 @@ CASES = {  # id: (layer_pattern, extra config, transformers class)
     "falcon-untied-bias": ("mm", dict(falcon_norm=True, tie_embeddings=False, proj_bias=True), "FalconMambaForCausalLM"),
     "mamba2": ("MMM", dict(dt_rank=3), "Mamba2ForCausalLM"),
     "bamba-hybrid-gqa": ("M-*-M-", dict(n_kv_heads=2, ffn_hidden=48, conv_bias=False), "BambaForCausalLM"),
+    "bamba-attention-only": ("*-", dict(headdim=48), "BambaForCausalLM"),  # headdim unused, need not divide
 }
 
 
@@ -146,6 +147,10 @@ def test_import_errors_are_one_line(tmp_path, spm_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main(["convert", "to-hf", ckpt, str(tmp_path / "full")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    other = str(tmp_path / "other.model")
+    train_tokenizer(make_texts(100, seed=5), other, vocab_size=VOCAB)
+    assert main(["convert", "to-hf", ckpt, str(tmp_path / "hf"), "--tokenizer", other]) == 2
+    assert "not the one the checkpoint was trained with" in capsys.readouterr().err
 
 
 def test_help_texts(capsys):

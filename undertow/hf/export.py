@@ -11,7 +11,6 @@ temporary sibling and renamed into place, so it never holds half an export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import tempfile
 
 import torch
 
+from undertow.data_prep.format import sha256_file
 from undertow.hf import adapter_for_family
 from undertow.hf.tokenizer import write_hf_tokenizer
 from undertow.log import get_logger
@@ -37,14 +37,6 @@ def resolve_checkpoint(path: str) -> str:
     if latest is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint (no {ckpt.META_NAME}) nor a directory of step_* checkpoints")
     return latest
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tokenizer_candidates(checkpoint: str, entry: dict, data_sources: list[str], embedded_vocab: int) -> list[str]:
@@ -76,7 +68,7 @@ def find_tokenizer(checkpoint: str, meta: dict, explicit: str | None = None) -> 
                                            data.get("embedded_vocab_size", 2048))
     for path in candidates:
         if os.path.isfile(path):
-            if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+            if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ValueError(f"tokenizer {path} is not the one the checkpoint was trained with "
                                  f"(sha256 differs from meta.json's {entry['sha256'][:12]}...)")
             return path

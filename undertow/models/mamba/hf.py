@@ -143,11 +143,13 @@ def hf_config(cfg: MambaConfig, special_ids: dict) -> dict:
            "initializer_range": cfg.init_std, **{f"{k}_token_id": special_ids.get(k) for k in ("bos", "eos", "pad")}}
     if model_type == "bamba":
         attn = [j for j in range(cfg.n_layers // 2) if cfg.layer_pattern[2 * j] == "*"]
+        # Without `M` layers the Mamba fields are unused but must still be consistent for BambaConfig.
+        heads, headdim = (cfg.nheads, cfg.headdim) if "M" in cfg.layer_pattern else (1, cfg.d_inner)
         return {**out, "num_hidden_layers": cfg.n_layers // 2, "attn_layer_indices": attn,
                 "intermediate_size": cfg.hidden, "num_attention_heads": cfg.n_heads,
                 "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "rms_norm_eps": cfg.norm_eps,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0},
-                "attention_bias": False, "mlp_bias": False, "mamba_n_heads": cfg.nheads, "mamba_d_head": cfg.headdim,
+                "attention_bias": False, "mlp_bias": False, "mamba_n_heads": heads, "mamba_d_head": headdim,
                 "mamba_n_groups": cfg.ngroups, "mamba_d_state": cfg.d_state, "mamba_d_conv": cfg.d_conv,
                 "mamba_expand": cfg.expand, "mamba_chunk_size": cfg.chunk_size, "mamba_conv_bias": cfg.conv_bias,
                 "mamba_proj_bias": cfg.proj_bias}
