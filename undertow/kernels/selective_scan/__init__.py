@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.selective_scan.chunked import selective_scan_chunked
 from undertow.kernels.selective_scan.reference import selective_scan_reference
 
 IMPLEMENTATIONS = {"reference": selective_scan_reference, "chunked": selective_scan_chunked}
+if triton_available():
+    from undertow.kernels.selective_scan.triton import selective_scan_triton
+
+    IMPLEMENTATIONS["triton"] = selective_scan_triton
 
 
 def selective_scan(
