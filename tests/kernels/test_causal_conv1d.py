@@ -82,19 +82,19 @@ def test_split_sequence_carries_state(backend, split):
     x, w, b, h0 = inputs["x"], inputs["weight"], inputs["bias"], inputs["initial_state"]
     y1, mid = fn(x[:, :split], w, b, initial_state=h0, doc_ids=doc_ids[:, :split], return_final_state=True)
     y2, end = fn(x[:, split:], w, b, initial_state=mid, doc_ids=doc_ids[:, split:], return_final_state=True)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(end, final, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.cat([y1, y2], 1), whole, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(end, final, rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_forced_and_unknown(monkeypatch):
     inputs = make_inputs(1, 5, 2, 3, torch.float32)
     ref = causal_conv1d(**inputs, backend="reference")
     for backend in BACKENDS:
-        torch.testing.assert_close(causal_conv1d(**inputs, backend=backend), ref, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(causal_conv1d(**inputs, backend=backend), ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown"):
         causal_conv1d(**inputs, backend="cuda-magic")
     monkeypatch.setenv("UNDERTOW_KERNEL_BACKEND", "chunked")
-    torch.testing.assert_close(causal_conv1d(**inputs), ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(causal_conv1d(**inputs), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_initial_state_shape_raises():

@@ -101,8 +101,8 @@ def test_split_sequence_carries_state(backend, split):
     y1, mid = fn(**first, doc_ids=doc_ids[:, :split], return_final_state=True)
     second["initial_state"] = mid
     y2, end = fn(**second, doc_ids=doc_ids[:, split:], return_final_state=True)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(end, final, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.cat([y1, y2], 1), whole, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(end, final, rtol=1e-5, atol=1e-5)
 
 
 def test_long_decay_stays_finite():
@@ -112,19 +112,19 @@ def test_long_decay_stays_finite():
     y, h = selective_scan(**inputs, backend="chunked", return_final_state=True)
     ref, h_ref = selective_scan_reference(**inputs, return_final_state=True)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_forced_and_unknown(monkeypatch):
     inputs = make_inputs(1, 5, 2, 4, torch.float32)
     ref = selective_scan(**inputs, backend="reference")
     for backend in BACKENDS:
-        torch.testing.assert_close(selective_scan(**inputs, backend=backend), ref, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(selective_scan(**inputs, backend=backend), ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown"):
         selective_scan(**inputs, backend="cuda-magic")
     monkeypatch.setenv("UNDERTOW_KERNEL_BACKEND", "chunked")
-    torch.testing.assert_close(selective_scan(**inputs), ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(selective_scan(**inputs), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_shape_raises():

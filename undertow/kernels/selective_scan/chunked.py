@@ -29,81 +29,91 @@ CHUNK = 32
 TINY_DECAY = 1e-30
 
 
-def _transition(dt, A, u, B, starts):
-    """dt, u: (Bt, L, Dc); A: (Dc, N); B: (Bt, L, N); starts: (Bt, L) bool.
-    Returns a, b: (Bt, L, Dc, N): the decay (0 at document starts) and the input of each step."""
+def _transition(dt, A_t, u, B, starts):
+    """dt, u: (Bt, L, Dc); A_t: (N, Dc), A transposed; B: (Bt, L, N); starts: (Bt, L) bool.
+    Returns a, b: (Bt, L, N, Dc): the decay (0 at document starts) and the input of each step."""
     # exp(-inf) = 0 at document starts: the reset costs no pass of its own.
     reset = torch.zeros_like(dt[:, :, :1]).masked_fill_(starts.unsqueeze(-1), float("-inf")).unsqueeze(-1)
-    a = F.threshold_(torch.addcmul(reset, dt.unsqueeze(-1), A).exp_(), TINY_DECAY, 0.0)
-    b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
+    a = F.threshold_(torch.addcmul(reset, dt.unsqueeze(2), A_t).exp_(), TINY_DECAY, 0.0)
+    b = B.unsqueeze(-1) * (dt * u).unsqueeze(2)
     return a, b
 
 
-def _prefix_scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0 (zero when None), in place:
-    a, b: (Bt, L, ...) are overwritten, b with the states, which are returned; h0: (Bt, ...)."""
+def _prefix_scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False):
+    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0 (zero when None); with
+    `reverse`, h_t = a_t * h_{t+1} + b_t from the end (no h0). In place: a, b: (Bt, L, ...) are
+    overwritten, b with the states, which are returned; h0: (Bt, ...)."""
     if h0 is not None:
         b[:, 0] += a[:, 0] * h0
     L, k = a.shape[1], 1
     while k < L:
-        b[:, k:] += a[:, k:] * b[:, :-k]  # the product is formed before b is written
-        if 2 * k < L:
-            a[:, k:] = F.threshold_(a[:, k:] * a[:, :-k], TINY_DECAY, 0.0)
+        # Each product is formed before b (or a) is written.
+        if reverse:
+            b[:, :-k] += a[:, :-k] * b[:, k:]
+            if 2 * k < L:
+                a[:, :-k] = F.threshold_(a[:, :-k] * a[:, k:], TINY_DECAY, 0.0)
+        else:
+            b[:, k:] += a[:, k:] * b[:, :-k]
+            if 2 * k < L:
+                a[:, k:] = F.threshold_(a[:, k:] * a[:, :-k], TINY_DECAY, 0.0)
         k *= 2
     return b
 
 
 class _ScanCore(torch.autograd.Function):
-    """y_t[d] = sum_n C_t[n] h_t[d, n] over the recurrence above; all tensors float32."""
+    """y_t[d] = sum_n C_t[n] h_t[n, d] over the recurrence above; all tensors float32. States are
+    laid out (N, Dc) so that the contractions over n and over d are both batched matmuls."""
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, h0, starts, chunk):
         Bt, T, Dc = u.shape
+        A_t = A.t().contiguous()
         y = u.new_empty(Bt, T, Dc)
         incoming = []
-        h = h0
+        h = h0.transpose(1, 2)
         for c0 in range(0, T, chunk):
             sl = slice(c0, c0 + chunk)
             incoming.append(h)
-            a, b = _transition(dt[:, sl], A, u[:, sl], B[:, sl], starts[:, sl])
+            a, b = _transition(dt[:, sl], A_t, u[:, sl], B[:, sl], starts[:, sl])
             H = _prefix_scan_(a, b, h)
-            y[:, sl] = torch.einsum("bldn,bln->bld", H, C[:, sl])
+            y[:, sl] = torch.matmul(C[:, sl].unsqueeze(2), H).squeeze(2)
             h = H[:, -1]
-        ctx.save_for_backward(u, dt, A, B, C, starts, torch.stack(incoming, 1))
+        ctx.save_for_backward(u, dt, A_t, B, C, starts, torch.stack(incoming, 1))
         ctx.chunk = chunk
         ctx.mark_non_differentiable(starts)
-        return y, h.clone()
+        return y, h.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, dy, dh_final):
-        u, dt, A, B, C, starts, incoming = ctx.saved_tensors
+        u, dt, A_t, B, C, starts, incoming = ctx.saved_tensors
         chunk = ctx.chunk
         T = u.shape[1]
         dy = torch.zeros_like(u) if dy is None else dy
         du, ddt = torch.empty_like(u), torch.empty_like(dt)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
-        dA = torch.zeros_like(A)
-        g = torch.zeros_like(incoming[:, 0]) if dh_final is None else dh_final.clone()
+        dA_t = torch.zeros_like(A_t)
+        g = torch.zeros_like(incoming[:, 0]) if dh_final is None else dh_final.transpose(1, 2).clone()
         for i, c0 in reversed(list(enumerate(range(0, T, chunk)))):
             sl = slice(c0, c0 + chunk)
             h_in = incoming[:, i]
-            dts, us, Bs = dt[:, sl], u[:, sl], B[:, sl]
-            a, b = _transition(dts, A, us, Bs, starts[:, sl])
+            dts, us, Bs, dys = dt[:, sl], u[:, sl], B[:, sl], dy[:, sl]
+            a, b = _transition(dts, A_t, us, Bs, starts[:, sl])
+            a_next = torch.empty_like(a)
+            a_next[:, :-1], a_next[:, -1] = a[:, 1:], 0.0
             H = _prefix_scan_(a.clone(), b, h_in)
-            dC[:, sl] = torch.einsum("bldn,bld->bln", H, dy[:, sl])
-            direct = dy[:, sl].unsqueeze(-1) * C[:, sl].unsqueeze(2)
+            dC[:, sl] = torch.matmul(H, dys.unsqueeze(-1)).squeeze(-1)
+            direct = C[:, sl].unsqueeze(-1) * dys.unsqueeze(2)
             direct[:, -1] += g
-            a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
-            G = _prefix_scan_(a_next.flip(1), direct.flip(1), None).flip(1)
-            dB[:, sl] = torch.einsum("bldn,bld->bln", G, dts * us)
-            GB = torch.einsum("bldn,bln->bld", G, Bs)
+            G = _prefix_scan_(a_next, direct, reverse=True)  # adjoints: G_t = dh_t + a_{t+1} G_{t+1}
+            dB[:, sl] = torch.matmul(G, (dts * us).unsqueeze(-1)).squeeze(-1)
+            GB = torch.matmul(Bs.unsqueeze(2), G).squeeze(2)
             du[:, sl] = GB * dts
             H_prev = torch.cat([h_in.unsqueeze(1), H[:, :-1]], 1)
-            da = G * H_prev * a  # d loss / d(dt * A); zero at resets since a is
-            ddt[:, sl] = GB * us + torch.einsum("bldn,dn->bld", da, A)
-            dA += torch.einsum("bldn,bld->dn", da, dts)
+            da = H_prev.mul_(G).mul_(a)  # d loss / d(dt * A); zero at resets since a is
+            ddt[:, sl] = GB * us + (da * A_t).sum(2)
+            dA_t += (da * dts.unsqueeze(2)).flatten(0, 1).sum(0)
             g = a[:, 0] * G[:, 0]
-        return du, ddt, dA, dB, dC, g, None, None
+        return du, ddt, dA_t.t(), dB, dC, g.transpose(1, 2), None, None
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, doc_ids):
