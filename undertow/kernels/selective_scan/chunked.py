@@ -41,21 +41,28 @@ def _transition(dt, A_t, u, B, starts):
 
 def _prefix_scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False):
     """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0 (zero when None); with
-    `reverse`, h_t = a_t * h_{t+1} + b_t from the end (no h0). In place: a, b: (Bt, L, ...) are
-    overwritten, b with the states, which are returned; h0: (Bt, ...)."""
+    `reverse`, h_t = a_t * h_{t+1} + b_t from the end (no h0). a, b: (Bt, L, ...), consumed (their
+    storage is reused); h0: (Bt, ...). Returns the (Bt, L, ...) states.
+
+    Hillis-Steele: after the step of stride k, position t holds the combination of the 2k steps
+    ending at t; each step writes into the other of two buffers, one fused pass for b."""
     if h0 is not None:
-        b[:, 0] += a[:, 0] * h0
+        b[:, 0].addcmul_(a[:, 0], h0)
     L, k = a.shape[1], 1
+    a_next, b_next = torch.empty_like(a), torch.empty_like(b)
     while k < L:
-        # Each product is formed before b (or a) is written.
+        # Positions `later` combine with `earlier` (k steps before them in scan order); `first` keep.
         if reverse:
-            b[:, :-k] += a[:, :-k] * b[:, k:]
-            if 2 * k < L:
-                a[:, :-k] = F.threshold_(a[:, :-k] * a[:, k:], TINY_DECAY, 0.0)
+            later, earlier, first = slice(None, L - k), slice(k, None), slice(L - k, None)
         else:
-            b[:, k:] += a[:, k:] * b[:, :-k]
-            if 2 * k < L:
-                a[:, k:] = F.threshold_(a[:, k:] * a[:, :-k], TINY_DECAY, 0.0)
+            later, earlier, first = slice(k, None), slice(None, L - k), slice(None, k)
+        b_next[:, first] = b[:, first]
+        torch.addcmul(b[:, later], a[:, later], b[:, earlier], out=b_next[:, later])
+        if 2 * k < L:
+            a_next[:, first] = a[:, first]
+            F.threshold_(torch.mul(a[:, later], a[:, earlier], out=a_next[:, later]), TINY_DECAY, 0.0)
+            a, a_next = a_next, a
+        b, b_next = b_next, b
         k *= 2
     return b
 
