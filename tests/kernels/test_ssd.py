@@ -44,57 +44,49 @@ def make_inputs(Bt, T, H, P, G, N, dtype, *, seed, init=True, D_shape="H", z=Tru
     }
 
 
-def check(compare, backend, inputs, tol, chunk, **kwargs):
-    compare(IMPLEMENTATIONS[backend], ssd_reference, inputs, {"chunk_size": chunk, **kwargs}, tol)
+def check(compare_with_reference, backend, inputs, tol, chunk, **kwargs):
+    """The backend against the reference (which takes no chunk_size), with seeded cotangents: A's
+    gradient is one sum over every token whose float32 rounding in the reference alone reaches ~1e-5
+    for unlucky draws; a seed keeps every run identical."""
+    def reference(*args, chunk_size, **rest):
+        return ssd_reference(*args, **rest)
 
-
-def ref_kwargs_free(fn):
-    """The reference takes no chunk_size: wrap it so compare() can pass the same kwargs to both."""
-    return lambda *a, chunk_size, **k: fn(*a, **k)
-
-
-@pytest.fixture
-def compare(compare_with_reference):
-    """compare_with_reference with seeded cotangents: A's gradient is one sum over every token, whose
-    float32 rounding in the reference alone reaches ~1e-5 for unlucky draws; a seed keeps runs identical."""
-    def run(fn, reference, inputs, kwargs, tol):
-        torch.manual_seed(0)
-        compare_with_reference(fn, ref_kwargs_free(reference), inputs, kwargs, tol)
-    return run
+    torch.manual_seed(0)
+    compare_with_reference(IMPLEMENTATIONS[backend], reference, inputs, {"chunk_size": chunk, **kwargs}, tol)
 
 
 @pytest.mark.parametrize("T", [1, 15, 37])
 @pytest.mark.parametrize("G", [1, 2])
 @pytest.mark.parametrize("docs", ["none", "inside", "edges"])
 @pytest.mark.parametrize("init", [False, True])
-def test_chunked_matches_reference(compare, T, G, docs, init):
+def test_chunked_matches_reference(compare_with_reference, T, G, docs, init):
     if T == 1 and not init:
         pytest.skip("one token from a zero state: A's true gradient is 0, a relative error is undefined")
     inputs = make_inputs(2, T, 4, 8, G, 6, torch.float32, seed=T * 7 + G, init=init, D_shape="H" if init else "HP")
     inputs["doc_ids"] = doc_ids_for(docs, 2, T, 16)
-    check(compare, "chunked", inputs, TOL[torch.float32], 16)
+    check(compare_with_reference, "chunked", inputs, TOL[torch.float32], 16)
 
 
-def test_chunked_plain_dt_limit_no_extras(compare):
+def test_chunked_plain_dt_limit_no_extras(compare_with_reference):
     """dt used as given (positive, no softplus, no bias) and clamped by dt_limit; no D, no z."""
     inputs = make_inputs(2, 29, 2, 8, 1, 4, torch.float32, seed=3, D_shape=None, z=False, bias=False)
     inputs["dt"] = inputs["dt"].abs()
     inputs["doc_ids"] = doc_ids_for("inside", 2, 29, 8)
-    check(compare, "chunked", inputs, TOL[torch.float32], 8, dt_softplus=False, dt_limit=(0.05, 0.8))
+    check(compare_with_reference, "chunked", inputs, TOL[torch.float32], 8, dt_softplus=False, dt_limit=(0.05, 0.8))
 
 
 @pytest.mark.parametrize("P,N", [(64, 256), (128, 128)])
-def test_chunked_large_head_and_state(compare, P, N):
+def test_chunked_large_head_and_state(compare_with_reference, P, N):
     """Head dims 64 and 128, d_state up to 256, chunk not dividing T."""
     inputs = make_inputs(1, 21, 2, P, 1, N, torch.float32, seed=11)
     inputs["doc_ids"] = doc_ids_for("inside", 1, 21, 8)
-    check(compare, "chunked", inputs, TOL[torch.float32], 8)
+    check(compare_with_reference, "chunked", inputs, TOL[torch.float32], 8)
 
 
-def test_chunked_bf16(compare):
+def test_chunked_bf16(compare_with_reference):
     inputs = make_inputs(2, 37, 4, 8, 2, 6, torch.bfloat16, seed=5)
     inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)
-    check(compare, "chunked", inputs, TOL[torch.bfloat16], 16)
+    check(compare_with_reference, "chunked", inputs, TOL[torch.bfloat16], 16)
 
 
 TRITON_CASES = [  # (T, G, docs, init, D shape): tiny shapes for the interpreter
@@ -108,10 +100,10 @@ TRITON_CASES = [  # (T, G, docs, init, D shape): tiny shapes for the interpreter
 
 @needs_triton
 @pytest.mark.parametrize("T,G,docs,init,D_shape", TRITON_CASES)
-def test_triton_matches_reference_fp32(compare, T, G, docs, init, D_shape):
+def test_triton_matches_reference_fp32(compare_with_reference, T, G, docs, init, D_shape):
     inputs = make_inputs(2, T, 2, 8, G, 6, torch.float32, seed=T + G, init=init, D_shape=D_shape)
     inputs["doc_ids"] = doc_ids_for(docs, 2, T, 16)
-    check(compare, "triton", inputs, TRITON_TOL[torch.float32], 16)
+    check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 16)
 
 
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # the interpreter's bf16 dot is wrong
@@ -119,18 +111,18 @@ LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  #
 
 @needs_triton
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
-def test_triton_matches_reference_low_precision(compare, dtype):
+def test_triton_matches_reference_low_precision(compare_with_reference, dtype):
     inputs = make_inputs(2, 37, 2, 8, 2, 6, dtype, seed=17)
     inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)
-    check(compare, "triton", inputs, TRITON_TOL[dtype], 16)
+    check(compare_with_reference, "triton", inputs, TRITON_TOL[dtype], 16)
 
 
 @needs_triton
-def test_triton_head_dim_64(compare):
+def test_triton_head_dim_64(compare_with_reference):
     """A real head dim (64) and d_state (32), chunk 32 with a boundary inside it."""
     inputs = make_inputs(1, 40, 2, 64, 1, 32, torch.float32, seed=23)
     inputs["doc_ids"] = doc_ids_for("inside", 1, 40, 32)
-    check(compare, "triton", inputs, TRITON_TOL[torch.float32], 32)
+    check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 32)
 
 
 @pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if HAS_TRITON else []))
