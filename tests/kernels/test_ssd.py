@@ -159,3 +159,18 @@ def test_bad_shapes_name_the_argument():
         ssd(**{**inputs, "D": torch.randn(3)}, backend="chunked")
     with pytest.raises(ValueError, match="multiple of groups"):
         ssd(**{**inputs, "B": torch.randn(1, 9, 3, 4), "C": torch.randn(1, 9, 3, 4)}, backend="chunked")
+
+
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if HAS_TRITON else []))
+def test_chunk_not_power_of_two_and_output_only_loss(backend):
+    """chunk_size 12 (tiles are masked to it) and a loss on y alone (no final-state gradient)."""
+    inputs = make_inputs(1, 30, 2, 8, 1, 6, torch.float32, seed=41)
+    doc_ids = doc_ids_for("edges", 1, 30, 12)
+    grads = []
+    for fn, kwargs in ((IMPLEMENTATIONS[backend], {"chunk_size": 12}), (ssd_reference, {})):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y = fn(**leaves, doc_ids=doc_ids, **kwargs)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        grads.append([y] + [leaves[k].grad for k in sorted(leaves)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
