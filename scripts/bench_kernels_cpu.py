@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import platform
 import statistics
 import sys
@@ -94,7 +95,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     print(f"`python {' '.join(sys.argv)}` on {platform.processor() or platform.machine()}, "
-          f"{args.threads} torch threads, torch {torch.__version__}, {datetime.date.today().isoformat()}\n")
+          f"{args.threads} torch threads, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
+          f"load average {os.getloadavg()[0]:.1f} at the start\n")
     print("| op | shape | backend | forward ms | speed-up | fwd+bwd ms | speed-up |")
     print("|---|---|---|---:|---:|---:|---:|", flush=True)
     for bench in (bench_causal_conv1d, bench_selective_scan):
