@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from undertow.kernels.dispatch import triton_runs_on
 from undertow.kernels.ssd.chunked import check_inputs, chunk_decays, chunk_segments, finish
 from undertow.kernels.ssd.reference import ssd_dt
 from undertow.kernels.ssd.triton_bwd import (
@@ -127,6 +128,9 @@ def ssd_triton(
 ):
     """Same signature and results as `ssd_reference` (see reference.py for shapes), plus `chunk_size`."""
     check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, doc_ids, chunk_size)
+    if not triton_runs_on(x):
+        raise RuntimeError(f"ssd triton: cannot run on {x.device} tensors (needs CUDA, or TRITON_INTERPRET=1 "
+                           "set before undertow.kernels.ssd.triton is imported)")
     if x.dtype not in DTYPES or B.dtype != x.dtype or C.dtype != x.dtype:
         raise ValueError(f"ssd triton: x, B, C must share one of {DTYPES}; got {x.dtype}, {B.dtype}, {C.dtype}")
     Bt, T = x.shape[:2]
