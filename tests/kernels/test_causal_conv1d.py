@@ -68,7 +68,7 @@ def test_no_activation_no_bias(compare_with_reference, backend):
 def test_triton_fp16(compare_with_reference, K, T):
     inputs = make_inputs(2, T, 6, K, torch.float16, seed=K)
     inputs["doc_ids"] = make_doc_ids(2, T, seed=K)
-    compare_with_reference(IMPLEMENTATIONS["triton"], causal_conv1d_reference, inputs, {}, 1e-2)
+    compare_with_reference(IMPLEMENTATIONS["triton"], causal_conv1d_reference, inputs, {}, 1e-2, reference_in_float32=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,3 +102,23 @@ def test_bad_initial_state_shape_raises():
     inputs["initial_state"] = torch.randn(1, 2, 3)
     with pytest.raises(ValueError, match="initial_state"):
         causal_conv1d(**inputs, backend="chunked")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+def test_triton_kernel_size_outside_2_to_4_raises():
+    with pytest.raises(ValueError, match="2 <= K <= 4"):
+        causal_conv1d(**make_inputs(1, 5, 2, 5, torch.float32), backend="triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+def test_triton_shorter_than_window(compare_with_reference):
+    """T < K-1: the final window still holds carried-in inputs."""
+    inputs = make_inputs(2, 2, 3, 4, torch.float32, seed=7)
+    inputs["doc_ids"] = torch.tensor([[0, 0], [0, 1]])
+    compare_with_reference(IMPLEMENTATIONS["triton"], causal_conv1d_reference, inputs, {}, 1e-4)
+
+
+def test_chunked_bf16(compare_with_reference):
+    inputs = make_inputs(2, 40, 6, 4, torch.bfloat16, seed=8)
+    inputs["doc_ids"] = make_doc_ids(2, 40, seed=8)
+    compare_with_reference(IMPLEMENTATIONS["chunked"], causal_conv1d_reference, inputs, {}, 1e-2, reference_in_float32=True)

@@ -85,7 +85,7 @@ def test_plain_delta_no_extras(compare_with_reference, backend):
 def test_triton_fp16(compare_with_reference, N, T):
     inputs = make_inputs(2, T, 5, N, torch.float16, seed=N)
     inputs["doc_ids"] = make_doc_ids(2, T, seed=N)
-    compare_with_reference(IMPLEMENTATIONS["triton"], selective_scan_reference, inputs, {}, 1e-2)
+    compare_with_reference(IMPLEMENTATIONS["triton"], selective_scan_reference, inputs, {}, 1e-2, reference_in_float32=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,3 +132,22 @@ def test_bad_shape_raises():
     inputs["B"] = torch.randn(1, 5, 3)
     with pytest.raises(ValueError, match="B has shape"):
         selective_scan(**inputs, backend="chunked")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+def test_triton_d_state_256(compare_with_reference):
+    inputs = make_inputs(1, 4, 2, 256, torch.float32, seed=11)
+    inputs["doc_ids"] = torch.tensor([[0, 0, 1, 1]])
+    compare_with_reference(IMPLEMENTATIONS["triton"], selective_scan_reference, inputs, {}, 1e-4)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+def test_triton_d_state_above_256_raises():
+    with pytest.raises(ValueError, match="d_state"):
+        selective_scan(**make_inputs(1, 2, 2, 257, torch.float32), backend="triton")
+
+
+def test_chunked_bf16(compare_with_reference):
+    inputs = make_inputs(2, 40, 4, 8, torch.bfloat16, seed=12)
+    inputs["doc_ids"] = make_doc_ids(2, 40, seed=12)
+    compare_with_reference(IMPLEMENTATIONS["chunked"], selective_scan_reference, inputs, {}, 1e-2, reference_in_float32=True)

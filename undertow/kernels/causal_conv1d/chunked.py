@@ -16,11 +16,11 @@ from undertow.kernels.dispatch import segment_starts
 
 def padded_inputs(x: torch.Tensor, initial_state: torch.Tensor | None, K: int) -> torch.Tensor:
     """(B, T+K-1, D) float32: the carried-in window (zeros without `initial_state`) then x."""
-    B, T, D = x.shape
+    B, D = x.shape[0], x.shape[2]
     if initial_state is None:
         return F.pad(x.float(), (0, 0, K - 1, 0))
     if initial_state.shape != (B, D, K - 1):
-        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected {(B, D, K - 1)}")
+        raise ValueError(f"causal_conv1d: initial_state has shape {tuple(initial_state.shape)}; expected {(B, D, K - 1)}")
     return torch.cat([initial_state.float().transpose(1, 2), x.float()], dim=1)
 
 

@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from undertow.kernels.causal_conv1d.chunked import final_window, padded_inputs, segment_index
+from undertow.kernels.causal_conv1d.chunked import (
+    final_window,
+    padded_inputs,
+    segment_index,
+)
 
 BLOCK_T = 64
 
@@ -122,7 +126,7 @@ class _CausalConv1d(torch.autograd.Function):
         K = weight.shape[1]
         block_d = min(64, triton.next_power_of_2(D))
         y = torch.empty_like(x)
-        flags = dict(K=K, HAS_INIT=initial_state is not None, HAS_DOCS=seg is not None, BT=BLOCK_T, BD=block_d)
+        flags = {"K": K, "HAS_INIT": initial_state is not None, "HAS_DOCS": seg is not None, "BT": BLOCK_T, "BD": block_d}
         _conv_fwd[_grid(B, T, D, block_d)](
             x, weight, bias if bias is not None else x, initial_state if initial_state is not None else x,
             seg if seg is not None else x, x, y, T, D, HAS_BIAS=bias is not None, SILU=silu, GRAD=False, **flags,

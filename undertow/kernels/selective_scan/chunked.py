@@ -16,7 +16,7 @@ gate) go through ordinary autograd in `selective_scan_from_core`, which the Trit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -46,7 +46,7 @@ def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, starts_ptr, h0_ptr, y_ptr, hT_
     A = tl.load(A_ptr + state, mask=smask, other=0.0)
     h = tl.load(h0_ptr + b * Dc * N + state, mask=smask, other=0.0)
     n_chunks = tl.cdiv(T, L)
-    for c in range(0, n_chunks):
+    for c in range(n_chunks):
         tl.store(ckpt_ptr + (b * n_chunks + c) * Dc * N + state, h, mask=smask)
         for t in range(c * L, tl.minimum(c * L + L, T)):
             u, dt, Bt, Ct, reset = _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, starts_ptr, b, t, d, n, dmask, nmask,
@@ -75,7 +75,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, starts_ptr, ckpt_ptr, dy_ptr, 
     g = tl.load(dhT_ptr + b * Dc * N + state, mask=smask, other=0.0)
     dA = tl.zeros((BD, BN), dtype=tl.float32)
     n_chunks = tl.cdiv(T, L)
-    for i in range(0, n_chunks):
+    for i in range(n_chunks):
         c = n_chunks - 1 - i
         t0 = c * L
         t1 = tl.minimum(t0 + L, T)
@@ -88,7 +88,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, starts_ptr, ckpt_ptr, dy_ptr, 
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             tl.store(scratch + (t - t0) * BD * BN, h)
         tl.debug_barrier()
-        for j in range(0, t1 - t0):
+        for j in range(t1 - t0):
             t = t1 - 1 - j
             u, dt, Bt, Ct, reset = _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, starts_ptr, b, t, d, n, dmask, nmask,
                                                 T, Dc, N)
@@ -144,7 +144,7 @@ class _SelectiveScan(torch.autograd.Function):
         N = A.shape[1]
         BD, BN = _blocks(Dc, N)
         grid = (Bt, triton.cdiv(Dc, BD))
-        f32 = dict(device=u.device, dtype=torch.float32)
+        f32 = {"device": u.device, "dtype": torch.float32}
         dy = dy.contiguous() if dy is not None else torch.zeros(Bt, T, Dc, **f32)
         dhT = dhT.contiguous() if dhT is not None else torch.zeros(Bt, Dc, N, **f32)
         scratch = torch.empty(Bt, grid[1], CHUNK, BD, BN, **f32)
