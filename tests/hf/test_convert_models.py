@@ -107,6 +107,12 @@ def test_round_trip_to_hf_from_hf_is_lossless(tmp_path, spm_path):
     first, second = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(again, "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
+    half = str(tmp_path / "bf16")
+    assert main(["convert", "to-hf", back, half, "--dtype", "bfloat16"]) == 0
+    assert json.loads(open(os.path.join(half, "config.json")).read())["dtype"] == "bfloat16"
+    third = load_file(os.path.join(half, "model.safetensors"))
+    assert all(torch.equal(third[k], first[k].to(torch.bfloat16)) for k in first)
+
 
 @pytest.mark.parametrize("pattern, reason", [
     ("mM", "mixes Mamba-1"),

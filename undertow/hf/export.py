@@ -126,7 +126,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     spm_path = find_tokenizer(checkpoint, meta, tokenizer)
     model = load_model(checkpoint, model_cfg)
     config, tensors = adapter.to_hf(model_cfg, model.state_dict(), _special_ids(meta.get("tokenizer") or {}))
-    config["torch_dtype"] = dtype
+    config["dtype"] = config["torch_dtype"] = dtype  # the key of transformers 5, and of earlier versions
     tensors = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
 
     parent = os.path.dirname(os.path.abspath(out_dir))
