@@ -199,3 +199,22 @@ def test_bamba_with_partial_rotary_is_refused(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "hf"))
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 2
     assert "partial_rotary_factor 1.0" in capsys.readouterr().err
+
+
+def test_tokenizer_found_beside_the_checkpoint_or_in_a_data_source(tmp_path, spm_path):
+    import shutil
+
+    from undertow.data_prep.tokenizer import Tokenizer
+    from undertow.hf.export import find_tokenizer
+
+    shards, ckpt = tmp_path / "shards", tmp_path / "ckpt"
+    shards.mkdir()
+    ckpt.mkdir()
+    shutil.copyfile(spm_path, shards / "tokenizer.model")
+    meta = {"tokenizer": Tokenizer.load(spm_path).describe("tokenizer.model"),
+            "config": {"data": {"sources": [str(shards)]}}}
+    assert find_tokenizer(str(ckpt), meta) == str(shards / "tokenizer.model")  # as the trainer records it
+    shutil.copyfile(spm_path, ckpt / "tokenizer.model")
+    assert find_tokenizer(str(ckpt), meta) == str(ckpt / "tokenizer.model")  # as from-hf writes it
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        find_tokenizer(str(ckpt), {"tokenizer": None, "config": {}})
