@@ -61,12 +61,12 @@ def causal_conv1d_chunked(
     xpad = padded_inputs(x, initial_state, K)
     segpad = segment_index(doc_ids, B, T, K, x.device)
     seg = segpad[:, K - 1:]
-    w = weight.float()
+    w = weight.float().t().contiguous()  # (K, D): each tap's weights contiguous, for the fast broadcast
     y = bias.float().expand(B, T, D) if bias is not None else x.new_zeros(B, T, D, dtype=torch.float32)
     for k in range(K):
-        tap = xpad[:, k:k + T] * w[:, k]
+        tap = xpad[:, k:k + T]
         if doc_ids is not None and k < K - 1:
-            tap = tap * (segpad[:, k:k + T] == seg).unsqueeze(-1)
-        y = y + tap
+            tap = tap * (segpad[:, k:k + T] == seg).unsqueeze(-1).float()
+        y = torch.addcmul(y, tap, w[k])
     y = apply_activation(y, activation).to(x.dtype)
     return (y, final_window(xpad, segpad, K)) if return_final_state else y
