@@ -23,7 +23,8 @@ VOCAB = 300
 TINY = dict(vocab_size=VOCAB, d_model=32, d_state=8, headdim=8, n_heads=4, chunk_size=8, init_std=0.2)
 CASES = {  # id: (layer_pattern, extra config, transformers class)
     "mamba": ("mmm", {}, "MambaForCausalLM"),
-    "falcon-untied-bias": ("mm", dict(falcon_norm=True, tie_embeddings=False, proj_bias=True), "FalconMambaForCausalLM"),
+    "falcon-untied-bias": ("mm", dict(falcon_norm=True, mixer_norm_eps=0.1, tie_embeddings=False, proj_bias=True),
+                           "FalconMambaForCausalLM"),
     "mamba2": ("MMM", dict(dt_rank=3), "Mamba2ForCausalLM"),
     "bamba-hybrid-gqa": ("M-*-M-", dict(n_kv_heads=2, ffn_hidden=48, conv_bias=False), "BambaForCausalLM"),
     "bamba-attention-only": ("*-", dict(headdim=48), "BambaForCausalLM"),  # headdim unused, need not divide

@@ -40,7 +40,8 @@ class MambaConfig:
     rope_theta: float = opt(10000.0, help="Attention RoPE base.")
     ffn_hidden: int = opt(0, help="SwiGLU width of `-` layers (0: 8/3 * d_model rounded up to multiple_of).")
     multiple_of: int = opt(64, help="Rounding of the automatic SwiGLU width.")
-    norm_eps: float = opt(1e-5, help="RMSNorm epsilon (block, final and mixer norms).")
+    norm_eps: float = opt(1e-5, help="RMSNorm epsilon (block, final and Mamba-2 gated norms).")
+    mixer_norm_eps: float = opt(1e-6, help="Epsilon of the weightless RMSNorm on dt, B, C (falcon_norm; Falcon-Mamba's mixer_rms_eps).")
     tie_embeddings: bool = opt(True, help="Share the input embedding and the LM head.")
     init_std: float = opt(0.02, help="Std of the normal initialization (output projections scaled by 1/sqrt(2 n_layers)).")
     residual_in_fp32: bool = opt(True, help="Keep the residual stream in float32 even when weights are half precision.")
@@ -89,6 +90,7 @@ class MambaConfig:
         check(self.dt_max >= self.dt_min, "model.dt_max", self.dt_max, f"must be >= dt_min ({self.dt_min})")
         check(self.dt_init_floor > 0, "model.dt_init_floor", self.dt_init_floor, "must be > 0")
         check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
+        check(self.mixer_norm_eps > 0, "model.mixer_norm_eps", self.mixer_norm_eps, "must be > 0")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
         if "M" in self.layer_pattern:
             self._validate_mamba2()

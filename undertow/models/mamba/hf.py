@@ -161,7 +161,7 @@ def hf_config(cfg: MambaConfig, special_ids: dict) -> dict:
         return {**out, "num_heads": cfg.nheads, "head_dim": cfg.headdim, "n_groups": cfg.ngroups,
                 "chunk_size": cfg.chunk_size}
     out.update({"intermediate_size": cfg.d_inner, "time_step_rank": cfg.rank})
-    return {**out, "mixer_rms_eps": cfg.norm_eps} if model_type == "falcon_mamba" else out
+    return {**out, "mixer_rms_eps": cfg.mixer_norm_eps} if model_type == "falcon_mamba" else out
 
 
 def to_hf(cfg: MambaConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
@@ -223,9 +223,8 @@ def _config_from_hf(config: dict) -> MambaConfig:
     if model_type == "mamba2":
         return MambaConfig(**common, **mamba, layer_pattern="M" * n, headdim=_get(config, "head_dim"),
                            ngroups=_get(config, "n_groups"), chunk_size=_get(config, "chunk_size"))
-    if model_type == "falcon_mamba" and config.get("mixer_rms_eps", 1e-6) != mamba["norm_eps"]:
-        raise HFConversionError(f"mixer_rms_eps {config.get('mixer_rms_eps', 1e-6)} differs from layer_norm_epsilon "
-                                f"{mamba['norm_eps']}; undertow's Falcon-Mamba norms share one epsilon (norm_eps)")
+    if model_type == "falcon_mamba":
+        mamba["mixer_norm_eps"] = float(config.get("mixer_rms_eps", 1e-6))  # transformers' default when absent
     rank = _get(config, "time_step_rank")
     return MambaConfig(**common, **mamba, layer_pattern="m" * n, falcon_norm=model_type == "falcon_mamba",
                        dt_rank=rank if isinstance(rank, int) else 0)

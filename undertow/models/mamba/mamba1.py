@@ -77,7 +77,7 @@ class Mamba1Mixer(nn.Module):
         r, n = self.cfg.rank, self.cfg.d_state
         dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)
         if self.cfg.falcon_norm:
-            dt, B, C = (rms_normalize(t, self.cfg.norm_eps) for t in (dt, B, C))
+            dt, B, C = (rms_normalize(t, self.cfg.mixer_norm_eps) for t in (dt, B, C))
         return nn.functional.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None, return_state: bool = False):

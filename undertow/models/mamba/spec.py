@@ -13,6 +13,7 @@ plus the LM head, 2 * d_model * vocab_size.
 
 from __future__ import annotations
 
+from undertow.models.mamba import hf
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.model import MambaLM
 from undertow.models.registry import ModelSpec
@@ -65,4 +66,5 @@ SPEC = ModelSpec(
     model_cls=MambaLM,
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
+    hf_adapter=hf,
 )
