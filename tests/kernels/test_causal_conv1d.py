@@ -64,9 +64,9 @@ def test_no_activation_no_bias(compare_with_reference, backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("K,T", [(2, 9), (4, 70)])
-def test_triton_fp16(compare_with_reference, K, T):
-    inputs = make_inputs(2, T, 6, K, torch.float16, seed=K)
+@pytest.mark.parametrize("dtype,K,T", [(torch.float16, 2, 9), (torch.float16, 4, 70), (torch.bfloat16, 3, 11)])
+def test_triton_low_precision(compare_with_reference, dtype, K, T):
+    inputs = make_inputs(2, T, 6, K, dtype, seed=K)
     inputs["doc_ids"] = make_doc_ids(2, T, seed=K)
     compare_with_reference(IMPLEMENTATIONS["triton"], causal_conv1d_reference, inputs, {}, 1e-2, reference_in_float32=True)
 

@@ -81,9 +81,9 @@ def test_plain_delta_no_extras(compare_with_reference, backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("N,T", [(4, 9), (16, 12)])
-def test_triton_fp16(compare_with_reference, N, T):
-    inputs = make_inputs(2, T, 5, N, torch.float16, seed=N)
+@pytest.mark.parametrize("dtype,N,T", [(torch.float16, 4, 9), (torch.float16, 16, 12), (torch.bfloat16, 4, 11)])
+def test_triton_low_precision(compare_with_reference, dtype, N, T):
+    inputs = make_inputs(2, T, 5, N, dtype, seed=N)
     inputs["doc_ids"] = make_doc_ids(2, T, seed=N)
     compare_with_reference(IMPLEMENTATIONS["triton"], selective_scan_reference, inputs, {}, 1e-2, reference_in_float32=True)
 
