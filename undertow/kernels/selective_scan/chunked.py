@@ -5,8 +5,11 @@ which makes the reset exact) and b_t = dt_t * u_t * B_t, runs chunk by chunk. Wi
 L steps a Hillis-Steele prefix scan combines the (a, b) pairs in log2(L) vectorized steps; the
 chunk's last state is carried into the next. Decays are only ever multiplied, never divided, so
 no exponent is positive when A <= 0 (Mamba's A = -exp(A_log)); decays under TINY_DECAY are 0.
+(A pairwise form with differences of cumulative log-decays would need (L, L, N, Dc) tensors per
+chunk, since every (channel, state) pair decays at its own rate; the prefix scan needs log2(L)
+passes over (L, N, Dc).)
 
-The (Bt, L, Dc, N) states exist for one chunk at a time: the forward keeps only each chunk's
+The (Bt, L, N, Dc) states exist for one chunk at a time: the forward keeps only each chunk's
 incoming state, and the backward recomputes a chunk's states from it, then runs the adjoint
 recurrence g_t = dh_t + a_{t+1} * g_{t+1} backwards as the same prefix scan on reversed time.
 
