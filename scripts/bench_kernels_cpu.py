@@ -1,11 +1,12 @@
 """CPU speed of the chunked kernel forms against their reference loops, at T = 2048.
 
-    python scripts/bench_kernels_cpu.py [--T 2048] [--batch 2] [--trials 3] [--threads 2]
+    python scripts/bench_kernels_cpu.py [--T 2048] [--batch 2] [--trials 3] [--threads 1]
 
 For causal_conv1d (D channels, K = 4) and selective_scan (Dc channels, N states), each with
 document boundaries and a carried-in state, times the forward and the forward + backward of
 the reference and chunked backends; the median of `--trials` runs is reported, after one
-warm-up. Prints a markdown table (with the command, machine and date) for docs/benchmarks.md.
+warm-up. One torch thread by default: on a busy machine, the reference loops' thousands of tiny
+ops slow down several-fold with two threads waiting on each other. Prints a markdown table (with the command, machine and date) for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main() -> int:
     parser.add_argument("--T", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--batch", type=int, default=2, help="rows (default 2)")
     parser.add_argument("--trials", type=int, default=3, help="timed runs per case; the median is shown (default 3)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
