@@ -6,7 +6,29 @@ import torch
 from undertow.kernels.causal_conv1d import IMPLEMENTATIONS, causal_conv1d
 from undertow.kernels.causal_conv1d.reference import causal_conv1d_reference
 
-BACKENDS = ["chunked"] + (["triton"] if "triton" in IMPLEMENTATIONS else [])
+# Compiled Triton on a GPU; else the interpreter on CPU (tests/kernels/conftest.py sets it up).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_runnable(implementations: dict, kernel_module: str) -> bool:
+    """Whether the op's Triton form can run here: on CUDA, or interpreted on CPU. The interpreter
+    applies only to kernels imported after TRITON_INTERPRET=1 was set."""
+    if "triton" not in implementations:
+        return False
+    if DEVICE == "cuda":
+        return True
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    module = importlib.import_module(kernel_module)
+    return not any(isinstance(v, JITFunction) for v in vars(module).values()) and any(
+        isinstance(v, InterpretedFunction) for v in vars(module).values()
+    )
+
+
+BACKENDS = ["chunked"] + (["triton"] if triton_runnable(IMPLEMENTATIONS, "undertow.kernels.causal_conv1d.triton") else [])
 TOL = {("chunked", torch.float32): 1e-5, ("triton", torch.float32): 1e-4, ("triton", torch.float16): 1e-2}
 
 
@@ -19,13 +41,13 @@ def make_doc_ids(B: int, T: int, seed: int, continue_at: int = 0) -> torch.Tenso
         new_doc[0, 1] = True
     new_doc[:, 0] = False
     new_doc[:, continue_at] = False
-    return new_doc.cumsum(1)
+    return new_doc.cumsum(1).to(DEVICE)
 
 
 def make_inputs(B, T, D, K, dtype, *, with_bias=True, with_init=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
     return {
         "x": rnd(B, T, D),
         "weight": rnd(D, K),
@@ -63,7 +85,7 @@ def test_no_activation_no_bias(compare_with_reference, backend):
     )
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 @pytest.mark.parametrize("dtype,K,T", [(torch.float16, 2, 9), (torch.float16, 4, 70), (torch.bfloat16, 3, 11)])
 def test_triton_low_precision(compare_with_reference, dtype, K, T):
     inputs = make_inputs(2, T, 6, K, dtype, seed=K)
@@ -99,22 +121,22 @@ def test_dispatch_forced_and_unknown(monkeypatch):
 
 def test_bad_initial_state_shape_raises():
     inputs = make_inputs(1, 5, 2, 3, torch.float32)
-    inputs["initial_state"] = torch.randn(1, 2, 3)
+    inputs["initial_state"] = torch.randn(1, 2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="initial_state"):
         causal_conv1d(**inputs, backend="chunked")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 def test_triton_kernel_size_outside_2_to_4_raises():
     with pytest.raises(ValueError, match="2 <= K <= 4"):
         causal_conv1d(**make_inputs(1, 5, 2, 5, torch.float32), backend="triton")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 def test_triton_shorter_than_window(compare_with_reference):
     """T < K-1: the final window still holds carried-in inputs."""
     inputs = make_inputs(2, 2, 3, 4, torch.float32, seed=7)
-    inputs["doc_ids"] = torch.tensor([[0, 0], [0, 1]])
+    inputs["doc_ids"] = torch.tensor([[0, 0], [0, 1]], device=DEVICE)
     compare_with_reference(IMPLEMENTATIONS["triton"], causal_conv1d_reference, inputs, {}, 1e-4)
 
 

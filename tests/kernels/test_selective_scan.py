@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from tests.kernels.test_causal_conv1d import make_doc_ids
+from tests.kernels.test_causal_conv1d import DEVICE, make_doc_ids, triton_runnable
 from undertow.kernels.selective_scan import IMPLEMENTATIONS, chunked, selective_scan
 from undertow.kernels.selective_scan.reference import selective_scan_reference
 
 if "triton" in IMPLEMENTATIONS:
     from undertow.kernels.selective_scan import triton as triton_form
 
-BACKENDS = ["chunked"] + (["triton"] if "triton" in IMPLEMENTATIONS else [])
+BACKENDS = ["chunked"] + (["triton"] if triton_runnable(IMPLEMENTATIONS, "undertow.kernels.selective_scan.triton") else [])
 TOL = {("chunked", torch.float32): 1e-5, ("triton", torch.float32): 1e-4, ("triton", torch.float16): 1e-2}
 
 
@@ -18,7 +18,7 @@ def make_inputs(Bt, T, Dc, N, dtype, *, with_init=True, full=True, seed=0):
     """Fresh random inputs; A = -exp(.) as in Mamba; with `full`, D, z and delta_bias too."""
     gen = torch.Generator().manual_seed(seed)
     def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen)).to(dtype)
+        return (scale * torch.randn(*shape, generator=gen)).to(DEVICE, dtype)
     return {
         "u": rnd(Bt, T, Dc), "delta": rnd(Bt, T, Dc, scale=0.5),
         "A": -torch.exp(rnd(Dc, N, scale=0.5).float()).to(dtype),
@@ -55,7 +55,7 @@ def test_chunked_matches_reference(compare_with_reference, chunk, N, T, with_doc
     _compare_fp32(compare_with_reference, "chunked", N, T, with_docs, with_init)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 @pytest.mark.parametrize("N,T,with_docs,with_init", TRITON_GRID)
 def test_triton_matches_reference(compare_with_reference, N, T, with_docs, with_init):
     _compare_fp32(compare_with_reference, "triton", N, T, with_docs, with_init)
@@ -80,7 +80,7 @@ def test_plain_delta_no_extras(compare_with_reference, backend):
     )
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 @pytest.mark.parametrize("dtype,N,T", [(torch.float16, 4, 9), (torch.float16, 16, 12), (torch.bfloat16, 4, 11)])
 def test_triton_low_precision(compare_with_reference, dtype, N, T):
     inputs = make_inputs(2, T, 5, N, dtype, seed=N)
@@ -129,19 +129,19 @@ def test_dispatch_forced_and_unknown(monkeypatch):
 
 def test_bad_shape_raises():
     inputs = make_inputs(1, 5, 2, 4, torch.float32)
-    inputs["B"] = torch.randn(1, 5, 3)
+    inputs["B"] = torch.randn(1, 5, 3, device=DEVICE)
     with pytest.raises(ValueError, match="B has shape"):
         selective_scan(**inputs, backend="chunked")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 def test_triton_d_state_256(compare_with_reference):
     inputs = make_inputs(1, 4, 2, 256, torch.float32, seed=11)
-    inputs["doc_ids"] = torch.tensor([[0, 0, 1, 1]])
+    inputs["doc_ids"] = torch.tensor([[0, 0, 1, 1]], device=DEVICE)
     compare_with_reference(IMPLEMENTATIONS["triton"], selective_scan_reference, inputs, {}, 1e-4)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 def test_triton_d_state_above_256_raises():
     with pytest.raises(ValueError, match="d_state"):
         selective_scan(**make_inputs(1, 2, 2, 257, torch.float32), backend="triton")
