@@ -51,7 +51,7 @@ class _ChunkScan(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
 
         chunk_states = torch.empty(Bt, nc, H, P, N, **f32)
-        chunk_outer_kernel[(nc, Bt * H, 1)](
+        chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
             x, step, a, seg, B, chunk_states, **dims, G=G, P=P, N=N, nc=nc, FROM_END=True, L=chunk,
             BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
         states = torch.empty(Bt, nc + 1, H, P, N, **f32)
@@ -61,7 +61,7 @@ class _ChunkScan(torch.autograd.Function):
             chunk_states, init, a, seg, states, **dims, PN=P * N, nc=nc,
             HAS_INIT=initial_state is not None, L=chunk, BLOCK=block)
         y = torch.empty(Bt, T, H, P, **f32)
-        chunk_scan_fwd_kernel[(nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H, 1)](
+        chunk_scan_fwd_kernel[(nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
             x, step, a, seg, B, C, states, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, EXACT=exact)
 
         ctx.save_for_backward(x, step, a, B, C, seg, ends, states)
@@ -83,7 +83,7 @@ class _ChunkScan(torch.autograd.Function):
         dy = dy.float().contiguous() if dy is not None else torch.zeros(Bt, T, H, P, **f32)
 
         ds = torch.empty(Bt, nc, H, P, N, **f32)
-        chunk_outer_kernel[(nc, Bt * H, 1)](
+        chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
             dy, step, a, seg, C, ds, **dims, G=G, P=P, N=N, nc=nc, FROM_END=False, L=chunk,
             BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
         block = min(1024, triton.next_power_of_2(P * N))
