@@ -80,7 +80,7 @@ class _ChunkScan(torch.autograd.Function):
         blk = _blocks(chunk, P, N, x.dtype)
         dims = dict(T=T, Tp=Tp, H=H)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dy = dy.float().contiguous() if dy is not None else torch.zeros(Bt, T, H, P, **f32)
+        dy, dfinal = dy.float().contiguous(), dfinal.float().contiguous()  # autograd materializes unused ones as zeros
 
         ds = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
@@ -91,8 +91,7 @@ class _ChunkScan(torch.autograd.Function):
         dend = torch.empty(Bt * H, nc, n_blocks, **f32)
         dinit = torch.empty(Bt, H, P, N, **f32)
         state_pass_bwd_kernel[(Bt * H, n_blocks)](
-            ds, dfinal.float().contiguous() if dfinal is not None else ds, a, seg, states, dend, dinit,
-            **dims, PN=P * N, nc=nc, HAS_DFINAL=dfinal is not None, L=chunk, BLOCK=block)
+            ds, dfinal, a, seg, states, dend, dinit, **dims, PN=P * N, nc=nc, L=chunk, BLOCK=block)
 
         grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H)
         dc = torch.empty(Bt, T, H, N, **f32)

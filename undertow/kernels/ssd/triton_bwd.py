@@ -19,7 +19,7 @@ from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm, mm_inputs
 @triton.jit
 def state_pass_bwd_kernel(
     DS, DFINAL, A, SEG, STATES, DEND, DINIT, T, Tp, H, PN, nc,
-    HAS_DFINAL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
+    L: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Reverse state pass. DS holds on entry sum_t exp(a_t)[carried] dy_t (outer) C_t per chunk (the
     gradient of S_in[c] from chunk c's own outputs) and on exit E_c. DEND[bh, c, block] gets the
@@ -29,10 +29,7 @@ def state_pass_bwd_kernel(
     blk = tl.program_id(1)
     i = blk * BLOCK + tl.arange(0, BLOCK)
     ok = i < PN
-    if HAS_DFINAL:
-        E = tl.load(DFINAL + bh * PN + i, mask=ok, other=0.0).to(tl.float32)
-    else:
-        E = tl.zeros((BLOCK,), dtype=tl.float32)
+    E = tl.load(DFINAL + bh * PN + i, mask=ok, other=0.0).to(tl.float32)
     for k in range(nc):
         c = nc - 1 - k
         ds_ptr = DS + ((b * nc + c) * H + h) * PN + i
