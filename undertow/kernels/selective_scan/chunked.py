@@ -42,32 +42,43 @@ def _transition(dt, A_t, u, B, starts):
     return a, b
 
 
-def _prefix_scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False):
-    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0 (zero when None); with
-    `reverse`, h_t = a_t * h_{t+1} + b_t from the end (no h0). a, b: (Bt, L, ...), consumed (their
-    storage is reused); h0: (Bt, ...). Returns the (Bt, L, ...) states.
+def _prefix_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0. a, b: (Bt, L, ...), b is
+    consumed (its storage reused), a kept; h0: (Bt, ...).
 
     Hillis-Steele: after the step of stride k, position t holds the combination of the 2k steps
-    ending at t; each step writes into the other of two buffers, one fused pass for b."""
-    if h0 is not None:
-        b[:, 0].addcmul_(a[:, 0], h0)
+    ending at t. Returns the (Bt, L, ...) states and the decay products it formed, levels[i][t] =
+    a_t * ... * a_{t-2^i+1} (for t >= 2^i - 1), which `_adjoint_scan` reuses."""
+    b[:, 0].addcmul_(a[:, 0], h0)
     L, k = a.shape[1], 1
-    a_next, b_next = torch.empty_like(a), torch.empty_like(b)
+    levels = [a]
+    b_next = torch.empty_like(b)
     while k < L:
-        # Positions `later` combine with `earlier` (k steps before them in scan order); `first` keep.
-        if reverse:
-            later, earlier, first = slice(None, L - k), slice(k, None), slice(L - k, None)
-        else:
-            later, earlier, first = slice(k, None), slice(None, L - k), slice(None, k)
-        b_next[:, first] = b[:, first]
-        torch.addcmul(b[:, later], a[:, later], b[:, earlier], out=b_next[:, later])
-        if 2 * k < L:
-            a_next[:, first] = a[:, first]
-            F.threshold_(torch.mul(a[:, later], a[:, earlier], out=a_next[:, later]), TINY_DECAY, 0.0)
-            a, a_next = a_next, a
+        b_next[:, :k] = b[:, :k]
+        torch.addcmul(b[:, k:], a[:, k:], b[:, :-k], out=b_next[:, k:])
         b, b_next = b_next, b
+        if 2 * k < L:
+            wider = torch.empty_like(a)
+            wider[:, :k] = a[:, :k]
+            F.threshold_(torch.mul(a[:, k:], a[:, :-k], out=wider[:, k:]), TINY_DECAY, 0.0)
+            a = wider
+            levels.append(a)
         k *= 2
-    return b
+    return b, levels
+
+
+def _adjoint_scan(levels: list, d: torch.Tensor) -> torch.Tensor:
+    """G_t = d_t + a_{t+1} G_{t+1} along dim 1 (G_L = 0): the same scan run backwards in time,
+    whose stride-k products a_{t+1} ... a_{t+k} are levels[i][t + k] of the forward scan.
+    d: (Bt, L, ...), consumed. Returns G (Bt, L, ...)."""
+    L, k, i = d.shape[1], 1, 0
+    d_next = torch.empty_like(d)
+    while k < L:
+        d_next[:, L - k:] = d[:, L - k:]
+        torch.addcmul(d[:, :L - k], levels[i][:, k:], d[:, k:], out=d_next[:, :L - k])
+        d, d_next = d_next, d
+        k, i = 2 * k, i + 1
+    return d
 
 
 class _ScanCore(torch.autograd.Function):
@@ -85,7 +96,7 @@ class _ScanCore(torch.autograd.Function):
             sl = slice(c0, c0 + chunk)
             incoming.append(h)
             a, b = _transition(dt[:, sl], A_t, u[:, sl], B[:, sl], starts[:, sl])
-            H = _prefix_scan_(a, b, h)
+            H, _ = _prefix_scan(a, b, h)
             y[:, sl] = torch.matmul(C[:, sl].unsqueeze(2), H).squeeze(2)
             h = H[:, -1]
         ctx.save_for_backward(u, dt, A_t, B, C, starts, torch.stack(incoming, 1))
@@ -108,18 +119,17 @@ class _ScanCore(torch.autograd.Function):
             h_in = incoming[:, i]
             dts, us, Bs, dys = dt[:, sl], u[:, sl], B[:, sl], dy[:, sl]
             a, b = _transition(dts, A_t, us, Bs, starts[:, sl])
-            a_next = torch.empty_like(a)
-            a_next[:, :-1], a_next[:, -1] = a[:, 1:], 0.0
-            H = _prefix_scan_(a.clone(), b, h_in)
+            H, levels = _prefix_scan(a, b, h_in)
             dC[:, sl] = torch.matmul(H, dys.unsqueeze(-1)).squeeze(-1)
             direct = C[:, sl].unsqueeze(-1) * dys.unsqueeze(2)
             direct[:, -1] += g
-            G = _prefix_scan_(a_next, direct, reverse=True)  # adjoints: G_t = dh_t + a_{t+1} G_{t+1}
+            G = _adjoint_scan(levels, direct)  # the adjoints d loss / d h_t
             dB[:, sl] = torch.matmul(G, (dts * us).unsqueeze(-1)).squeeze(-1)
             GB = torch.matmul(Bs.unsqueeze(2), G).squeeze(2)
             du[:, sl] = GB * dts
-            H_prev = torch.cat([h_in.unsqueeze(1), H[:, :-1]], 1)
-            da = H_prev.mul_(G).mul_(a)  # d loss / d(dt * A); zero at resets since a is
+            da = G * a  # times h_{t-1}: d loss / d(dt * A); zero at resets since a is
+            da[:, 1:] *= H[:, :-1]
+            da[:, 0] *= h_in
             ddt[:, sl] = GB * us + (da * A_t).sum(2)
             dA_t += (da * dts.unsqueeze(2)).flatten(0, 1).sum(0)
             g = a[:, 0] * G[:, 0]
