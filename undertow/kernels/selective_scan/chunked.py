@@ -11,7 +11,8 @@ passes over (L, N, Dc).)
 
 The (Bt, L, N, Dc) states exist for one chunk at a time: the forward keeps only each chunk's
 incoming state, and the backward recomputes a chunk's states from it, then runs the adjoint
-recurrence g_t = dh_t + a_{t+1} * g_{t+1} backwards as the same prefix scan on reversed time.
+recurrence g_t = dh_t + a_{t+1} * g_{t+1} backwards in time, reusing the forward scan's decay
+products.
 
 The elementwise parts around the recurrence (softplus and delta_bias, the D skip, the silu(z)
 gate) go through ordinary autograd in `selective_scan_from_core`, which the Triton form shares.
