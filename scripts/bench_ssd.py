@@ -96,10 +96,9 @@ def run_cpu(args) -> list[str]:
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.batch, args.T, args.heads, args.headdim, args.dstate, torch.float32, "cpu",
                          doc_every=500, init=True)
-    rows = [header(args), "",
-            f"B={args.batch}, T={args.T}, {args.heads} heads x {args.headdim}, d_state {args.dstate}, chunk "
-            f"{args.chunk}, float32, document starts every 500 tokens, carried-in state; median of {args.trials}.",
-            "", "| pass | reference ms | chunked ms | speed-up |", "|---|---:|---:|---:|"]
+    setting = (f"B={args.batch}, T={args.T}, {args.heads} heads x {args.headdim}, d_state {args.dstate}, chunk "
+               f"{args.chunk}, float32, document starts every 500 tokens, carried-in state; median of {args.trials}.")
+    rows = [header(args), "", setting, "", "| pass | reference ms | chunked ms | speed-up |", "|---|---:|---:|---:|"]
     for name, backward in (("forward", False), ("forward+backward", True)):
         ref = cpu_seconds(IMPLEMENTATIONS["reference"], inputs, backward, args.trials, args.chunk)
         fast = cpu_seconds(IMPLEMENTATIONS["chunked"], inputs, backward, args.trials, args.chunk)

@@ -10,14 +10,23 @@ import torch
 import triton
 
 from undertow.kernels.dispatch import triton_runs_on
-from undertow.kernels.ssd.chunked import check_inputs, chunk_decays, chunk_segments, finish
+from undertow.kernels.ssd.chunked import (
+    check_inputs,
+    chunk_decays,
+    chunk_segments,
+    finish,
+)
 from undertow.kernels.ssd.reference import ssd_dt
 from undertow.kernels.ssd.triton_bwd import (
     chunk_scan_bwd_source_kernel,
     chunk_scan_bwd_target_kernel,
     state_pass_bwd_kernel,
 )
-from undertow.kernels.ssd.triton_fwd import chunk_outer_kernel, chunk_scan_fwd_kernel, state_pass_fwd_kernel
+from undertow.kernels.ssd.triton_fwd import (
+    chunk_outer_kernel,
+    chunk_scan_fwd_kernel,
+    state_pass_fwd_kernel,
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,7 +39,7 @@ def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
     tile_bytes = block_p * block_n * (4 if dtype == torch.float32 else 2)
     block_m = 64 if tile_bytes <= 32 * 1024 else 32 if tile_bytes <= 64 * 1024 else 16
     block_m = min(block_m, max(16, triton.next_power_of_2(L)))
-    return dict(BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n)
+    return {"BLOCK_M": block_m, "BLOCK_K": block_m, "BLOCK_P": block_p, "BLOCK_N": block_n}
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -47,8 +56,8 @@ class _ChunkScan(torch.autograd.Function):
         nc = Tp // chunk
         exact = x.dtype == torch.float32
         blk = _blocks(chunk, P, N, x.dtype)
-        dims = dict(T=T, Tp=Tp, H=H)
-        f32 = dict(device=x.device, dtype=torch.float32)
+        dims = {"T": T, "Tp": Tp, "H": H}
+        f32 = {"device": x.device, "dtype": torch.float32}
 
         chunk_states = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
@@ -78,8 +87,8 @@ class _ChunkScan(torch.autograd.Function):
         nc = Tp // chunk
         exact = x.dtype == torch.float32
         blk = _blocks(chunk, P, N, x.dtype)
-        dims = dict(T=T, Tp=Tp, H=H)
-        f32 = dict(device=x.device, dtype=torch.float32)
+        dims = {"T": T, "Tp": Tp, "H": H}
+        f32 = {"device": x.device, "dtype": torch.float32}
         dy, dfinal = dy.float().contiguous(), dfinal.float().contiguous()  # autograd materializes unused ones as zeros
 
         ds = torch.empty(Bt, nc, H, P, N, **f32)

@@ -37,7 +37,7 @@ def state_pass_bwd_kernel(
         tl.store(ds_ptr, E, mask=ok)
         s_out = tl.load(STATES + ((b * (nc + 1) + c + 1) * H + h) * PN + i, mask=ok, other=0.0)
         tl.store(DEND + (bh * nc + c) * tl.num_programs(1) + blk, tl.sum(E * s_out, axis=0))
-        end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+        _, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
         carry = tl.where(seg_end == seg_ref, tl.exp(a_end), 0.0)
         E = carry * E + own
     tl.store(DINIT + bh * PN + i, E, mask=ok)

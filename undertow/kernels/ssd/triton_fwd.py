@@ -58,7 +58,7 @@ def chunk_outer_kernel(
     g = h // (H // G)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    _, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, L, BLOCK_L):
         t = c * L + t0 + tl.arange(0, BLOCK_L)
@@ -96,7 +96,7 @@ def state_pass_fwd_kernel(
         S = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(nc):
         tl.store(STATES + ((b * (nc + 1) + c) * H + h) * PN + i, S, mask=ok)
-        end, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+        _, a_end, seg_end, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
         carry = tl.where(seg_end == seg_ref, tl.exp(a_end), 0.0)
         S = carry * S + tl.load(CHUNK_STATES + ((b * nc + c) * H + h) * PN + i, mask=ok, other=0.0)
     tl.store(STATES + ((b * (nc + 1) + nc) * H + h) * PN + i, S, mask=ok)
