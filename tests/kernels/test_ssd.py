@@ -174,3 +174,14 @@ def test_chunk_not_power_of_two_and_output_only_loss(backend):
         grads.append([y] + [leaves[k].grad for k in sorted(leaves)])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if HAS_TRITON else []))
+def test_strided_views_as_a_mamba2_layer_passes_them(backend):
+    """x, B, C sliced out of one projection (non-contiguous), T a multiple of the chunk."""
+    gen = torch.Generator().manual_seed(43)
+    xbc = torch.randn(2, 32, 4 * 8 + 2 * 2 * 6, generator=gen).to(DEVICE)
+    x, B, C = xbc[..., :32].unflatten(-1, (4, 8)), xbc[..., 32:44].unflatten(-1, (2, 6)), xbc[..., 44:].unflatten(-1, (2, 6))
+    dt, A = torch.randn(2, 32, 4, generator=gen).to(DEVICE), -torch.rand(4, generator=gen).to(DEVICE) - 0.5
+    y = IMPLEMENTATIONS[backend](x, dt, A, B, C, chunk_size=16)
+    torch.testing.assert_close(y, ssd_reference(x, dt, A, B, C), rtol=1e-4, atol=1e-4)
