@@ -34,7 +34,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
     """Tile sizes: a whole head (P) and state (N) per program, tl.dot sides >= 16, and token tiles that
     shrink as the (P, N) tile grows so the backward kernels stay inside Hopper's 227 KiB of shared
-    memory (sm_90 compile: bf16 P=64 N=256 with 64 tokens uses 192 KiB, float32 P=64 N=128 161 KiB)."""
+    memory. Largest use per kernel in sm_90 compiles (Triton 3.9): bf16 P=64 N=256 / 64 tokens 192 KiB,
+    bf16 P=128 N=256 / 32 tokens 224 KiB, float32 P=64 N=128 / 64 tokens 161 KiB, P=128 N=256 / 16 tokens 160 KiB."""
     block_p, block_n = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
     tile_bytes = block_p * block_n * (4 if dtype == torch.float32 else 2)
     block_m = 64 if tile_bytes <= 32 * 1024 else 32 if tile_bytes <= 64 * 1024 else 16
