@@ -10,17 +10,13 @@
 # no index, no deps) into a scratch dir put on PYTHONPATH for the benchmark alone; (3) runs
 # scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json.
-# Exit status: 0 when both steps passed, else 1 (2 when the anchors are missing).
+# Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 ANCHORS="$PWD/.anchors"
 SITE=/tmp/undertow-anchor-site
-if [ ! -d "$ANCHORS/wheels" ]; then
-  echo "gpu_check: $ANCHORS/wheels is missing; copy /work/shared/anchors to .anchors and carry it" | tee "$OUT/bench.log"
-  exit 2
-fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia-smi.txt"
@@ -31,9 +27,14 @@ echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 PYTHONPATH="$PWD" timeout 280 python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
 
-echo "== anchor wheels -> $SITE" | tee "$OUT/bench.log"
 rm -rf "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ANCHORS"/wheels/*.whl 2>&1 | tee -a "$OUT/bench.log"
+if [ -d "$ANCHORS/wheels" ]; then
+  echo "== anchor wheels -> $SITE" | tee "$OUT/bench.log"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ANCHORS"/wheels/*.whl 2>&1 | tee -a "$OUT/bench.log"
+else
+  echo "== $ANCHORS/wheels missing (copy /work/shared/anchors to .anchors, carry it): no mamba_ssm rows" | tee "$OUT/bench.log"
+  status=1
+fi
 echo "== SSD benchmark" | tee -a "$OUT/bench.log"
 PYTHONPATH="$PWD:$SITE" timeout 240 python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
 exit $status
