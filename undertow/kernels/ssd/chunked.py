@@ -98,13 +98,13 @@ def _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk):
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     same = (segc[:, :, :, None] == segc[:, :, None, :]) & causal  # (Bt, nc, L, L)
     diff = a[..., :, None] - a[..., None, :]  # (Bt, G, Hg, nc, L, L)
-    decay = torch.where(same[:, None, None], diff, float("-inf")).exp()
+    decay = diff.masked_fill_(~same[:, None, None], float("-inf")).exp_()  # in place: fewer passes over L x L
     scores = torch.einsum("bctgn,bcsgn->bgcts", Cc, Bc)[:, :, None] * decay
     y = torch.einsum("bghcts,bcsghp->bctghp", scores, u)
 
     tail = (segc == seg_end[:, :, None])[:, None, None]  # tokens of the chunk's last segment
-    to_end = torch.where(tail, a_end[..., None] - a, float("-inf")).exp()  # (Bt, G, Hg, nc, L)
-    chunk_states = torch.einsum("bghcs,bcsghp,bcsgn->bcghpn", to_end, u, Bc)
+    to_end = (a_end[..., None] - a).masked_fill_(~tail, float("-inf")).exp_()  # (Bt, G, Hg, nc, L)
+    chunk_states = torch.einsum("bcsghp,bcsgn->bcghpn", u * to_end.permute(0, 3, 4, 1, 2)[..., None], Bc)
     carry = torch.where(seg_end == seg_ref, 1.0, 0.0)[:, None, None] * a_end.exp()  # g_c: (Bt, G, Hg, nc)
 
     S = (initial_state.float().view(Bt, G, Hg, P, N) if initial_state is not None
@@ -112,12 +112,12 @@ def _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk):
     states_in = []
     for c in range(nc):
         states_in.append(S)
-        S = carry[..., c, None, None] * S + chunk_states[:, c]
+        S = torch.addcmul(chunk_states[:, c], carry[..., c, None, None], S)
     S_in = torch.stack(states_in, dim=1)  # (Bt, nc, G, Hg, P, N)
 
     head = (segc == seg_ref[:, :, None])[:, None, None]  # tokens still in the carried segment
-    from_start = torch.where(head, a, float("-inf")).exp()  # (Bt, G, Hg, nc, L)
-    y = y + torch.einsum("bctgn,bcghpn,bghct->bctghp", Cc, S_in, from_start)
+    from_start = a.masked_fill(~head, float("-inf")).exp_()  # (Bt, G, Hg, nc, L)
+    y = y.addcmul_(torch.einsum("bctgn,bcghpn->bctghp", Cc, S_in), from_start.permute(0, 3, 4, 1, 2)[..., None])
     return y.reshape(Bt, nc * L, H, P)[:, :T], S.reshape(Bt, H, P, N)
 
 
