@@ -1,6 +1,13 @@
 import os
 
-import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; Triton reads this when a kernel module is first
+    # imported, and any test module may import the kernels (through a model) before tests/kernels/.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

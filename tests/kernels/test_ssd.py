@@ -55,13 +55,12 @@ def check(compare_with_reference, backend, inputs, tol, chunk, **kwargs):
     compare_with_reference(IMPLEMENTATIONS[backend], reference, inputs, {"chunk_size": chunk, **kwargs}, tol)
 
 
-@pytest.mark.parametrize("T", [1, 15, 37])
+# One token from a zero state is left out: A's true gradient is then exactly 0 and a relative error
+# is undefined; T = 1 is covered with a carried-in state.
+@pytest.mark.parametrize("T,init", [(1, True), (15, False), (15, True), (37, False), (37, True)])
 @pytest.mark.parametrize("G", [1, 2])
 @pytest.mark.parametrize("docs", ["none", "inside", "edges"])
-@pytest.mark.parametrize("init", [False, True])
 def test_chunked_matches_reference(compare_with_reference, T, G, docs, init):
-    if T == 1 and not init:
-        pytest.skip("one token from a zero state: A's true gradient is 0, a relative error is undefined")
     inputs = make_inputs(2, T, 4, 8, G, 6, torch.float32, seed=T * 7 + G, init=init, D_shape="H" if init else "HP")
     inputs["doc_ids"] = doc_ids_for(docs, 2, T, 16)
     check(compare_with_reference, "chunked", inputs, TOL[torch.float32], 16)
