@@ -6,11 +6,10 @@ reuse the transformer's `Attention` (with RoPE from position_ids) and MLP layers
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import rope_cos_sin
@@ -70,36 +69,12 @@ class Block(nn.Module):
         return x + out.to(x.dtype)
 
 
-class MambaLM(nn.Module):
+class MambaLM(CausalLMShell):
     """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: MambaConfig):
-        super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ValueError("MambaConfig.vocab_size must be set (> 0) before building the model")
         cfg.validate()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(kind, cfg) for kind in cfg.layer_pattern)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialize every parameter (call after `to_empty` when built on the meta device)."""
-        if self.cfg.tie_embeddings:
-            # `to_empty` (meta -> real device) gives every parameter its own storage, untying them.
-            self.lm_head.weight = self.embed.weight
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual branches scaled by depth (GPT-2)
-        nn.init.normal_(self.embed.weight, std=std)
-        for layer in self.layers:
-            layer.init_weights(std, out_std)
-        self.norm.init_weights()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+        super().__init__(cfg, (Block(kind, cfg) for kind in cfg.layer_pattern))
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none."""

@@ -7,12 +7,11 @@ tensor-parallel plan can shard them by head / column.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from undertow.models.common.attention import causal_attention
+from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import apply_rope, rope_cos_sin
@@ -67,35 +66,11 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(CausalLMShell):
     """Decoder-only LM. forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ValueError("TransformerConfig.vocab_size must be set (> 0) before building the model")
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialize every parameter (call after `to_empty` when built on the meta device)."""
-        if self.cfg.tie_embeddings:
-            # `to_empty` (meta -> real device) gives every parameter its own storage, untying them.
-            self.lm_head.weight = self.embed.weight
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual branches scaled by depth (GPT-2)
-        nn.init.normal_(self.embed.weight, std=std)
-        for layer in self.layers:
-            layer.init_weights(std, out_std)
-        self.norm.init_weights()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+        super().__init__(cfg, (TransformerBlock(cfg) for _ in range(cfg.n_layers)))
 
     def forward(
         self,
