@@ -14,7 +14,8 @@ from undertow.pretrain import trainer as trainer_mod
 from undertow.pretrain.data_sources import resolve_sources
 from undertow.pretrain.trainer import Trainer, TrainingDiverged, train
 
-from tests.pretrain.helpers import cli_args, read_losses, tiny_config
+from tests.pretrain.helpers import TINY, cli_args, read_losses, tiny_config
+from undertow.pretrain.config import load_config
 
 
 def test_loss_falls_below_unigram_entropy(tmp_path):
@@ -133,3 +134,24 @@ def test_init_from_takes_weights_and_model_config_with_fresh_optimizer(tmp_path)
         assert torch.equal(a, b), name
     t.fit()
     assert ckpt.latest_checkpoint(str(tmp_path / "b" / "checkpoints")).endswith("step_00000004")
+
+
+@pytest.mark.parametrize("pattern", ["mM", "M*-"])
+def test_recurrent_family_trains_and_resumes_exactly(tmp_path, pattern):
+    """The trainer knows no family: a Mamba hybrid trains, checkpoints and resumes bit-identically."""
+    shared = {k: v for k, v in TINY.items() if not k.startswith("model.")}
+    model = {"model.layer_pattern": pattern, "model.d_model": 32, "model.d_state": 8, "model.headdim": 16,
+             "model.chunk_size": 16, "model.n_heads": 2, "model.ffn_hidden": 48}
+
+    def config(run_dir, **extra):
+        values = {**shared, **model, "training.run_dir": str(run_dir), "training.steps": 6,
+                  "checkpoint.every": 3, "checkpoint.keep_last": 2, **extra}
+        return load_config("tiny-mamba2", {k: str(v) for k, v in values.items()})
+
+    reference = train(config(tmp_path / "ref"))
+    assert math.isfinite(reference.last_loss)
+    step3 = ckpt.list_checkpoints(str(tmp_path / "ref" / "checkpoints"))[0][1]
+    assert step3.endswith("step_00000003")
+    train(config(tmp_path / "run", **{"checkpoint.resume": step3}))
+    expected = {s: loss for s, loss in read_losses(tmp_path / "ref").items() if s > 3}
+    assert read_losses(tmp_path / "run") == expected
