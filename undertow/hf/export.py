@@ -81,15 +81,12 @@ def read_checkpoint(checkpoint: str) -> tuple[dict, str, object]:
 
     Only the model config is rebuilt, not the whole experiment: its data paths or resume
     directory need not exist where the export runs."""
-    from undertow.configtools import from_dict
-    from undertow.models import registry
     from undertow.pretrain import checkpoint as ckpt
+    from undertow.pretrain.config import build_model_config
 
-    with open(os.path.join(checkpoint, ckpt.META_NAME)) as f:
-        meta = json.load(f)
-    saved = dict(meta["config"]["model"])
-    family = saved.pop("family")
-    model_cfg = from_dict(registry.get(family, "model.family").config_cls, saved, "model")
+    meta = ckpt.read_meta(checkpoint)
+    family = meta["config"]["model"]["family"]
+    model_cfg = build_model_config(meta["config"]["model"])
     model_cfg.validate()
     return meta, family, model_cfg
 

@@ -116,13 +116,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta."""
+def read_meta(path: str) -> dict:
+    """The meta.json of a complete checkpoint directory."""
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_NAME})")
     with open(meta_path) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta."""
+    meta = read_meta(path)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

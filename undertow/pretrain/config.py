@@ -235,14 +235,20 @@ def available_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("undertow.recipes").iterdir() if p.name.endswith(".toml"))
 
 
+def build_model_config(table: dict) -> Any:
+    """A `[model]` table (`family` plus that family's fields) -> the family's config dataclass."""
+    table = dict(table)
+    family = coerce("model.family", table.pop("family", "transformer"), str)
+    spec = registry.get(family, field_name="model.family")
+    return from_dict(spec.config_cls, table, "model")
+
+
 def build_config(data: dict) -> ExperimentConfig:
     """Dict (parsed TOML with overrides applied) -> validated ExperimentConfig."""
     data = dict(data)
-    model_table = dict(data.pop("model", {}) or {})
-    family = coerce("model.family", model_table.pop("family", "transformer"), str)
-    spec = registry.get(family, field_name="model.family")
+    model_table = data.pop("model", {}) or {}
     cfg = from_dict(ExperimentConfig, data)
-    cfg.model = from_dict(spec.config_cls, model_table, "model")
+    cfg.model = build_model_config(model_table)
     cfg.validate()
     return cfg
 

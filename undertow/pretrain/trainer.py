@@ -18,13 +18,12 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from undertow.configtools import from_dict
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
 from undertow.pretrain import checkpoint as ckpt
-from undertow.pretrain.config import ExperimentConfig
+from undertow.pretrain.config import ExperimentConfig, build_model_config
 from undertow.pretrain.data_sources import resolve_sources
 from undertow.pretrain.loader import PackedLoader
 from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
@@ -123,13 +122,10 @@ class Trainer:
 
     def _adopt_init_model(self) -> dict:
         """With checkpoint.init_from, the model is the checkpoint's: take its model config."""
-        with open(os.path.join(self.cfg.checkpoint.init_from, ckpt.META_NAME)) as f:
-            meta = json.load(f)
-        saved = dict(meta["config"]["model"])
-        spec = registry.get(saved.pop("family"), field_name="model.family (of checkpoint.init_from)")
-        model_cfg = from_dict(spec.config_cls, saved, "model")
+        meta = ckpt.read_meta(self.cfg.checkpoint.init_from)
+        model_cfg = build_model_config(meta["config"]["model"])
         if self.cfg.model != model_cfg:
-            log.warning("checkpoint.init_from: using the checkpoint's model config %s", saved)
+            log.warning("checkpoint.init_from: using the checkpoint's model config %s", meta["config"]["model"])
         self.cfg.model = model_cfg
         return meta
 
