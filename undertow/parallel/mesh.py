@@ -1,0 +1,99 @@
+"""ParallelDims: the layout of a run (pp, dp_replicate, dp_shard, cp, tp) and its named DeviceMesh.
+
+The layout is validated against the world size and the model's shapes before any process does
+work, with errors that say what to change. Mesh dimensions are named "pp", "dp_replicate",
+"dp_shard", "cp", "tp" (outermost first: tp ranks are neighbours, so they share a node); the
+flattened "dp" (dp_replicate x dp_shard) is what the loader splits data over and "dp_shard_cp"
+(dp_shard x cp) is what FSDP2 shards parameters over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        for name in NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"parallel.{name} = {value!r}: must be an integer >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different batches one step sees."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def is_single(self) -> bool:
+        return self.world_size == 1
+
+    def describe(self) -> str:
+        parts = [f"{n}{getattr(self, n)}" for n in NAMES if getattr(self, n) > 1]
+        return " x ".join(parts) if parts else "single process"
+
+    def validate(self, world_size: int, shape_limits: dict[str, tuple[str, int]] | None = None) -> None:
+        """Raise LayoutError unless the layout fills `world_size` processes and every degree divides
+        the model dimension it splits. `shape_limits` maps a degree name ("tp", "cp", "pp") to
+        (what it splits, its size), e.g. {"tp": ("n_heads", 6), "pp": ("layers", 4)}."""
+        if self.world_size != world_size:
+            raise LayoutError(
+                f"parallel layout {self.describe()} needs {self.world_size} processes, but the world size is "
+                f"{world_size}; make pp x dp_replicate x dp_shard x cp x tp = {world_size}"
+            )
+        for degree, (what, size) in (shape_limits or {}).items():
+            value = getattr(self, degree)
+            if degree == "pp":
+                if value > size:
+                    raise LayoutError(f"pp={value} exceeds {what}={size}; valid pp: 1..{size}")
+            elif size % value:
+                valid = ", ".join(str(d) for d in divisors(size))
+                raise LayoutError(f"{degree}={value} does not divide {what}={size}; valid {degree}: {valid}")
+
+    def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
+        """The named mesh over the current process group (which must be initialized), with the
+        flattened "dp", "dp_shard_cp" and "dp_cp" dimensions added."""
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in NAMES), mesh_dim_names=NAMES)
+        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+        mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        return mesh
+
+
+def init_process_group_from_env() -> tuple[int, int]:
+    """Initialize torch.distributed from torchrun's environment (NCCL on CUDA, gloo on CPU) when
+    WORLD_SIZE > 1 and it is not yet initialized. Returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
