@@ -8,8 +8,11 @@
 # It (1) runs tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor
 # wheels are NOT on the path, so no test can touch mamba_ssm); (2) installs the anchor wheels (pure Python,
 # no index, no deps) into a scratch dir put on PYTHONPATH for the benchmark alone; (3) runs
-# scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process.
-# Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json.
+# scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process; (4) runs
+# scripts/bench_train_gpu.py: tokens/s and MFU of a mamba2-370m training step (B=8, T=2048, bf16).
+# Each part has its own time limit, so a slow part cannot starve the others (total about 420 s).
+# Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
+# train.log, bench_train_gpu.json.
 # Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +28,7 @@ status=0
 echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
 # pytest-xdist spreads the many small Triton compiles over the CPU cores when it is installed
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-PYTHONPATH="$PWD" timeout 280 python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
+PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-150} python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
 
 rm -rf "$SITE"
 if [ -d "$ANCHORS/wheels" ]; then
@@ -36,5 +39,11 @@ else
   status=1
 fi
 echo "== SSD benchmark" | tee -a "$OUT/bench.log"
-PYTHONPATH="$PWD:$SITE" timeout 240 python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-150} python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+
+echo "== mamba2-370m training step" | tee "$OUT/train.log"
+PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
+if [ -n "${WITH_COMPILE:-}" ]; then
+  PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --compile --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
+fi
 exit $status
