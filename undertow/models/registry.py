@@ -24,6 +24,12 @@ class ModelSpec:
     layer_cost:      (config, seq_len) -> relative cost per layer (pipeline balancing), or None.
     plan:            the family's tensor/sequence-parallel plan (filled by parallel/), or None.
     hf_adapter:      Hugging Face conversion module, or None.
+    shape_limits:    (config) -> [(degree, what, size)]: the model dimensions a parallel degree
+                     splits ("tp" must divide e.g. ("n_heads", 32)), for ParallelDims.validate and
+                     the planner; or None (no limits known).
+    state_elements:  (config) -> per layer, the elements (float32) of the recurrent state one
+                     sequence carries across a split of its tokens (conv window + SSM state; 0
+                     for layers without one), for the planner's context-parallel memory; or None.
     """
 
     name: str
@@ -33,6 +39,8 @@ class ModelSpec:
     layer_cost: Callable[[Any, int], list[float]] | None = None
     plan: Any = None
     hf_adapter: Any = None
+    shape_limits: Callable[[Any], list[tuple[str, str, int]]] | None = None
+    state_elements: Callable[[Any], list[int]] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

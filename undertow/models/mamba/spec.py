@@ -60,6 +60,31 @@ def flops_per_token(cfg: MambaConfig, seq_len: int) -> float:
     return sum(layer_cost(cfg, seq_len)) + 6.0 * cfg.d_model * cfg.vocab_size
 
 
+def shape_limits(cfg: MambaConfig) -> list[tuple[str, str, int]]:
+    """What tensor parallelism splits in each layer kind present: Mamba-1 channels, Mamba-2 heads
+    and the groups sharing B/C, attention query and key/value heads, SwiGLU hidden units."""
+    kinds = set(cfg.layer_pattern)
+    limits = [("tp", "d_inner", cfg.d_inner)] if "m" in kinds else []
+    if "M" in kinds:
+        limits += [("tp", "nheads", cfg.nheads), ("tp", "ngroups", cfg.ngroups)]
+    if "*" in kinds:
+        limits += [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.n_kv_heads or cfg.n_heads)]
+    if "-" in kinds:
+        limits.append(("tp", "ffn_hidden", cfg.hidden))
+    return limits
+
+
+def state_elements(cfg: MambaConfig) -> list[int]:
+    """Per layer, float32 elements of one sequence's state: conv window (d_conv - 1 steps of the
+    convolved channels) + SSM state (Mamba-1: d_inner x d_state; Mamba-2: nheads x headdim x d_state)."""
+    window = cfg.d_conv - 1
+    per_kind = {
+        "m": cfg.d_inner * (window + cfg.d_state),
+        "M": (cfg.d_inner + 2 * cfg.ngroups * cfg.d_state) * window + cfg.d_inner * cfg.d_state,
+    }
+    return [per_kind.get(kind, 0) for kind in cfg.layer_pattern]
+
+
 SPEC = ModelSpec(
     name="mamba",
     config_cls=MambaConfig,
@@ -67,4 +92,6 @@ SPEC = ModelSpec(
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
     hf_adapter=hf,
+    shape_limits=shape_limits,
+    state_elements=state_elements,
 )

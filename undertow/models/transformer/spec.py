@@ -23,10 +23,16 @@ def layer_cost(cfg: TransformerConfig, seq_len: int) -> list[float]:
     return [per_layer + 12.0 * cfg.d_model * seq_len] * cfg.n_layers
 
 
+def shape_limits(cfg: TransformerConfig) -> list[tuple[str, str, int]]:
+    """Tensor parallelism splits query and key/value heads and the SwiGLU hidden units."""
+    return [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads), ("tp", "ffn_hidden", cfg.hidden)]
+
+
 SPEC = ModelSpec(
     name="transformer",
     config_cls=TransformerConfig,
     model_cls=TransformerLM,
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
+    shape_limits=shape_limits,
 )
