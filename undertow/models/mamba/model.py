@@ -55,8 +55,12 @@ class Block(nn.Module):
         self.mixer.init_weights(std, out_std)
 
     def mixer_input(self, x: torch.Tensor) -> torch.Tensor:
-        """norm(x) in the weights' dtype (x may be the float32 residual of half-precision weights)."""
-        return self.norm(x).to(self.norm.weight.dtype)
+        """norm(x) in the dtype the mixer computes in: autocast's when it is on (every mixer starts
+        with a projection that would round its input to it anyway), else the weights' (x may be the
+        float32 residual of half-precision weights). The norm writes that dtype directly."""
+        device = x.device.type
+        on = torch.is_autocast_enabled(device)
+        return self.norm(x, out_dtype=torch.get_autocast_dtype(device) if on else self.norm.weight.dtype)
 
     def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None):
         h = self.mixer_input(x)

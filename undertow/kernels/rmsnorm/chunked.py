@@ -1,0 +1,107 @@
+"""RMSNorm (optionally gated and grouped) in PyTorch, light on memory: an autograd.Function that saves
+only its inputs (in their own dtype) and the float32 1/rms per group, and recomputes the rest in backward.
+
+Plain autograd over the reference keeps several float32 (..., dim) intermediates alive per layer
+(x.float(), silu(z), the gated product, the normalized tensor); here nothing float32 of that size
+outlives the call. Rows are processed in chunks of about CHUNK_ELEMENTS elements, so the float32
+temporaries of forward and backward stay bounded too ("chunked" is the backend name of this form).
+
+Backward, with g = x * silu(z) (or x), r = 1/rms per group, ĝ = g r and dĝ = dout * weight:
+    dg      = r (dĝ - ĝ mean_group(dĝ ĝ))
+    dweight = sum over rows of dout ĝ
+    dx      = dg silu(z);  dz = dg x σ(z) (1 + z (1 - σ(z)))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from undertow.kernels.rmsnorm.reference import check_inputs
+
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per temporary
+
+
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.reshape(-1, dim)
+
+
+def _gated(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    g = x.float()
+    return g * F.silu(z.float()) if z is not None else g
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """(x, z or None, weight, group, eps, out_dtype) -> out (..., dim) in out_dtype."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, group, eps, out_dtype):
+        dim = x.shape[-1]
+        x2 = _rows(x, dim)
+        z2 = _rows(z, dim) if z is not None else None
+        R, groups = x2.shape[0], dim // group
+        out = torch.empty(R, dim, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(R, groups, dtype=torch.float32, device=x.device)
+        w = weight.float()
+        step = max(1, CHUNK_ELEMENTS // dim)
+        for r0 in range(0, R, step):
+            g = _gated(x2[r0:r0 + step], z2[r0:r0 + step] if z2 is not None else None).view(-1, groups, group)
+            r = torch.rsqrt(g.pow(2).mean(-1) + eps)
+            rstd[r0:r0 + step] = r
+            out[r0:r0 + step] = (g * r[..., None]).view(-1, dim) * w
+        ctx.save_for_backward(x, z, weight, rstd)
+        ctx.group = group
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, z, weight, rstd = ctx.saved_tensors
+        dim, group = x.shape[-1], ctx.group
+        groups = dim // group
+        x2, d2 = _rows(x, dim), _rows(dout, dim)
+        z2 = _rows(z, dim) if z is not None else None
+        R = x2.shape[0]
+        need_x, need_z, need_w = ctx.needs_input_grad[:3]
+        dx = torch.empty(R, dim, dtype=x.dtype, device=x.device) if need_x else None
+        dz = torch.empty(R, dim, dtype=z.dtype, device=x.device) if need_z else None
+        dw = torch.zeros(dim, dtype=torch.float32, device=x.device)
+        w = weight.float()
+        step = max(1, CHUNK_ELEMENTS // dim)
+        for r0 in range(0, R, step):
+            rows = slice(r0, r0 + step)
+            zc = z2[rows].float() if z2 is not None else None
+            g = _gated(x2[rows], zc).view(-1, groups, group)
+            r = rstd[rows, :, None]
+            g_hat = g * r
+            dc = d2[rows].float().view(-1, groups, group)
+            if need_w:
+                dw += (dc * g_hat).sum(0).view(dim)
+            if not (need_x or need_z):
+                continue
+            dg_hat = dc * w.view(groups, group)
+            dg = (r * (dg_hat - g_hat * (dg_hat * g_hat).mean(-1, keepdim=True))).view(-1, dim)
+            if zc is None:
+                dx[rows] = dg
+                continue
+            sig = torch.sigmoid(zc)
+            if need_x:
+                dx[rows] = dg * zc * sig
+            if need_z:
+                dz[rows] = dg * x2[rows].float() * sig * (1 + zc * (1 - sig))
+        dx = dx.view(x.shape) if need_x else None
+        dz = dz.view(z.shape) if need_z else None
+        return dx, dz, dw.to(weight.dtype) if need_w else None, None, None, None
+
+
+def rmsnorm_chunked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    z: torch.Tensor | None = None,
+    group_size: int | None = None,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Same signature and results as `rmsnorm_reference` (see reference.py)."""
+    group = check_inputs(x, weight, z, group_size)
+    return _RMSNormFunction.apply(x, z, weight, group, eps, out_dtype or x.dtype)
