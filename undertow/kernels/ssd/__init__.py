@@ -7,6 +7,7 @@ import torch
 from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.ssd.chunked import ssd_chunked
 from undertow.kernels.ssd.reference import ssd_reference
+from undertow.parallel.context_hook import context_parallel_op
 
 
 def _ssd_triton(*args, **kwargs):
@@ -43,6 +44,11 @@ def ssd(
     """x, z: (Bt, T, H, P); dt: (Bt, T, H); A, dt_bias: (H,); B, C: (Bt, T, G, N); D: (H,) or (H, P);
     initial_state: (Bt, H, P, N); doc_ids: (Bt, T). `chunk_size` is used by the chunked and Triton forms.
     Returns y (Bt, T, H, P) [, final_state (Bt, H, P, N) float32]."""
+    handler = context_parallel_op("ssd")
+    if handler is not None:  # context parallelism: this rank's slice, states passed between ranks
+        return handler(ssd, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                       chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,
+                       return_final_state=return_final_state, backend=backend)
     chosen = select_backend("ssd", x, backend, tuple(IMPLEMENTATIONS))
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                   initial_state=initial_state, doc_ids=doc_ids, return_final_state=return_final_state)

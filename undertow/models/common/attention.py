@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from undertow.log import get_logger
+from undertow.parallel.context_hook import context_parallel_op
 
 BACKENDS = ("flash", "sdpa")
 _logged: set[str] = set()
@@ -76,6 +77,10 @@ def causal_attention(
     doc_ids (B, T) and/or cu_seqlens (S+1,) over the flattened B*T tokens mark documents;
     no token attends across a boundary. Returns (B, T, H, D).
     """
+    handler = context_parallel_op("attention")
+    if handler is not None:  # context parallelism: local queries against the whole row's keys
+        return handler(causal_attention, q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                       backend=backend)
     B, T, H, D = q.shape
     if H % k.shape[2] != 0:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[2]}")

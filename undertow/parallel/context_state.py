@@ -1,0 +1,153 @@
+"""Context parallelism for recurrences: state passing across the ranks of the cp group.
+
+Rank r holds tokens [r T/cp, (r+1) T/cp) of every row. A recurrence op whose state is linear in
+its initial state, slice by slice,
+
+    final_state(h0) = transition * h0 + final_state(0)        (* broadcasts: a diagonal transition)
+
+runs in three steps (`run_state_passing`):
+  1. each rank computes final_state(0) of its slice and its cumulative `transition` (zero once a
+     document starts inside the slice, so the carried state stops there);
+  2. the ranks all-gather (final_state(0), transition, first and last document id of each row), and
+     rank r folds the ranks before it into its true initial state, zeroed for the rows whose
+     document starts at rank r's first token (`exchange_states`);
+  3. each rank re-runs the op on its slice from that initial state: outputs and final state are
+     exact. Cost: the op twice per step, unless it declares a cheaper `final_from_zero`.
+The backward pass mirrors step 2: each rank all-gathers the gradient of its initial state and
+folds those of the ranks after it, in reverse, into the gradients of its final state and
+transition (`_ExchangeStates.backward`); autograd does the rest. A global `initial_state` (the
+state before each row's first token) is read on cp rank 0 only.
+
+An op declares how it passes state with a `StatePassing` (see context_ops.py). The op's public
+function must take `initial_state`, `doc_ids` and `return_final_state` keywords and return
+(y, final_state) when asked: the kernel contract of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from undertow.parallel.context_comm import all_gather
+from undertow.parallel.context_hook import local_only
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+EXACT_FLOAT32_INT = 2**24  # document ids travel in the float32 buffer; they must stay exact
+
+
+@dataclass(frozen=True)
+class StatePassing:
+    """How one recurrence op passes its state across cp ranks.
+
+    transition(args, kwargs) -> float32 tensor broadcastable to the state: the slice's cumulative
+        decay (final_state(h0) - final_state(0) = transition * h0), zero for rows in which a
+        document starts after the slice's first token. May raise if the slice is too short.
+    final_from_zero(fn, args, kwargs) -> final_state(0) of the slice, float32 state shape. Without
+        it, the op runs once more from a zero state to get it.
+    """
+
+    transition: Callable[[Args, Kwargs], torch.Tensor]
+    final_from_zero: Callable[[Callable, Args, Kwargs], torch.Tensor] | None = None
+
+
+def doc_edges(doc_ids: torch.Tensor | None, rows: int, device) -> torch.Tensor:
+    """(2, rows) float32: each row's first and last document id (zeros without doc_ids)."""
+    if doc_ids is None:
+        return torch.zeros(2, rows, device=device)
+    edges = torch.stack([doc_ids[:, 0], doc_ids[:, -1]])
+    if edges.abs().max() >= EXACT_FLOAT32_INT:
+        raise ValueError(f"context parallelism needs doc_ids below 2**24 (segment indices within a row), "
+                         f"got {int(edges.abs().max())}")
+    return edges.float()
+
+
+def _view_rows(flags: torch.Tensor, ndim: int) -> torch.Tensor:
+    return flags.view(flags.shape[0], *([1] * (ndim - 1)))
+
+
+def continues(edges: list[torch.Tensor], ndim: int) -> list[torch.Tensor | None]:
+    """Per rank j >= 1: (B, 1, ...) float, 1 for the rows whose first token at rank j continues the
+    document of rank j-1's last token (edges[j]: (2, B) first/last document ids); None for rank 0."""
+    return [None] + [_view_rows((edges[j][0] == edges[j - 1][1]).float(), ndim) for j in range(1, len(edges))]
+
+
+def fold_forward(finals, transitions, keep, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s initial state and out_{rank-1}, the state after the previous rank's last token:
+    out_0 = finals_0, out_j = finals_j + transitions_j * keep_j * out_{j-1}; initial = keep_rank *
+    out_{rank-1} (zeros on rank 0)."""
+    out_prev = torch.zeros_like(finals[0])
+    for j in range(rank):
+        out_prev = finals[j] if j == 0 else finals[j] + transitions[j] * keep[j] * out_prev
+    initial = keep[rank] * out_prev if rank > 0 else torch.zeros_like(finals[0])
+    return initial, out_prev
+
+
+def fold_backward(grad_initials, transitions, keep, rank: int) -> torch.Tensor:
+    """The gradient of out_rank (= of finals_rank) from every rank's initial-state gradient:
+    d out_{s-1} = keep_s * (grad_initial_s + transitions_s * d out_s), from d out_{world-1} = 0."""
+    grad_out = torch.zeros_like(grad_initials[0])
+    for s in range(len(grad_initials) - 1, rank, -1):
+        grad_out = keep[s] * (grad_initials[s] + transitions[s] * grad_out)
+    return grad_out
+
+
+class _ExchangeStates(torch.autograd.Function):
+    """final (B, *S), transition (broadcastable to final), edges (2, B) -> this rank's initial
+    state (B, *S) by `fold_forward` over every rank's gathered values."""
+
+    @staticmethod
+    def forward(ctx, final, transition, edges, group):
+        rank = dist.get_rank(group)
+        sizes = [final.numel(), transition.numel(), edges.numel()]
+        buffer = torch.cat([final.reshape(-1), transition.reshape(-1), edges.reshape(-1)])
+        pieces = [g.split(sizes) for g in all_gather(buffer, group)]
+        finals = [p[0].view_as(final) for p in pieces]
+        transitions = [p[1].view_as(transition) for p in pieces]
+        keep = continues([p[2].view_as(edges) for p in pieces], final.ndim)
+        initial, out_prev = fold_forward(finals, transitions, keep, rank)
+        ctx.group, ctx.keep, ctx.transitions = group, keep, transitions
+        ctx.transition_shape = transition.shape
+        ctx.save_for_backward(out_prev)
+        return initial
+
+    @staticmethod
+    def backward(ctx, grad_initial):
+        (out_prev,) = ctx.saved_tensors
+        rank = dist.get_rank(ctx.group)
+        grad_out = fold_backward(all_gather(grad_initial, ctx.group), ctx.transitions, ctx.keep, rank)
+        if rank == 0:  # rank 0's transition acts on the global initial state, outside this function
+            grad_transition = torch.zeros(ctx.transition_shape, dtype=grad_out.dtype, device=grad_out.device)
+        else:
+            grad_transition = (grad_out * ctx.keep[rank] * out_prev).sum_to_size(ctx.transition_shape)
+        return grad_out, grad_transition, None, None
+
+
+def exchange_states(final: torch.Tensor, transition: torch.Tensor, doc_ids: torch.Tensor | None, group) -> torch.Tensor:
+    """This rank's true initial state (float32, final's shape) from every rank's final state from
+    zero and transition (see _ExchangeStates); one all-gather forward, one backward."""
+    final = final.float()
+    edges = doc_edges(doc_ids, final.shape[0], final.device)
+    return _ExchangeStates.apply(final, transition.float().contiguous(), edges, group)
+
+
+def run_state_passing(cp, spec: StatePassing, fn: Callable, args: Args, kwargs: Kwargs):
+    """Run recurrence op `fn(*args, **kwargs)` on this rank's slice with its true initial state.
+    Returns what fn returns: y, or (y, the state after the slice's last token)."""
+    doc_ids, initial = kwargs.get("doc_ids"), kwargs.get("initial_state")
+    with local_only():
+        if spec.final_from_zero is not None:
+            final = spec.final_from_zero(fn, args, kwargs)
+        else:
+            final = fn(*args, **{**kwargs, "initial_state": None, "return_final_state": True})[1]
+        transition = spec.transition(args, kwargs)
+        use_initial = cp.rank == 0 and initial is not None
+        if use_initial:  # the row's carried-in state enters through rank 0's slice
+            final = final.float() + transition * initial.float()
+        start = exchange_states(final, transition, doc_ids, cp.group)
+        if use_initial:
+            start = start + initial.float()
+        return fn(*args, **{**kwargs, "initial_state": start})
