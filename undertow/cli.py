@@ -47,6 +47,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from undertow.launch.signals import EXIT_REQUEUE, Preempted
     from undertow.pretrain.trainer import Trainer, TrainingDiverged
 
     try:
@@ -59,6 +60,9 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:  # SIGTERM/SIGUSR1: checkpointed; the exit code asks for a restart or requeue
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_REQUEUE
     val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
     print(
         f"done: {result.steps} steps, last loss {result.last_loss:.4f}{val}, "
@@ -106,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from undertow.hf.cli import add_convert_parser
 
     add_convert_parser(sub)
+    from undertow.launch.cli import add_launch_parser
+
+    add_launch_parser(sub)
     return parser
 
 

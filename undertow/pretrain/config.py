@@ -101,6 +101,8 @@ class TrainingConfig:
     run_dir: str = opt("runs/{name}", help="Where checkpoints, TensorBoard events and metrics.jsonl go; {name} is the config's name.")
     peak_tflops: float = opt(0.0, help='Peak dense TFLOP/s of one device for MFU (0: known GPUs auto-detected, else MFU not shown).')
     deterministic: bool = opt(True, help='Use deterministic algorithms (bit-identical resume on CPU).')
+    collective_timeout_s: float = opt(600.0, help="Timeout of every collective (the process group's): a rank that never joins one makes the others fail after this long, and the failure is logged with the rank, the operation, the step and the phase.")
+    hang_timeout_s: float = opt(1800.0, help="A rank that stays this long in one phase of a step (train step, validation, checkpoint save) is reported (rank, step, phase, the collective it waits in, every thread's stack) and exits with code 124 (0: no watchdog).")
 
     def validate(self) -> None:
         check(self.steps >= 1, "training.steps", self.steps, "must be >= 1")
@@ -111,6 +113,8 @@ class TrainingConfig:
         check(self.val_every >= 0, "training.val_every", self.val_every, "must be >= 0 (0: no validation)")
         check(self.val_batches >= 1, "training.val_batches", self.val_batches, "must be >= 1")
         check(self.peak_tflops >= 0, "training.peak_tflops", self.peak_tflops, "must be >= 0")
+        check(self.collective_timeout_s > 0, "training.collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        check(self.hang_timeout_s >= 0, "training.hang_timeout_s", self.hang_timeout_s, "must be >= 0 (0: off)")
         dev = self.device
         check(
             dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from undertow.launch.signals import RunGuard
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
@@ -241,8 +242,9 @@ class Trainer:
         last_loss, last_ckpt = float("nan"), self.resumed_from
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
         try:
-            with logging_redirect_tqdm():
+            with logging_redirect_tqdm(), RunGuard(t, self.device) as guard:  # stop signals, hang watchdog
                 while self.step < t.steps:
+                    guard.beat("train step", self.step + 1)
                     micro = [next(data) for _ in range(t.grad_accum_steps)]
                     lr = cfg.optimizer.lr * lr_multiplier(self.step, t.steps, cfg.schedule)
                     loss, grad_norm, _ = self.train_step(micro)
@@ -279,14 +281,20 @@ class Trainer:
                             "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_total,
                         }, "train")
                     if t.val_every and cfg.data.val_fraction > 0 and (self.step % t.val_every == 0 or self.step == t.steps):
+                        guard.beat("validation", self.step)
                         self.last_val_loss = self.validate()
                         if self.last_val_loss is not None:
                             val = {"loss": self.last_val_loss, "perplexity": math.exp(min(self.last_val_loss, 50.0))}
                             writer.record(self.step, val, kind="val")
                             writer.publish(self.step, val, "val")
                     every = cfg.checkpoint.every
-                    if (every and self.step % every == 0) or self.step == t.steps:
+                    saved = bool(every and self.step % every == 0) or self.step == t.steps
+                    if saved:
+                        guard.beat("checkpoint save", self.step)
                         last_ckpt = self.save()
+                    if self.step < t.steps and guard.stop_requested():  # SIGTERM/SIGUSR1: checkpoint, then stop
+                        guard.beat("checkpoint save", self.step)
+                        raise guard.preempted(self.step, last_ckpt if saved else self.save())
         finally:
             bar.close()
             writer.close()

@@ -1,0 +1,65 @@
+"""torchrun command lines: `undertow launch local` runs one; the Slurm script runs one per node.
+
+torchrun (torch.distributed.run) starts the ranks of a node, restarts all of them when one dies
+(`--max-restarts`; every rank then resumes from the newest complete checkpoint because the
+command says `checkpoint.resume = auto`), keeps each rank's stdout/stderr under `--log-dir`
+(`<log dir>/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log`, also echoed
+to the console with a `[default<rank>]:` prefix) and forwards stop signals: SIGUSR1 is added to
+the signals it handles, so a time-limit warning reaches the workers (which checkpoint and stop)
+instead of killing torchrun, and `--shutdown-timeout` gives them time to write that checkpoint
+before torchrun falls back to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from undertow.launch.command import PretrainCommand
+
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+RANK_LOGS = "3"  # redirect and tee stdout and stderr of every rank
+
+
+@functools.cache
+def _torchrun_options() -> frozenset[str]:
+    from torch.distributed.run import get_args_parser
+
+    return frozenset(opt for action in get_args_parser()._actions for opt in action.option_strings)
+
+
+def node_options(nproc_per_node: int, max_restarts: int, shutdown_timeout_s: int) -> list[str]:
+    """The torchrun options shared by local and Slurm launches (everything but rendezvous and log dir).
+    Options this torch's torchrun lacks (older releases) are left out rather than failing the launch."""
+    opts = [
+        f"--nproc-per-node={nproc_per_node}",
+        f"--max-restarts={max_restarts}",
+        f"--redirects={RANK_LOGS}",
+        f"--tee={RANK_LOGS}",
+    ]
+    if "--signals-to-handle" in _torchrun_options():
+        opts.append(f"--signals-to-handle={SIGNALS_TO_HANDLE}")
+    if "--shutdown-timeout" in _torchrun_options():
+        opts.append(f"--shutdown-timeout={shutdown_timeout_s}")
+    return opts
+
+
+def default_nproc_per_node() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def local_argv(
+    cmd: PretrainCommand, nproc_per_node: int, max_restarts: int, shutdown_timeout_s: int, python: str | None = None
+) -> list[str]:
+    """`python -m torch.distributed.run --standalone ... -m undertow.cli pretrain ...` for this machine.
+    --standalone runs the c10d rendezvous on a free local port, so several jobs can share a machine."""
+    return [
+        python or sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nnodes=1",
+        *node_options(nproc_per_node, max_restarts, shutdown_timeout_s),
+        f"--log-dir={os.path.join(cmd.run_dir, 'logs', 'local')}",
+        *cmd.module_args,
+    ]
