@@ -1,0 +1,44 @@
+"""Every parallel layout of N GPUs, estimated (memory.py) and sorted best first.
+
+A layout is (pp, dp_replicate, dp_shard, cp, tp) with product N, activation checkpointing on or
+off, and a ZeRO stage: 1, 2 or 3 when it has ranks to shard over (dp_shard x cp > 1), else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from undertow.parallel.mesh import NAMES, divisors
+from undertow.planning.memory import Estimate, Layout, ModelFacts, Setup, estimate
+
+
+def _factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Ordered tuples of `parts` positive integers whose product is n."""
+    if parts == 1:
+        yield (n,)
+        return
+    for d in divisors(n):
+        for rest in _factorizations(n // d, parts - 1):
+            yield (d, *rest)
+
+
+def layouts(gpus: int) -> Iterator[Layout]:
+    for degrees in _factorizations(gpus, len(NAMES)):
+        dims = dict(zip(NAMES, degrees))
+        stages = (1, 2, 3) if dims["dp_shard"] * dims["cp"] > 1 else (0,)
+        for ac in (False, True):
+            for zero in stages:
+                yield Layout(**dims, ac=ac, zero=zero)
+
+
+def sort_key(est: Estimate) -> tuple:
+    """Fitting layouts first, fastest first; among equally fast ones (the step-time model has no
+    communication term) the one with less communication: smaller tp, cp, pp and ZeRO stage, then
+    less memory."""
+    lay = est.layout
+    return (not est.fits, -est.tokens_per_s, lay.tp, lay.cp, lay.pp, lay.zero, est.total)
+
+
+def plan_layouts(facts: ModelFacts, setup: Setup) -> list[Estimate]:
+    """Every layout of setup.gpus GPUs with its estimate, best first (see sort_key)."""
+    return sorted((estimate(layout, facts, setup) for layout in layouts(setup.gpus)), key=sort_key)

@@ -1,0 +1,210 @@
+"""Memory per GPU and step time of one parallel layout (the planner's model; docs/planning.md).
+
+Measured (profile.py, on the meta device): parameters per piece of the model, and the bytes each
+piece saves for the backward as a function of micro-batch rows and tokens. Modeled here:
+
+weights      float32 parameters (the trainer keeps float32 parameters and computes under bf16
+             autocast, so there is no separate master copy), of the heaviest pipeline stage,
+             split by tp (every weight, the vocabulary-parallel embedding and head included) and,
+             with ZeRO-3 / FSDP, by dp_shard x cp; ZeRO-3 adds the float32 unsharded parameters
+             of the running block and the prefetched next one.
+gradients    float32, split by tp, and by dp_shard x cp from ZeRO-2 on.
+optimizer    AdamW: exp_avg and exp_avg_sq in float32 (8 bytes per parameter), split by tp, and by
+             dp_shard x cp from ZeRO-1 on; plus its float32 step count per parameter tensor.
+activations  what the micro-batches in flight saved for the backward, plus a working set.
+             Without activation checkpointing: every piece's saved bytes, times the micro-batches in
+             flight (1F1B: stage s holds min(pp - s, micro-batches) of them); working set: the
+             gradients of the largest piece while its backward runs (about its saved bytes).
+             With checkpointing: the input of every block (what `checkpoint` keeps) and the saved
+             bytes of the pieces outside the blocks (embedding, head + loss), times the micro-
+             batches in flight; working set: one block recomputed plus the largest piece's gradients.
+             tp splits all of it (sequence parallelism splits the residual stream too); cp runs
+             seq_len / cp tokens per rank.
+states       context parallelism only: each rank keeps the final state and cumulative transition
+             (taken as state-sized) of all cp ranks for every recurrent layer, for the backward's
+             correction (ModelSpec.state_elements, float32), split by tp. Without cp a sequence's
+             states live inside the activations.
+reserve      a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
+
+Step time = training FLOPs per token (ModelSpec.flops_per_token) x tokens per step, x 4/3 with
+activation checkpointing (one more forward), / (GPUs x peak x MFU), x (1 + (pp - 1) / m), the 1F1B
+bubble with m micro-batches per step. Communication is not modeled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.planning.profile import ModelProfile, Piece
+
+GIB = 2**30
+AC_RECOMPUTE = 4.0 / 3.0  # training FLOPs of forward + backward (3 units) plus one more forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ac: bool = False  # activation checkpointing of every block
+    zero: int = 0  # 0: replicated; 1: optimizer sharded; 2: + gradients; 3: + weights (FSDP)
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+
+    @property
+    def shard_group(self) -> int:
+        """The ranks ZeRO / FSDP shard over (FSDP2's dp_shard_cp)."""
+        return self.dp_shard * self.cp
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the plan is asked for."""
+
+    gpus: int
+    gpu_memory: float  # bytes
+    seq_len: int
+    global_batch: int  # sequences per optimizer step
+    micro_batch: int  # rows per forward/backward on one rank
+    mfu: float  # fraction of peak reached on the FLOPs executed
+    peak_tflops: float  # dense bf16 peak of one GPU
+    reserve: float = 3 * GIB
+
+
+@dataclasses.dataclass
+class ModelFacts:
+    profile: ModelProfile
+    flops_per_token: float  # training FLOPs per token at the setup's seq_len
+    block_cost: list[float]  # relative cost per block, for the pipeline split
+    state_elements: list[int]  # float32 recurrent state per block and sequence
+    shape_limits: list[tuple[str, str, int]]  # (degree, what, size)
+
+
+@dataclasses.dataclass
+class Estimate:
+    layout: Layout
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    states: float = 0.0
+    reserve: float = 0.0
+    micro_batches: int = 0  # per step and data-parallel rank
+    tokens: int = 0  # per step
+    step_time: float | None = None  # seconds
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.states + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 0.0 if self.step_time is None else self.tokens / self.step_time
+
+
+def split_stages(costs: Sequence[float], pp: int) -> list[list[int]]:
+    """Contiguous split of blocks into `pp` non-empty stages that minimizes the largest stage cost."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest-stage cost of blocks [0, i) in k stages; cut[k][i] its last cut.
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0.0
+    for k in range(1, pp + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    stages, i = [], n
+    for k in range(pp, 0, -1):
+        stages.append(list(range(cut[k][i], i)))
+        i = cut[k][i]
+    return stages[::-1]
+
+
+def stage_memory(layout: Layout, facts: ModelFacts, setup: Setup, pieces: list[Piece], blocks: list[int],
+                 in_flight: int) -> dict[str, float]:
+    """Bytes per GPU of one pipeline stage holding `pieces` (its blocks, indices `blocks`)."""
+    profile, tp, group = facts.profile, layout.tp, layout.shard_group
+    elements, tensors = profile.parameters(pieces)
+    weights = 4.0 * elements / tp / (group if layout.zero >= 3 else 1)
+    if layout.zero >= 3 and blocks:
+        largest = max(profile.parameters([profile.blocks[i]])[0] for i in blocks)
+        weights += 2 * 4.0 * largest / tp
+    gradients = 4.0 * elements / tp / (group if layout.zero >= 2 else 1)
+    optimizer = 8.0 * elements / tp / (group if layout.zero >= 1 else 1) + 4.0 * tensors
+
+    b, t = setup.micro_batch, setup.seq_len // layout.cp
+    saved = [p.saved_bytes(b, t) / tp for p in pieces]
+    if layout.ac:
+        outside = [v for p, v in zip(pieces, saved) if p.name in ("pre", "post")]
+        kept = sum(profile.blocks[i].input_bytes(b, t) / tp for i in blocks) + sum(outside)
+        recompute = max((profile.blocks[i].saved_bytes(b, t) / tp for i in blocks), default=0.0)
+        working = recompute + max(saved)
+    else:
+        kept, working = sum(saved), max(saved)
+    states = 0.0
+    if layout.cp > 1:
+        states = in_flight * b * layout.cp * sum(2 * 4.0 * facts.state_elements[i] for i in blocks) / tp
+    return {
+        "weights": weights, "gradients": gradients, "optimizer": optimizer,
+        "activations": in_flight * kept + working, "states": states,
+    }
+
+
+def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
+    """Memory of the heaviest stage and step time of `layout`; `problems` says why it cannot run."""
+    est = Estimate(layout=layout, reserve=setup.reserve)
+    profile = facts.profile
+    limits = [*facts.shape_limits, ("cp", "seq_len", setup.seq_len), ("pp", "layers", len(profile.blocks))]
+    try:
+        layout.dims.validate(setup.gpus, limits)
+    except LayoutError as e:
+        est.problems.append(str(e))
+        return est
+    dims = layout.dims
+    if setup.global_batch % (dims.dp * setup.micro_batch):
+        est.problems.append(
+            f"global batch of {setup.global_batch} sequences does not split into dp={dims.dp} x "
+            f"micro-batch {setup.micro_batch}"
+        )
+        return est
+    m = setup.global_batch // (dims.dp * setup.micro_batch)
+    stages = split_stages(facts.block_cost, layout.pp)
+    worst: dict[str, float] = {}
+    for s, blocks in enumerate(stages):
+        pieces = [profile.blocks[i] for i in blocks]
+        if s == 0:
+            pieces.insert(0, profile.pieces[0])
+        if s == layout.pp - 1:
+            pieces.append(profile.pieces[-1])
+        in_flight = min(layout.pp - s, m)
+        memory = stage_memory(layout, facts, setup, pieces, blocks, in_flight)
+        if sum(memory.values()) > sum(worst.values()):
+            worst = memory
+    for key, value in worst.items():
+        setattr(est, key, value)
+    est.micro_batches = m
+    tokens = setup.global_batch * setup.seq_len
+    flops = facts.flops_per_token * tokens * (AC_RECOMPUTE if layout.ac else 1.0)
+    compute = flops / (setup.gpus * setup.peak_tflops * 1e12 * setup.mfu)
+    est.step_time = compute * (1.0 + (layout.pp - 1) / m)
+    est.tokens = tokens
+    if est.total > setup.gpu_memory:
+        est.problems.append(f"needs {est.total / GIB:.1f} GiB > {setup.gpu_memory / GIB:.0f} GiB")
+    return est
