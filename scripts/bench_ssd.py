@@ -8,6 +8,11 @@
         B=2,T=8192, 32 heads x 64, d_state 128, chunk 256, bf16: CUDA events around each call, the L2
         cache flushed before it, median over --reps calls after warm-up. mamba_ssm must be importable
         (scripts/gpu_check.sh installs the anchor wheels); without it only our rows are printed.
+    python scripts/bench_ssd.py gpu --sweep [--out DIR] [--reps 20]
+        Our Triton SSD at B=8,T=2048 under each setting of SWEEP (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES,
+        see undertow/kernels/ssd/triton.py): forward and forward+backward ms, and the relative error
+        of y and of every gradient against the exact float32 Triton run on float32 copies of the same
+        inputs (tolerance for bf16: 1e-2). A setting that fails to compile is reported and skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -199,6 +205,72 @@ def run_gpu(args) -> list[str]:
     return rows
 
 
+SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
+    ("tf32 (default)", {}),
+    ("tf32 warps=8", {"UNDERTOW_SSD_TILES": "warps=8"}),
+    ("forward", {"UNDERTOW_SSD_DOT": "forward"}),
+    ("forward warps=8", {"UNDERTOW_SSD_DOT": "forward", "UNDERTOW_SSD_TILES": "warps=8"}),
+    ("input", {"UNDERTOW_SSD_DOT": "input"}),
+    ("input warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "warps=8"}),
+    ("input m=128 warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "m=128,warps=8"}),
+]
+GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+
+
+def outputs_and_grads(fn, inputs: dict, dy: torch.Tensor) -> dict:
+    leaves = leaves_of(inputs)
+    y = fn(leaves)
+    y.backward(dy.to(y.dtype))
+    return {"y": y.detach().float(), **{k: leaves[k].grad.float() for k in GRADS}}
+
+
+def run_sweep(args) -> list[str]:
+    """Our kernel under each SWEEP setting at B=8, T=2048: speed and error against exact float32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    H, P, N, chunk, Bt, T = 32, 64, 128, 256, 8, 2048
+    inputs = make_inputs(Bt, T, H, P, N, torch.bfloat16, "cuda", seed=5, doc_every=700)
+    dy = torch.randn(Bt, T, H, P, device="cuda", generator=torch.Generator("cuda").manual_seed(2)).to(torch.bfloat16)
+
+    def fn(v):
+        return IMPLEMENTATIONS["triton"](v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"], dt_bias=v["dt_bias"],
+                                         chunk_size=chunk, doc_ids=v.get("doc_ids"))
+
+    exact_inputs = {k: v.float() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+    exact = outputs_and_grads(fn, exact_inputs, dy.float())
+    setting = (f"sweep of undertow triton SSD settings: B={Bt}, T={T}, {H} heads x {P}, d_state {N}, chunk {chunk}, "
+               f"bf16, documents every 700 tokens; median of {args.reps} calls, L2 flushed; errors are "
+               "||out - exact|| / ||exact|| against float32 inputs run exactly (bf16 tolerance 1e-2)")
+    rows = [header(args), "", setting, "",
+            "| setting | forward ms | forward+backward ms | err y | worst grad err (which) |", "|---|---:|---:|---:|---|"]
+    print("\n".join(rows), flush=True)  # row by row below: a time limit still leaves the rows done
+    results = []
+    saved = {k: os.environ.get(k) for k in ("UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES")}
+    for name, env in SWEEP:
+        for k in saved:
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        try:
+            got = outputs_and_grads(fn, inputs, dy)
+            errors = {k: ((got[k] - exact[k]).norm() / exact[k].norm()).item() for k in got}
+            worst = max(GRADS, key=lambda k: errors[k])
+            _, fwd, fwd_bwd = measure(fn, inputs, dy, args.reps)
+        except Exception as error:  # noqa: BLE001 (a setting that does not compile, e.g. out of shared memory)
+            rows.append(f"| {name} | FAILED: {type(error).__name__}: {str(error)[:100]} | | | |")
+            print(rows[-1], flush=True)
+            continue
+        results.append({"setting": name, "env": env, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "errors": errors})
+        rows.append(f"| {name} | {fwd:.3f} | {fwd_bwd:.3f} | {errors['y']:.1e} | {errors[worst]:.1e} ({worst}) |")
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+    if args.out:
+        Path(args.out, "bench_ssd_sweep.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["cpu", "gpu"])
@@ -211,15 +283,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--out", default=None, help="gpu: also write bench_ssd.md and bench_ssd.json here")
+    parser.add_argument("--sweep", action="store_true", help="gpu: time the settings in SWEEP instead")
+    parser.add_argument("--out", default=None, help="gpu: also write bench_ssd_gpu.md and bench_ssd.json here")
     args = parser.parse_args()
     if args.mode == "gpu" and not torch.cuda.is_available():
         sys.exit("bench_ssd.py gpu: no CUDA device")
-    rows = run_cpu(args) if args.mode == "cpu" else run_gpu(args)
+    rows = run_cpu(args) if args.mode == "cpu" else run_sweep(args) if args.sweep else run_gpu(args)
     text = "\n".join(rows)
-    print(text)
+    if not args.sweep:  # the sweep printed its rows as they came
+        print(text)
     if args.out:
-        Path(args.out, f"bench_ssd_{args.mode}.md").write_text(text + "\n")
+        name = "sweep" if args.sweep else args.mode
+        Path(args.out, f"bench_ssd_{name}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

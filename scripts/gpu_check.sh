@@ -9,10 +9,13 @@
 # wheels are NOT on the path, so no test can touch mamba_ssm); (2) installs the anchor wheels (pure Python,
 # no index, no deps) into a scratch dir put on PYTHONPATH for the benchmark alone; (3) runs
 # scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process; (4) runs
-# scripts/bench_train_gpu.py: tokens/s and MFU of a mamba2-370m training step (B=8, T=2048, bf16).
+# scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step (B=8,
+# T=2048, bf16); (5) runs scripts/bench_ssd.py gpu --sweep: our SSD under each setting of its knobs
+# (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES), speed and error against exact float32; (6) prints a summary
+# of the key tables last (the device tool returns the output's tail).
 # Each part has its own time limit, so a slow part cannot starve the others (total about 420 s).
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
-# train.log, bench_train_gpu.json.
+# train.log, bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
 # Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ status=0
 echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
 # pytest-xdist spreads the many small Triton compiles over the CPU cores when it is installed
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-150} python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
+PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-120} python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
 
 rm -rf "$SITE"
 if [ -d "$ANCHORS/wheels" ]; then
@@ -39,11 +42,22 @@ else
   status=1
 fi
 echo "== SSD benchmark" | tee -a "$OUT/bench.log"
-PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-150} python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-120} python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
 
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
   PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --compile --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 fi
+
+echo "== SSD settings sweep" | tee "$OUT/sweep.log"
+PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-100} python3 scripts/bench_ssd.py gpu --sweep --reps 20 --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
+
+echo
+echo "================ summary (status so far: $status)"
+head -n 2 "$OUT/nvidia-smi.txt"
+echo "-- kernel tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || tail -n 5 "$OUT/bench.log"
+echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
+echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status

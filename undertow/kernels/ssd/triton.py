@@ -1,10 +1,21 @@
-"""Mamba-2 SSD in Triton: the chunk scan (kernels in triton_fwd.py / triton_bwd.py) as an
-autograd.Function; dt preprocessing, the chunk cumsum of dt*A, the D skip and the z gate stay in
-PyTorch (elementwise, shared with chunked.py), so autograd carries the scan's gradients to A,
-dt_bias, D and z. States are float32; x, B, C may be float32, float16 or bfloat16.
+"""Mamba-2 SSD in Triton: the chunk scan with the D skip fused (kernels in triton_fwd.py /
+triton_bwd.py) as an autograd.Function; dt preprocessing, the chunk cumsum of dt*A and the z gate
+stay in PyTorch (elementwise, shared with chunked.py), so autograd carries the scan's gradients to A,
+dt_bias and z. States are float32; x, B, C may be float32, float16 or bfloat16. Without z, y is
+written once by the scan kernel in x's dtype.
+
+Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep times them):
+  UNDERTOW_SSD_DOT    16-bit inputs: "tf32" (default: derived operands of the matrix products in
+                      tf32), "input" (rounded to the inputs' bf16/fp16: the tensor cores' full rate)
+                      or "forward" (rounded in the forward kernels, tf32 in the backward ones)
+  UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2": token tile of the scan kernels, and num_warps /
+                      num_stages of every matrix kernel (Triton's defaults when absent)
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -29,6 +40,44 @@ from undertow.kernels.ssd.triton_fwd import (
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DOT_ENV, TILES_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES"
+TILE_KEYS = ("m", "warps", "stages")
+DOT_CHOICES = ("tf32", "input", "forward")
+
+
+@functools.cache
+def _tiles(spec: str) -> dict:
+    """UNDERTOW_SSD_TILES "m=64,warps=4,stages=2" -> {"m": 64, "warps": 4, "stages": 2}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in TILE_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{TILES_ENV}={spec!r}: {item!r} is not one of {TILE_KEYS} = a positive int")
+        out[key] = int(value)
+    if "m" in out and (out["m"] < 16 or out["m"] & (out["m"] - 1)):
+        raise ValueError(f"{TILES_ENV}={spec!r}: m must be a power of two >= 16")
+    return out
+
+
+def _precision(dtype: torch.dtype, backward: bool) -> int:
+    """PREC of the forward or backward kernels (see triton_fwd.mm): 0 exact for float32 inputs;
+    16-bit inputs: 1 tf32, 2/3 operands rounded to bf16/fp16 ("input" everywhere, "forward" in the
+    forward kernels only: A's gradient sums many products whose rounding does not cancel)."""
+    if dtype == torch.float32:
+        return 0
+    choice = os.environ.get(DOT_ENV, "tf32")
+    if choice not in DOT_CHOICES:
+        raise ValueError(f"{DOT_ENV}={choice!r}: choose one of {DOT_CHOICES}")
+    if choice == "tf32" or (choice == "forward" and backward):
+        return 1
+    return 2 if dtype == torch.bfloat16 else 3
+
+
+def _launch() -> dict:
+    """num_warps / num_stages of the matrix kernels from UNDERTOW_SSD_TILES (empty: Triton's defaults)."""
+    tiles = _tiles(os.environ.get(TILES_ENV, ""))
+    names = {"warps": "num_warps", "stages": "num_stages"}
+    return {names[k]: v for k, v in tiles.items() if k in names}
 
 
 def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
@@ -39,63 +88,70 @@ def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
     block_p, block_n = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
     tile_bytes = block_p * block_n * (4 if dtype == torch.float32 else 2)
     block_m = 64 if tile_bytes <= 32 * 1024 else 32 if tile_bytes <= 64 * 1024 else 16
+    block_m = _tiles(os.environ.get(TILES_ENV, "")).get("m", block_m)
     block_m = min(block_m, max(16, triton.next_power_of_2(L)))
     return {"BLOCK_M": block_m, "BLOCK_K": block_m, "BLOCK_P": block_p, "BLOCK_N": block_n}
 
 
 class _ChunkScan(torch.autograd.Function):
-    """(x, step, a, B, C, initial_state) -> (y float32 (Bt, T, H, P), final_state (Bt, H, P, N)).
+    """(x, step, a, B, C, D, initial_state) -> (y (Bt, T, H, P) in out_dtype, final_state (Bt, H, P, N)).
     x: (Bt, T, H, P); step: (Bt, T, H) float32; a: (Bt, H, nc*L) float32 chunk cumsums of step*A;
-    B, C: (Bt, T, G, N); initial_state: (Bt, H, P, N) or None; seg: (Bt, nc*L) int32 segment numbers;
-    ends: (nc,) index of each chunk's last token."""
+    B, C: (Bt, T, G, N); D: (H,) or (H, P) or None (y += D x); initial_state: (Bt, H, P, N) or None;
+    seg: (Bt, nc*L) int32 segment numbers; ends: (nc,) index of each chunk's last token."""
 
     @staticmethod
-    def forward(ctx, x, step, a, B, C, initial_state, seg, ends, chunk):
+    def forward(ctx, x, step, a, B, C, D, initial_state, seg, ends, chunk, out_dtype):
         Bt, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Tp = a.shape[-1]
         nc = Tp // chunk
-        exact = x.dtype == torch.float32
+        prec, launch = _precision(x.dtype, backward=False), _launch()
         blk = _blocks(chunk, P, N, x.dtype)
         dims = {"T": T, "Tp": Tp, "H": H}
         f32 = {"device": x.device, "dtype": torch.float32}
+        Dv = D.float().contiguous() if D is not None else step  # a placeholder pointer without D
+        skip = {"HAS_D": D is not None, "D_PER_P": D is not None and D.ndim == 2}
 
         chunk_states = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
             x, step, a, seg, B, chunk_states, **dims, G=G, P=P, N=N, nc=nc, FROM_END=True, L=chunk,
-            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
+            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], PREC=prec, **launch)
         states = torch.empty(Bt, nc + 1, H, P, N, **f32)
         block = min(1024, triton.next_power_of_2(P * N))
         init = initial_state.float().contiguous() if initial_state is not None else chunk_states
         state_pass_fwd_kernel[(Bt * H, triton.cdiv(P * N, block))](
             chunk_states, init, a, seg, states, **dims, PN=P * N, nc=nc,
             HAS_INIT=initial_state is not None, L=chunk, BLOCK=block)
-        y = torch.empty(Bt, T, H, P, **f32)
+        y = torch.empty(Bt, T, H, P, device=x.device, dtype=out_dtype)
         chunk_scan_fwd_kernel[(nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
-            x, step, a, seg, B, C, states, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, EXACT=exact)
+            x, step, a, seg, B, C, states, Dv, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, PREC=prec,
+            **skip, **launch)
 
-        ctx.save_for_backward(x, step, a, B, C, seg, ends, states)
+        ctx.save_for_backward(x, step, a, B, C, D, seg, ends, states)
         ctx.chunk, ctx.has_init, ctx.init_dtype = chunk, initial_state is not None, getattr(initial_state, "dtype", None)
         return y, states[:, nc].clone()
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, step, a, B, C, seg, ends, states = ctx.saved_tensors
+        x, step, a, B, C, D, seg, ends, states = ctx.saved_tensors
         chunk = ctx.chunk
         Bt, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Tp = a.shape[-1]
         nc = Tp // chunk
-        exact = x.dtype == torch.float32
+        prec, launch = _precision(x.dtype, backward=True), _launch()
         blk = _blocks(chunk, P, N, x.dtype)
         dims = {"T": T, "Tp": Tp, "H": H}
         f32 = {"device": x.device, "dtype": torch.float32}
-        dy, dfinal = dy.float().contiguous(), dfinal.float().contiguous()  # autograd materializes unused ones as zeros
+        # autograd materializes unused outputs' gradients as zeros; dy is read in its own dtype
+        dy, dfinal = dy.contiguous(), dfinal.float().contiguous()
+        Dv = D.float().contiguous() if D is not None else step
+        skip = {"HAS_D": D is not None, "D_PER_P": D is not None and D.ndim == 2}
 
         ds = torch.empty(Bt, nc, H, P, N, **f32)
         chunk_outer_kernel[(nc, Bt * H, triton.cdiv(P, blk["BLOCK_P"]))](
             dy, step, a, seg, C, ds, **dims, G=G, P=P, N=N, nc=nc, FROM_END=False, L=chunk,
-            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], EXACT=exact)
+            BLOCK_L=blk["BLOCK_M"], BLOCK_P=blk["BLOCK_P"], BLOCK_N=blk["BLOCK_N"], PREC=prec, **launch)
         block = min(1024, triton.next_power_of_2(P * N))
         n_blocks = triton.cdiv(P * N, block)
         dend = torch.empty(Bt * H, nc, n_blocks, **f32)
@@ -107,19 +163,25 @@ class _ChunkScan(torch.autograd.Function):
         dc = torch.empty(Bt, T, H, N, **f32)
         da = torch.zeros(Bt, H, Tp, **f32)
         chunk_scan_bwd_target_kernel[grid](
-            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, EXACT=exact)
-        dx = torch.empty(Bt, T, H, P, **f32)
+            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, PREC=prec,
+            **launch)
+        dx = torch.empty_like(x)
         dstep = torch.empty(Bt, T, H, **f32)
         db = torch.empty(Bt, T, H, N, **f32)
+        dd = torch.empty(Bt * H, grid[0], P, **f32) if D is not None else dstep
         chunk_scan_bwd_source_kernel[grid](
-            dy, x, step, a, seg, B, C, ds, dx, dstep, db, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk,
-            EXACT=exact)
+            dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk,
+            PREC=prec, **skip, **launch)
 
         da[:, :, ends] += dend.sum(-1).view(Bt, H, nc)
         dB = db.view(Bt, T, G, H // G, N).sum(3).to(B.dtype)
         dC = dc.view(Bt, T, G, H // G, N).sum(3).to(C.dtype)
+        dD = None
+        if D is not None:
+            dD = dd.view(Bt, H, grid[0], P).sum((0, 2))
+            dD = (dD if D.ndim == 2 else dD.sum(-1)).to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.has_init else None
-        return dx.to(x.dtype), dstep, da, dB, dC, dinit, None, None, None
+        return dx, dstep, da, dB, dC, dD, dinit, None, None, None, None
 
 
 def ssd_triton(
@@ -150,7 +212,9 @@ def ssd_triton(
     step = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
     a = chunk_decays(step, A, chunk_size).contiguous()
     seg, _, ends = chunk_segments(doc_ids, Bt, T, chunk_size, x.device)
-    y, final = _ChunkScan.apply(x.contiguous(), step.contiguous(), a, B.contiguous(), C.contiguous(),
-                                initial_state, seg.contiguous(), ends, chunk_size)
-    y = finish(y, x, D, z)
+    out_dtype = x.dtype if z is None else torch.float32  # the gate multiplies the float32 scan output
+    y, final = _ChunkScan.apply(x.contiguous(), step.contiguous(), a, B.contiguous(), C.contiguous(), D,
+                                initial_state, seg.contiguous(), ends, chunk_size, out_dtype)
+    if z is not None:
+        y = finish(y, x, None, z)
     return (y, final) if return_final_state else y

@@ -47,7 +47,7 @@ def state_pass_bwd_kernel(
 def chunk_scan_bwd_target_kernel(
     DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """Tokens t as readers: DC[t] (per head) and DA[t] from the carried state and from the tokens
     s <= t of the same segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
@@ -69,8 +69,8 @@ def chunk_scan_bwd_target_kernel(
     s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
     head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-    dc = mm(dy_t * head[:, None], s_in, EXACT)
-    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), EXACT), axis=1) * head
+    dc = mm(dy_t * head[:, None], s_in, PREC)
+    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), PREC), axis=1) * head
 
     for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
         s_loc = s0 + tl.arange(0, BLOCK_K)
@@ -83,22 +83,23 @@ def chunk_scan_bwd_target_kernel(
         x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), EXACT) * decay
-        dc += mm(d_scores, b_s, EXACT)
-        da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), EXACT), axis=1)
+        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), PREC) * decay
+        dc += mm(d_scores, b_s, PREC)
+        da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), PREC), axis=1)
     tl.store(DC + ((b * T + t[:, None]) * H + h) * N + n[None, :], dc, mask=t_ok[:, None] & (n[None, :] < N))
     tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
 
 
 @triton.jit
 def chunk_scan_bwd_source_kernel(
-    DY, X, DT, A, SEG, B, C, DS, DX, DDT, DB, DA, T, Tp, H, G, P, N, nc,
+    DY, X, DT, A, SEG, B, C, DS, D, DX, DDT, DB, DA, DD, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
 ):
-    """Tokens s as sources: DX, DDT, DB (per head) and the rest of DA (added to what the target
-    kernel stored) from the outgoing-state gradient E_c (in DS) and from the tokens t >= s of the same
-    segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    """Tokens s as sources: DX (in its dtype, with the skip's D dy), DDT, DB (per head) and the rest
+    of DA (added to what the target kernel stored) from the outgoing-state gradient E_c (in DS) and
+    from the tokens t >= s of the same segment; DD[bh, program, p] = sum_s dy_s x_s over this
+    program's tokens (D's gradient, summed in PyTorch). Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
     n_mb = tl.cdiv(L, BLOCK_M)
     c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
     bh = tl.program_id(1).to(tl.int64)
@@ -120,9 +121,9 @@ def chunk_scan_bwd_source_kernel(
     e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                 mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
     tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
-    eb = mm(b_s, tl.trans(e), EXACT)  # (BLOCK_M, BLOCK_P)
+    eb = mm(b_s, tl.trans(e), PREC)  # (BLOCK_M, BLOCK_P)
     du = eb * tail[:, None]
-    db = mm(u_s * tail[:, None], e, EXACT)
+    db = mm(u_s * tail[:, None], e, PREC)
     da = -tl.sum(u_s * du, axis=1)
 
     for t0 in range(mb * BLOCK_M, L, BLOCK_K):
@@ -135,12 +136,23 @@ def chunk_scan_bwd_source_kernel(
         dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        cb = mm_inputs(b_s, tl.trans(c_t), EXACT)
-        du += mm(cb * decay, dy_t, EXACT)
-        d_scores = mm(u_s, tl.trans(dy_t), EXACT) * decay
-        db += mm(d_scores, c_t, EXACT)
+        cb = mm_inputs(b_s, tl.trans(c_t), PREC)
+        du += mm(cb * decay, dy_t, PREC)
+        d_scores = mm(u_s, tl.trans(dy_t), PREC) * decay
+        db += mm(d_scores, c_t, PREC)
         da -= tl.sum(d_scores * cb, axis=1)
-    tl.store(DX + ((b * T + s[:, None]) * H + h) * P + p[None, :], du * dt_s[:, None], mask=s_ok[:, None] & (p[None, :] < P))
+    x_ptr = ((b * T + s[:, None]) * H + h) * P + p[None, :]
+    x_ok = s_ok[:, None] & (p[None, :] < P)
+    dx = du * dt_s[:, None]
+    if HAS_D:
+        dy_s = tl.load(DY + x_ptr, mask=x_ok, other=0.0).to(tl.float32)
+        if D_PER_P:
+            dx += tl.load(D + h * P + p, mask=p < P, other=0.0)[None, :] * dy_s
+        else:
+            dx += tl.load(D + h) * dy_s
+        dd_ptr = DD + (bh * tl.num_programs(0) + tl.program_id(0)) * P + p
+        tl.store(dd_ptr, tl.sum(dy_s * x_s, axis=0), mask=p < P)
+    tl.store(DX + x_ptr, dx.to(DX.dtype.element_ty), mask=x_ok)
     tl.store(DDT + (b * T + s) * H + h, tl.sum(du * x_s, axis=1), mask=s_ok)
     tl.store(DB + ((b * T + s[:, None]) * H + h) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
     da_ptr = DA + (b * H + h) * Tp + s

@@ -3,8 +3,10 @@
 Layouts (all contiguous): x, dy, y (Bt, T, H, P); dt (Bt, T, H) float32; a (Bt, H, Tp) float32 with
 Tp = nc * L; seg (Bt, Tp) int32; B, C (Bt, T, G, N); chunk states (Bt, nc, H, P, N) float32;
 states (Bt, nc + 1, H, P, N) float32 = the state entering each chunk, then the final state.
-Matrix products accumulate in float32; for float32 inputs they are exact ("ieee", no tf32), for 16-bit
-inputs C.B runs on the inputs' type and every other product in tf32 (see `mm`).
+Matrix products accumulate in float32. PREC (a constexpr) picks their operands: 0 for float32 inputs,
+exact ("ieee", no tf32); for 16-bit inputs C.B runs on the inputs' type and every other product on
+float32 operands in tf32 (1) or rounded to bfloat16 (2) / float16 (3), the tensor cores' fast path
+(see `mm`; triton.py chooses, scripts/bench_ssd.py gpu --sweep times the choices).
 """
 
 from __future__ import annotations
@@ -14,19 +16,24 @@ import triton.language as tl
 
 
 @triton.jit
-def mm(a, b, EXACT: tl.constexpr):
-    """a @ b on float32 operands: exact ("ieee") for float32 inputs, else tf32. For 16-bit inputs the
-    derived operands (scores, dt*x, states, gradients) keep a 10-bit mantissa and float32's range:
-    rounding them to bf16 would cost ~1e-2 in A's gradient."""
-    if EXACT:
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b of derived operands (scores, dt*x, states, gradients), float32 accumulation. PREC 0: exact
+    ("ieee", float32 inputs); 1: tf32, a 10-bit mantissa and float32's range; 2 / 3: operands rounded
+    to bfloat16 / float16, twice tf32's tensor-core rate (bf16 rounding of the derived operands costs
+    up to ~1e-2 in A's gradient)."""
+    if PREC == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if PREC == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    if PREC == 3:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 @triton.jit
-def mm_inputs(a, b, EXACT: tl.constexpr):
+def mm_inputs(a, b, PREC: tl.constexpr):
     """a @ b of two raw inputs (C and B), which share one dtype: exact for float32, else native."""
-    if EXACT:
+    if PREC == 0:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
@@ -46,7 +53,7 @@ def chunk_bounds(A, SEG, b, h, c, T, Tp, H, L: tl.constexpr):
 def chunk_outer_kernel(
     X, DT, A, SEG, K, OUT, T, Tp, H, G, P, N, nc,
     FROM_END: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """OUT[b, c, h] = sum_t w_t X_t (outer) K_t over the tokens t of chunk c:
     FROM_END: w_t = dt_t exp(a_end - a_t) [t in the chunk's last segment]  (chunk state, X = x, K = B);
@@ -74,7 +81,7 @@ def chunk_outer_kernel(
                      mask=valid[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
         kt = tl.load(K + ((b * T + t[:, None]) * G + g) * N + n[None, :],
                      mask=valid[:, None] & (n[None, :] < N), other=0.0)
-        acc += mm(tl.trans(xt * w[:, None]), kt, EXACT)
+        acc += mm(tl.trans(xt * w[:, None]), kt, PREC)
     out = OUT + ((b * nc + c) * H + h) * P * N
     tl.store(out + p[:, None] * N + n[None, :], acc, mask=(p[:, None] < P) & (n[None, :] < N))
 
@@ -104,13 +111,13 @@ def state_pass_fwd_kernel(
 
 @triton.jit
 def chunk_scan_fwd_kernel(
-    X, DT, A, SEG, B, C, STATES, Y, T, Tp, H, G, P, N, nc,
+    X, DT, A, SEG, B, C, STATES, D, Y, T, Tp, H, G, P, N, nc,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
 ):
     """Y[t] = exp(a_t)[t in the carried segment] S_in @ C_t + sum_{s<=t, same segment} (C_t.B_s)
-    exp(a_t - a_s) dt_s x_s, for BLOCK_M tokens t of one chunk. Grid (nc * cdiv(L, BLOCK_M), Bt * H,
-    cdiv(P, BLOCK_P))."""
+    exp(a_t - a_s) dt_s x_s (+ D x_t), for BLOCK_M tokens t of one chunk, stored in Y's dtype.
+    D: (H,) or (H, P) (D_PER_P) float32. Grid (nc * cdiv(L, BLOCK_M), Bt * H, cdiv(P, BLOCK_P))."""
     n_mb = tl.cdiv(L, BLOCK_M)
     c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
     bh = tl.program_id(1).to(tl.int64)
@@ -128,7 +135,7 @@ def chunk_scan_fwd_kernel(
     s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[None, :] * N + n[:, None],
                    mask=(p[None, :] < P) & (n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_P)
     head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-    acc = mm(c_t, s_in, EXACT) * head[:, None]
+    acc = mm(c_t, s_in, PREC) * head[:, None]
 
     for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
         s_loc = s0 + tl.arange(0, BLOCK_K)
@@ -141,6 +148,14 @@ def chunk_scan_fwd_kernel(
         x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
         same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
         decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-        scores = mm_inputs(c_t, tl.trans(b_s), EXACT) * decay
-        acc += mm(scores, x_s.to(tl.float32) * dt_s[:, None], EXACT)
-    tl.store(Y + ((b * T + t[:, None]) * H + h) * P + p[None, :], acc, mask=t_ok[:, None] & (p[None, :] < P))
+        scores = mm_inputs(c_t, tl.trans(b_s), PREC) * decay
+        acc += mm(scores, x_s.to(tl.float32) * dt_s[:, None], PREC)
+    y_ptr = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    y_ok = t_ok[:, None] & (p[None, :] < P)
+    if HAS_D:  # the skip connection, fused: y is written once, in its final dtype
+        if D_PER_P:
+            d = tl.load(D + h * P + p, mask=p < P, other=0.0)[None, :]
+        else:
+            d = tl.load(D + h)
+        acc += d * tl.load(X + y_ptr, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(Y + y_ptr, acc.to(Y.dtype.element_ty), mask=y_ok)
