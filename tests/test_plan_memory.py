@@ -2,10 +2,12 @@
 
 Parameters, gradients and AdamW states: the model's bytes must equal the bytes of the tensors a
 real step leaves behind, exactly. Activations: the planner measures what autograd saves on the
-meta device (profile.py); here the real forward + loss runs on CPU and the memory it holds when
-it returns is read from the C allocator itself (glibc's mallinfo2: bytes in use by malloc, heap
-and mmap), which knows nothing of autograd's saved tensors, so it is an independent measure. The
-two must agree within 25%.
+meta device (profile.py); here the real forward + loss runs on CPU, and the memory the allocator
+gets back when the loss (and with it autograd's graph) is dropped is read from the C allocator
+itself (glibc's mallinfo2: bytes in use by malloc, heap and mmap). That knows nothing of autograd's
+saved tensors, so it is an independent measure; it counts the release rather than the growth
+during the forward so that unrelated frees in that window cannot skew it. The two must agree
+within 25% (they agree within about 5% on these shapes).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def test_weights_gradients_and_adamw_states_are_exact(recipe):
     assert predicted["optimizer"] == real_states
 
 
-@pytest.mark.parametrize("recipe, batch, seq_len", [("tiny-mamba2", 3, 128), ("tiny", 3, 128), ("tiny-mamba", 2, 48)])
+@pytest.mark.parametrize(
+    "recipe, batch, seq_len", [("tiny-mamba2", 3, 128), ("tiny", 3, 128), ("tiny-mamba", 2, 48), ("tiny-hybrid", 2, 96)]
+)
 def test_activation_memory_within_25_percent_of_a_real_cpu_forward(recipe, batch, seq_len):
     in_use = _malloc_in_use()
     if in_use is None:
@@ -95,11 +99,12 @@ def test_activation_memory_within_25_percent_of_a_real_cpu_forward(recipe, batch
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
     with torch.no_grad():  # first use: the library's lazy initializations, outside the measurement
         model(ids[:1])
-    gc.collect()
-    before = in_use()
     loss = lm_loss_sum(model(ids), ids)
-    held = in_use() - before
-    del loss
+    gc.collect()
+    holding = in_use()
+    del loss  # drops autograd's graph and everything it saved for the backward
+    gc.collect()
+    released = holding - in_use()
 
-    assert held > 0
-    assert abs(predicted - held) / held < 0.25, (predicted, held)
+    assert released > 0
+    assert abs(predicted - released) / released < 0.25, (predicted, released)
