@@ -100,13 +100,20 @@ def test_slices_folded_reproduce_the_full_scan(name, world):
     torch.testing.assert_close(outs[-1][1], final_full, rtol=1e-5, atol=1e-5)
 
 
+def test_document_ids_travel_exactly():
+    ids = torch.tensor([[5, 2**31 - 1], [2**24 + 1, 2**24 + 1], [2143289344, 2143289344]], dtype=torch.int32)
+    prev = doc_edges(torch.tensor([[0, 5], [0, 2**24], [0, 2143289344]]), 3, "cpu")
+    keep = continues([prev, doc_edges(ids, 3, "cpu")], 2)[1]
+    assert keep.flatten().tolist() == [1.0, 0.0, 1.0]  # 2**24 + 1 is not 2**24; a NaN bit pattern equals itself
+
+
 def test_fold_backward_is_the_adjoint_of_fold_forward():
     gen = torch.Generator().manual_seed(3)
     world, shape = 4, (3, 2, 5)
     finals = [torch.randn(shape, generator=gen, requires_grad=True) for _ in range(world)]
     transitions = [torch.rand(3, 2, 1, generator=gen, requires_grad=True) for _ in range(world)]
-    edges = [torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]) for _ in range(world)]
-    edges[2] = torch.tensor([[0.0, 7.0, 3.0], [0.0, 7.0, 3.0]])  # row 1 starts a document at rank 2
+    edges = [doc_edges(torch.tensor([[0, 0], [1, 1], [2, 3]]), 3, "cpu") for _ in range(world)]
+    edges[2] = doc_edges(torch.tensor([[0, 0], [7, 7], [3, 3]]), 3, "cpu")  # row 1 starts a document at rank 2
     keep = continues(edges, len(shape))
     weights = [torch.randn(shape, generator=gen) for _ in range(world)]
     results = [fold_forward(finals, transitions, keep, r) for r in range(world)]

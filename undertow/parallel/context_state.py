@@ -36,7 +36,6 @@ from undertow.parallel.context_hook import local_only
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
-EXACT_FLOAT32_INT = 2**24  # document ids travel in the float32 buffer; they must stay exact
 
 
 @dataclass(frozen=True)
@@ -55,14 +54,11 @@ class StatePassing:
 
 
 def doc_edges(doc_ids: torch.Tensor | None, rows: int, device) -> torch.Tensor:
-    """(2, rows) float32: each row's first and last document id (zeros without doc_ids)."""
+    """(2, rows) int32 document ids of each row's first and last token (zeros without doc_ids),
+    their bits viewed as float32 so they travel in the states' buffer exactly."""
     if doc_ids is None:
         return torch.zeros(2, rows, device=device)
-    edges = torch.stack([doc_ids[:, 0], doc_ids[:, -1]])
-    if edges.abs().max() >= EXACT_FLOAT32_INT:
-        raise ValueError(f"context parallelism needs doc_ids below 2**24 (segment indices within a row), "
-                         f"got {int(edges.abs().max())}")
-    return edges.float()
+    return torch.stack([doc_ids[:, 0], doc_ids[:, -1]]).to(torch.int32).view(torch.float32)
 
 
 def _view_rows(flags: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -71,8 +67,9 @@ def _view_rows(flags: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def continues(edges: list[torch.Tensor], ndim: int) -> list[torch.Tensor | None]:
     """Per rank j >= 1: (B, 1, ...) float, 1 for the rows whose first token at rank j continues the
-    document of rank j-1's last token (edges[j]: (2, B) first/last document ids); None for rank 0."""
-    return [None] + [_view_rows((edges[j][0] == edges[j - 1][1]).float(), ndim) for j in range(1, len(edges))]
+    document of rank j-1's last token (edges[j]: `doc_edges`); None for rank 0."""
+    ids = [e.view(torch.int32) for e in edges]
+    return [None] + [_view_rows((ids[j][0] == ids[j - 1][1]).float(), ndim) for j in range(1, len(edges))]
 
 
 def fold_forward(finals, transitions, keep, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
