@@ -7,14 +7,14 @@ from undertow.parallel.mesh import LayoutError, ParallelDims
 
 def test_layout_errors_say_what_to_change():
     with pytest.raises(LayoutError, match=r"tp=4 does not divide n_heads=6; valid tp: 1, 2, 3, 6"):
-        ParallelDims(tp=4).validate(4, {"tp": ("n_heads", 6)})
+        ParallelDims(tp=4).validate(4, [("tp", "n_heads", 6)])
     with pytest.raises(LayoutError, match="needs 4 processes, but the world size is 2"):
         ParallelDims(tp=2, dp_shard=2).validate(2)
     with pytest.raises(LayoutError, match="pp=3 exceeds layers=2"):
-        ParallelDims(pp=3).validate(3, {"pp": ("layers", 2)})
+        ParallelDims(pp=3).validate(3, [("pp", "layers", 2)])
     with pytest.raises(LayoutError, match="must be an integer >= 1"):
         ParallelDims(cp=0)
-    ParallelDims(tp=2, dp_shard=2).validate(4, {"tp": ("n_heads", 6)})
+    ParallelDims(tp=2, dp_shard=2).validate(4, [("tp", "n_heads", 6)])
 
 
 def _mesh_groups(rank, world):

@@ -38,7 +38,7 @@ def test_recipe_from_path(tmp_path):
         (["--model.widht", "3"], ["unknown field", "widht", "d_model"]),
         (["--data.val_fraction", "1.5"], ["data.val_fraction", "1.5", "[0, 1)"]),
         (["--model.family", "rwkv"], ["model.family", "rwkv", "transformer"]),
-        (["--parallel.tp", "2"], ["parallel.tp", "2"]),
+        (["--parallel.tp", "0"], ["parallel.tp", "0", "integer >= 1"]),
         (["--data.weights", "1,2"], ["data.weights", "one weight per source"]),
         (["--checkpoint.resume", "/nonexistent/ckpt"], ["checkpoint.resume", "auto, none"]),
     ],

@@ -58,16 +58,16 @@ class ParallelDims:
         parts = [f"{n}{getattr(self, n)}" for n in NAMES if getattr(self, n) > 1]
         return " x ".join(parts) if parts else "single process"
 
-    def validate(self, world_size: int, shape_limits: dict[str, tuple[str, int]] | None = None) -> None:
+    def validate(self, world_size: int, shape_limits: list[tuple[str, str, int]] | None = None) -> None:
         """Raise LayoutError unless the layout fills `world_size` processes and every degree divides
-        the model dimension it splits. `shape_limits` maps a degree name ("tp", "cp", "pp") to
-        (what it splits, its size), e.g. {"tp": ("n_heads", 6), "pp": ("layers", 4)}."""
+        the model dimension it splits. `shape_limits` lists (degree, what it splits, its size), e.g.
+        [("tp", "n_heads", 6), ("pp", "layers", 4)] (a ModelSpec's `shape_limits(config)`)."""
         if self.world_size != world_size:
             raise LayoutError(
                 f"parallel layout {self.describe()} needs {self.world_size} processes, but the world size is "
                 f"{world_size}; make pp x dp_replicate x dp_shard x cp x tp = {world_size}"
             )
-        for degree, (what, size) in (shape_limits or {}).items():
+        for degree, what, size in shape_limits or []:
             value = getattr(self, degree)
             if degree == "pp":
                 if value > size:

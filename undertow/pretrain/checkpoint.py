@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -95,24 +96,36 @@ def _fsync_tree(path: str) -> None:
 def save_checkpoint(
     root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep_last: int
 ) -> str:
-    """Write checkpoint `step` atomically; prune to the newest `keep_last`. Returns its path."""
-    os.makedirs(root, exist_ok=True)
+    """Write checkpoint `step` atomically; prune to the newest `keep_last`. Returns its path.
+
+    Collective when torch.distributed is initialized: every rank writes its shards (DCP), the
+    first rank writes meta.json and commits by the rename; ROOT must be on a filesystem that
+    every rank sees."""
+    distributed = dist.is_available() and dist.is_initialized()
+    lead = not distributed or dist.get_rank() == 0
     final = step_dir(root, step)
     tmp = os.path.join(root, f".step_{step:08d}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if lead:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if distributed:
+        dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    with open(os.path.join(tmp, META_NAME), "w") as f:
-        json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
-    _fsync_tree(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    log.info("checkpoint saved: %s", final)
-    for _, old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if lead:
+        with open(os.path.join(tmp, META_NAME), "w") as f:
+            json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        log.info("checkpoint saved: %s", final)
+        for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()
     return final
 
 

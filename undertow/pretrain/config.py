@@ -165,19 +165,19 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. Single-process training only for now: the tensor, context, pipeline and
-    sharded data-parallel layouts are built by the parallelism work (parallel/) and refused until then."""
+    """Parallel layout: pp x dp_replicate x dp_shard x cp x tp must equal the number of processes
+    (torchrun's WORLD_SIZE); see docs/parallelism.md."""
 
-    tp: int = opt(1, help="Tensor-parallel degree.")
+    tp: int = opt(1, help="Tensor-parallel degree (heads/channels split over tp ranks, sequence parallel between blocks).")
     pp: int = opt(1, help="Pipeline-parallel stages.")
-    cp: int = opt(1, help="Context-parallel degree.")
-    dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP).")
-    dp_replicate: int = opt(1, help="Replicated data-parallel degree.")
+    cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
+    dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
+    dp_replicate: int = opt(1, help="Replicated data-parallel degree (with dp_shard > 1: HSDP).")
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "dp_shard", "dp_replicate"):
             value = getattr(self, name)
-            check(value == 1, f"parallel.{name}", value, "only 1 is supported in this version (single process)")
+            check(isinstance(value, int) and value >= 1, f"parallel.{name}", value, "an integer >= 1")
 
 
 @dataclass

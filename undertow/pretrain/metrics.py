@@ -60,10 +60,13 @@ class MetricsWriter:
     """Writes every step's scalars to RUN_DIR/metrics.jsonl, and TensorBoard/console every N steps.
 
     metrics.jsonl keeps full float precision (JSON floats round-trip exactly), so two runs
-    can be compared bit for bit.
+    can be compared bit for bit. With enabled=False (every rank but the first) it writes nothing.
     """
 
-    def __init__(self, run_dir: str, tensorboard: bool):
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.tb = None
@@ -73,11 +76,15 @@ class MetricsWriter:
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
     def record(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
         self.jsonl.flush()
 
     def publish(self, step: int, scalars: dict[str, float | None], prefix: str) -> None:
         """TensorBoard scalars under `prefix/` and one console line."""
+        if not self.enabled:
+            return
         if self.tb is not None:
             for key, value in scalars.items():
                 if value is not None and math.isfinite(value):
@@ -86,6 +93,8 @@ class MetricsWriter:
         log.info("%s step %d | %s", prefix, step, " | ".join(_fmt(k, v) for k, v in scalars.items()))
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -22,7 +23,8 @@ from undertow.launch.signals import RunGuard
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
-from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
+from undertow.parallel.apply import parallelize
+from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_env
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain.config import ExperimentConfig, build_model_config
 from undertow.pretrain.data_sources import resolve_sources
@@ -50,11 +52,14 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """The training device; under torchrun with CUDA, this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"training.device = {name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
@@ -68,11 +73,18 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(
-                "this version trains in a single process; multi-process layouts (parallel.*) are not built yet"
-            )
+        self.spec = registry.get(cfg.family)
+        # The layout is checked against the world size and the model's shapes before any work.
+        self.dims = ParallelDims(**{name: getattr(cfg.parallel, name) for name in NAMES})
+        limits = self.spec.shape_limits(cfg.model) if self.spec.shape_limits else None
+        self.dims.validate(int(os.environ.get("WORLD_SIZE", "1")), limits)
+        self.rank, self.world_size = init_process_group_from_env()
         self.device = pick_device(cfg.training.device)
+        self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        # Each rank's loss is scaled by the number of ranks FSDP averages gradients over, so the
+        # average is the gradient of the global token-mean loss.
+        self.grad_scale = self.dims.dp * self.dims.cp
         self.amp_dtype = autocast_dtype(cfg.training.dtype, self.device)
         if cfg.training.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -80,21 +92,24 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
 
         init_meta = self._adopt_init_model() if cfg.checkpoint.init_from else None
+        if self.rank != 0:
+            self._barrier()  # rank 0 prepares the embedded corpus (if used) first
         self.sources = resolve_sources(cfg.data)
+        if self.rank == 0:
+            self._barrier()
         self.train_loader = self._loader("train")
         self._set_vocab(self.train_loader.vocab_info())
 
-        self.spec = registry.get(cfg.family)
         with torch.device("meta"):
             model = self.spec.model_cls(cfg.model)
         model.to_empty(device=self.device)
-        model.init_weights()
-        if cfg.training.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if cfg.training.compile:
-            apply_compile(model)
-        self.model = model
+        model.init_weights()  # the same weights on every rank (same seed), whatever the layout
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.model = parallelize(
+            model, self.spec, self.dims, self.mesh,
+            activation_checkpointing=cfg.training.activation_checkpointing, compile=cfg.training.compile,
+            param_dtype=self.amp_dtype,
+        )
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
 
         self.step = 0
@@ -114,6 +129,8 @@ class Trainer:
             seq_len=d.seq_len,
             batch_size=t.micro_batch_size,
             weights=d.weights or None,
+            rank=self.dp_rank,
+            world_size=self.dims.dp,
             num_workers=d.num_workers if split == "train" else 0,
             seed=d.seed,
             split=split,
@@ -164,15 +181,46 @@ class Trainer:
         self.skipped_total = meta["skipped_total"]
         self.consecutive_bad = meta["consecutive_bad"]
         self.last_val_loss = meta.get("last_val_loss")
-        self.train_loader.load_state_dict(meta["loader"])
+        loaders = meta.get("loaders", [meta["loader"]])
+        if len(loaders) == self.dims.dp:
+            self.train_loader.load_state_dict(loaders[self.dp_rank])
+        else:
+            log.warning(
+                "checkpoint %s was written by %d data-parallel rank(s), this run has %d: the model and optimizer "
+                "are resharded, but the data loader's position cannot be, so its stream starts over", path,
+                len(loaders), self.dims.dp,
+            )
         ckpt.set_rng_state(meta["rng"])
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
+    # ----------------------------------------------------------------- collectives
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that see different tokens (data and context parallel)."""
+        if self.world_size > 1:
+            dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())
+        return value
+
+    def _loader_states(self) -> list[dict]:
+        """Every data-parallel rank's loader state, indexed by dp rank (tp/cp peers share one)."""
+        state = self.train_loader.state_dict()
+        if self.world_size == 1:
+            return [state]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (self.dp_rank, state))
+        return [s for _, s in sorted(dict(gathered).items())]
+
     def save(self) -> str:
+        loaders = self._loader_states()
         meta = {
             "config": self.cfg.to_dict(),
-            "loader": self.train_loader.state_dict(),
+            "loader": loaders[0],
+            "loaders": loaders,
+            "layout": self.dims.describe(),
             "rng": ckpt.rng_state(),
             "skipped_total": self.skipped_total,
             "consecutive_bad": self.consecutive_bad,
@@ -202,45 +250,54 @@ class Trainer:
 
         The loss is the mean over every counted label of the step (token-weighted across micro-batches).
         """
-        n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_labels = int(self._dp_sum(torch.tensor(local, dtype=torch.int64, device=self.device)))
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss = self._loss_sum(self._to_device(batch)) / max(n_labels, 1)
-            loss.backward()
+            (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
             total += loss.detach()
         clip = self.cfg.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return float(total), float(grad_norm), n_labels
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP/TP
+            grad_norm = grad_norm.full_tensor()
+        return float(self._dp_sum(total)), float(grad_norm), n_labels
 
     @torch.no_grad()
     def validate(self) -> float | None:
         self.model.eval()
-        loss_sum, n_labels = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, counted labels
         for i, batch in enumerate(self._loader("val")):
             if i >= self.cfg.training.val_batches:
                 break
             batch = self._to_device(batch)
-            loss_sum += float(self._loss_sum(batch))
-            n_labels += int((batch["labels"] != IGNORE_INDEX).sum())
+            sums[0] += self._loss_sum(batch).double()
+            sums[1] += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
+        loss_sum, n_labels = self._dp_sum(sums).tolist()
         return loss_sum / n_labels if n_labels else None
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.training
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        writer = MetricsWriter(cfg.run_dir, cfg.logging.tensorboard)
+        lead = self.rank == 0
+        if lead:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        writer = MetricsWriter(cfg.run_dir, cfg.logging.tensorboard, enabled=lead)
         peak = t.peak_tflops or detect_peak_tflops(self.device)
-        meter = Throughput(self.spec.flops_per_token(cfg.model, cfg.data.seq_len), peak)
+        # tokens/s of the whole job (every data-parallel rank), MFU against every device's peak
+        meter = Throughput(self.spec.flops_per_token(cfg.model, cfg.data.seq_len), peak * self.world_size)
         log.info(
-            "model %s: %.2fM parameters, %.3g FLOPs/token; device %s, autocast %s; steps %d..%d",
-            cfg.family, self.n_params / 1e6, meter.flops_per_token, self.device, self.amp_dtype, self.step, t.steps,
+            "model %s: %.2fM parameters, %.3g FLOPs/token; layout %s (%d processes); device %s, autocast %s; "
+            "steps %d..%d", cfg.family, self.n_params / 1e6, meter.flops_per_token, self.dims.describe(),
+            self.world_size, self.device, self.amp_dtype, self.step, t.steps,
         )
         data = iter(self.train_loader)
         last_loss, last_ckpt = float("nan"), self.resumed_from
-        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not (lead and sys.stderr.isatty()),
+                   dynamic_ncols=True)
         try:
             with logging_redirect_tqdm(), RunGuard(t, self.device) as guard:  # stop signals, hang watchdog
                 while self.step < t.steps:
@@ -248,7 +305,7 @@ class Trainer:
                     micro = [next(data) for _ in range(t.grad_accum_steps)]
                     lr = cfg.optimizer.lr * lr_multiplier(self.step, t.steps, cfg.schedule)
                     loss, grad_norm, _ = self.train_step(micro)
-                    meter.add(sum(b["input_ids"].numel() for b in micro))
+                    meter.add(sum(b["input_ids"].numel() for b in micro) * self.dims.dp)
                     finite = math.isfinite(loss) and math.isfinite(grad_norm)
                     if finite:
                         for group in self.optimizer.param_groups:

@@ -1,0 +1,49 @@
+"""Data parallelism with FSDP2 (`fully_shard`): sharded (FSDP), replicated-and-sharded (HSDP).
+
+Every block of `model.layers` becomes its own FSDP unit (its parameters are gathered just before
+it runs and freed after it, when `reshard_after_forward`), then the root module (embedding, final
+norm, head) is one more. Parameters are sharded over the mesh's "dp_shard_cp" dimension (the
+context-parallel ranks hold the same weights, so they share the shards) and, with dp_replicate >
+1, replicated over "dp_replicate" (HSDP).
+
+Gradient reduction averages over every rank FSDP spans (dp_replicate x dp_shard x cp). The
+trainer scales each rank's loss so that the average is the gradient of the global token-mean loss
+(see Trainer.train_step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from undertow.parallel.mesh import ParallelDims
+
+
+def fsdp_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    """The (sub)mesh FSDP2 shards over: 1-D "dp_shard_cp", or 2-D (dp_replicate, dp_shard_cp) for HSDP."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return mesh["dp_shard_cp"]
+
+
+def uses_fsdp(dims: ParallelDims) -> bool:
+    return dims.dp_replicate * dims.dp_shard * dims.cp > 1
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard `model` in place with FSDP2. param_dtype: the dtype parameters are gathered in for
+    compute (bf16 on GPU with bf16 training; None keeps float32); gradients are reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = model.layers
+    for i, block in enumerate(layers):
+        # the last block's parameters are needed again at once by the backward: keep them gathered
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
