@@ -32,7 +32,12 @@ from undertow.log import get_logger
 from undertow.models.common.loss import lm_loss_sum
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.registry import build_model
-from undertow.parallel.context import all_reduce_gradients, apply_context_parallel, reduce_loss, shard_batch
+from undertow.parallel.context import (
+    all_reduce_gradients,
+    apply_context_parallel,
+    reduce_loss,
+    shard_batch,
+)
 from undertow.parallel.context_comm import COUNTER
 
 MIB = 2**20
@@ -168,10 +173,10 @@ def main() -> None:
           "step CPU / rank (s) | CP comm / rank / step (MiB) | CP collectives / step | summed loss |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for world, res in rows:
-        worst = lambda key: max(r[key] for r in res)  # noqa: E731
+        worst = {key: max(r[key] for r in res) for key in ("saved", "peak_rss", "wall", "cpu", "comm")}
         calls = ", ".join(f"{n} x{c}" for n, c in sorted(res[-1]["calls"].items())) or "none"
-        print(f"| {world} | {args.seq_len // world} | {worst('saved') / MIB:,.0f} | {worst('peak_rss') / MIB:,.0f} | "
-              f"{worst('wall'):.2f} | {worst('cpu'):.2f} | {worst('comm') / MIB:.2f} | {calls} | "
+        print(f"| {world} | {args.seq_len // world} | {worst['saved'] / MIB:,.0f} | {worst['peak_rss'] / MIB:,.0f} | "
+              f"{worst['wall']:.2f} | {worst['cpu']:.2f} | {worst['comm'] / MIB:.2f} | {calls} | "
               f"{res[0]['loss']:.4f} |")
 
 

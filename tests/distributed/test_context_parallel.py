@@ -18,7 +18,11 @@ from undertow.models.mamba.config import MambaConfig
 from undertow.models.registry import build_model
 from undertow.models.transformer.config import TransformerConfig
 from undertow.parallel.context import (
-    ContextParallel, all_reduce_gradients, apply_context_parallel, reduce_loss, shard_batch,
+    ContextParallel,
+    all_reduce_gradients,
+    apply_context_parallel,
+    reduce_loss,
+    shard_batch,
 )
 from undertow.parallel.context_comm import COUNTER
 from undertow.parallel.context_hook import active
@@ -48,8 +52,8 @@ def packed_batch(rows: int = 2, vocab: int = 64) -> dict:
             "cu_seqlens": torch.tensor([0, 5, 16, 29, 32, 64], dtype=torch.int32), "max_seqlen": 16}
 
 
-MAMBA = dict(vocab_size=64, d_model=32, d_state=8, expand=2, headdim=16, chunk_size=4, n_heads=4, n_kv_heads=2,
-             multiple_of=16, dt_min=0.001, dt_max=0.01)  # small steps: states carry far across slices
+MAMBA = {"vocab_size": 64, "d_model": 32, "d_state": 8, "expand": 2, "headdim": 16, "chunk_size": 4, "n_heads": 4,
+         "n_kv_heads": 2, "multiple_of": 16, "dt_min": 0.001, "dt_max": 0.01}  # small steps: states carry far
 MODELS = {
     "mamba1": MambaConfig(layer_pattern="mm", **MAMBA),
     "mamba2": MambaConfig(layer_pattern="MM", **MAMBA),
@@ -115,7 +119,7 @@ def test_models_match_the_single_process_run(cp_results):
 
 
 def _kernel_inputs(rows: int, gen: torch.Generator) -> dict:
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=gen)
     H, P, G, N, Dc, K = 4, 3, 2, 5, 6, 4
     ids = torch.zeros(rows, T, dtype=torch.int32)
     for d, (start, end) in enumerate(DOCS):
@@ -123,11 +127,12 @@ def _kernel_inputs(rows: int, gen: torch.Generator) -> dict:
     return {
         "ssd": (ssd, (r(rows, T, H, P), r(rows, T, H), -torch.rand(H, generator=gen) - 0.5, r(rows, T, G, N),
                       r(rows, T, G, N)),
-                dict(D=r(H), dt_bias=r(H) * 0.1, chunk_size=4, doc_ids=ids), r(rows, H, P, N)),
+                {"D": r(H), "dt_bias": r(H) * 0.1, "chunk_size": 4, "doc_ids": ids}, r(rows, H, P, N)),
         "selective_scan": (selective_scan, (r(rows, T, Dc), r(rows, T, Dc) - 2, -torch.rand(Dc, N, generator=gen),
                                             r(rows, T, N), r(rows, T, N)),
-                           dict(D=r(Dc), z=r(rows, T, Dc), delta_bias=r(Dc) * 0.1, doc_ids=ids), r(rows, Dc, N)),
-        "causal_conv1d": (causal_conv1d, (r(rows, T, Dc), r(Dc, K), r(Dc)), dict(doc_ids=ids), r(rows, Dc, K - 1)),
+                           {"D": r(Dc), "z": r(rows, T, Dc), "delta_bias": r(Dc) * 0.1, "doc_ids": ids},
+                           r(rows, Dc, N)),
+        "causal_conv1d": (causal_conv1d, (r(rows, T, Dc), r(Dc, K), r(Dc)), {"doc_ids": ids}, r(rows, Dc, K - 1)),
     }
 
 
@@ -137,7 +142,7 @@ def _run_kernel(fn, args, kwargs, initial, sl, cotangent_y, cotangent_final):
     kw = {k: v.clone().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
           for k, v in kwargs.items()}
     init = initial.clone().requires_grad_()
-    timed = lambda t: t[:, sl] if torch.is_tensor(t) and t.dim() >= 2 and t.shape[:2] == args[0].shape[:2] else t  # noqa: E731
+    timed = lambda t: t[:, sl] if torch.is_tensor(t) and t.dim() >= 2 and t.shape[:2] == args[0].shape[:2] else t
     y, final = fn(*[timed(a) for a in leaves], **{k: timed(v) for k, v in kw.items()}, initial_state=init,
                   return_final_state=True)
     ((y.float() * timed(cotangent_y)).sum() + (final * cotangent_final).sum()).backward()

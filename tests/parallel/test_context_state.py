@@ -8,7 +8,12 @@ from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.selective_scan import selective_scan
 from undertow.kernels.ssd import ssd
 from undertow.parallel.context_ops import STATE_PASSING
-from undertow.parallel.context_state import continues, doc_edges, fold_backward, fold_forward
+from undertow.parallel.context_state import (
+    continues,
+    doc_edges,
+    fold_backward,
+    fold_forward,
+)
 
 T = 24
 # Row 0: boundaries inside slices (5, 20 with 4 slices of 6; 5 with 2 of 12), at a slice start
@@ -23,19 +28,19 @@ def doc_ids(rows: int = 2) -> torch.Tensor:
 
 
 def make_op(name: str, gen: torch.Generator):
-    """(fn, args, kwargs, state shape) of op `name` on fresh random float64-free float32 inputs."""
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    """(fn, args, kwargs, state shape) of op `name` on fresh random float32 inputs."""
+    r = lambda *s: torch.randn(*s, generator=gen)
     Bt = 2
     if name == "ssd":
         H, P, G, N = 4, 3, 2, 5
         args = (r(Bt, T, H, P), r(Bt, T, H), -torch.rand(H, generator=gen) - 0.5, r(Bt, T, G, N), r(Bt, T, G, N))
-        return ssd, args, dict(D=r(H), dt_bias=r(H) * 0.1, chunk_size=4), (Bt, H, P, N)
+        return ssd, args, {"D": r(H), "dt_bias": r(H) * 0.1, "chunk_size": 4}, (Bt, H, P, N)
     if name == "selective_scan":
         Dc, N = 6, 4
         args = (r(Bt, T, Dc), r(Bt, T, Dc), -torch.rand(Dc, N, generator=gen) - 0.5, r(Bt, T, N), r(Bt, T, N))
-        return selective_scan, args, dict(D=r(Dc), z=r(Bt, T, Dc), delta_bias=r(Dc) * 0.1), (Bt, Dc, N)
+        return selective_scan, args, {"D": r(Dc), "z": r(Bt, T, Dc), "delta_bias": r(Dc) * 0.1}, (Bt, Dc, N)
     Dc, K = 5, 4
-    return causal_conv1d, (r(Bt, T, Dc), r(Dc, K), r(Dc)), dict(activation="silu"), (Bt, Dc, K - 1)
+    return causal_conv1d, (r(Bt, T, Dc), r(Dc, K), r(Dc)), {"activation": "silu"}, (Bt, Dc, K - 1)
 
 
 def piece(args, kwargs, sl: slice, ids):
@@ -118,7 +123,7 @@ def test_fold_backward_is_the_adjoint_of_fold_forward():
     weights = [torch.randn(shape, generator=gen) for _ in range(world)]
     results = [fold_forward(finals, transitions, keep, r) for r in range(world)]
     sum((w * init).sum() for w, (init, _) in zip(weights, results)).backward()
-    grad = lambda t: t.grad if t.grad is not None else torch.zeros_like(t)  # noqa: E731 - the last rank's are unused
+    grad = lambda t: t.grad if t.grad is not None else torch.zeros_like(t)
     for rank in range(world):
         grad_out = fold_backward(weights, [t.detach() for t in transitions], keep, rank)
         torch.testing.assert_close(grad_out, grad(finals[rank]))

@@ -49,7 +49,7 @@ def attention_handler(cp, fn, q, k, v, *, doc_ids=None, cu_seqlens=None, max_seq
         _logged = True
         get_logger("undertow.parallel").info("attention under context parallelism: all-gather K/V, SDPA, cp=%d",
                                              cp.world)
-    B, T, H, D = q.shape
+    T, H = q.shape[1], q.shape[2]
     kv = gather_along_dim(torch.cat([k, v], dim=2), 1, cp.group)  # (B, world * T, 2 Hkv, D)
     k_all, v_all = kv.split(k.shape[2], dim=2)
     doc_all = torch.cat(all_gather(doc_ids, cp.group), dim=1) if doc_ids is not None else None

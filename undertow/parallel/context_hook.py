@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("undertow_context_parallel", default=None)
 _HANDLERS: dict[str, Callable[..., Any]] = {}

@@ -25,8 +25,9 @@ function must take `initial_state`, `doc_ids` and `return_final_state` keywords 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
