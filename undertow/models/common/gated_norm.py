@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from undertow.kernels.rmsnorm import rmsnorm
+from undertow.models.common.shards import local_shard
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -16,8 +17,9 @@ class GatedRMSNorm(nn.Module):
     """weight * rmsnorm(y * silu(z)), normalized separately over each group of `group_size` channels.
 
     y, z: (..., dim) -> (..., dim). One group (group_size == dim) is a plain gated RMSNorm; Mamba-2
-    uses dim / ngroups so each tensor-parallel shard of whole groups normalizes locally. Computed in
-    float32 by the fused kernel (undertow.kernels.rmsnorm), which saves only y, z and 1/rms per group.
+    uses dim / ngroups so each tensor-parallel shard of whole groups normalizes locally (y, z and
+    the weight are then this rank's channels). Computed in float32 by the fused kernel
+    (undertow.kernels.rmsnorm), which saves only y, z and 1/rms per group for backward.
     """
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
@@ -31,4 +33,4 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return rmsnorm(y, self.weight, z=z, group_size=self.group_size, eps=self.eps)
+        return rmsnorm(y, local_shard(self.weight), z=z, group_size=self.group_size, eps=self.eps)

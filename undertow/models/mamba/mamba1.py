@@ -19,6 +19,7 @@ from torch import nn
 from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.selective_scan import selective_scan
 from undertow.models.common.gated_norm import rms_normalize
+from undertow.models.common.shards import local_shard
 from undertow.models.mamba.config import MambaConfig
 
 
@@ -69,7 +70,9 @@ class Mamba1Mixer(nn.Module):
         bound = cfg.rank**-0.5  # keeps dt_proj's output variance independent of the rank
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         init_dt_bias(self.dt_proj.bias, cfg)
-        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
+        # A = -(1, 2, ..., d_state) in every channel (S4D-real), built from A_log itself so that a
+        # tensor-parallel shard (a DTensor) initializes in place too.
+        self.A_log.copy_(torch.ones_like(self.A_log).cumsum(-1).log())
         nn.init.ones_(self.D)
 
     def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,19 +81,21 @@ class Mamba1Mixer(nn.Module):
         dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)
         if self.cfg.falcon_norm:
             dt, B, C = (rms_normalize(t, self.cfg.mixer_norm_eps) for t in (dt, B, C))
-        return nn.functional.linear(dt, self.dt_proj.weight), B, C
+        return nn.functional.linear(dt, local_shard(self.dt_proj.weight)), B, C
 
     def forward(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None, return_state: bool = False):
         """u: (B, T, d_model); doc_ids: (B, T) resets the conv window and SSM state where it changes.
         Returns (B, T, d_model) [, state after the last token]."""
         x, z = self.in_proj_x(u), self.in_proj_z(u)
         x, conv_state = causal_conv1d(
-            x, self.conv_weight, self.conv_bias, activation="silu", doc_ids=doc_ids, return_final_state=True
+            x, local_shard(self.conv_weight), local_shard(self.conv_bias), activation="silu", doc_ids=doc_ids,
+            return_final_state=True,
         )
         dt, B, C = self.ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(local_shard(self.A_log).float())
         y, ssm_state = selective_scan(
-            x, dt, A, B, C, self.D, z, self.dt_proj.bias, True, doc_ids=doc_ids, return_final_state=True
+            x, dt, A, B, C, local_shard(self.D), z, local_shard(self.dt_proj.bias), True, doc_ids=doc_ids,
+            return_final_state=True,
         )
         out = self.out_proj(y)
         return (out, (conv_state, ssm_state)) if return_state else out

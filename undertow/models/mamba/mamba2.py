@@ -18,6 +18,7 @@ from torch import nn
 from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.ssd import ssd
 from undertow.models.common.gated_norm import GatedRMSNorm
+from undertow.models.common.shards import local_row_parts, local_shard
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.mamba1 import init_conv, init_dt_bias
 
@@ -59,15 +60,23 @@ class Mamba2Mixer(nn.Module):
         nn.init.ones_(self.D)
         self.norm.init_weights()
 
+    def conv_parts(self) -> list[int]:
+        """Widths of the conv's channel parts x | B | C (all ranks together)."""
+        gn = self.cfg.ngroups * self.cfg.d_state
+        return [self.cfg.d_inner, gn, gn]
+
     def split_conv_output(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, d_inner + 2 G N) -> x (B, T, H, P), B (B, T, G, N), C (B, T, G, N)."""
+        """(B, T, d_inner + 2 G N) -> x (B, T, H, P), B (B, T, G, N), C (B, T, G, N).
+
+        Under tensor parallelism xbc holds this rank's share of each part (H / tp heads, G / tp groups).
+        """
         cfg = self.cfg
-        gn = cfg.ngroups * cfg.d_state
-        x, B, C = xbc.split([cfg.d_inner, gn, gn], dim=-1)
+        shards = sum(self.conv_parts()) // xbc.shape[-1]
+        x, B, C = xbc.split([width // shards for width in self.conv_parts()], dim=-1)
         return (
             x.unflatten(-1, (-1, cfg.headdim)),
-            B.unflatten(-1, (cfg.ngroups, cfg.d_state)),
-            C.unflatten(-1, (cfg.ngroups, cfg.d_state)),
+            B.unflatten(-1, (-1, cfg.d_state)),
+            C.unflatten(-1, (-1, cfg.d_state)),
         )
 
     def conv_input(self, u: torch.Tensor) -> torch.Tensor:
@@ -79,28 +88,30 @@ class Mamba2Mixer(nn.Module):
 
         One matmul over the five projections' weights concatenated at run time (a third fewer
         matmul calls per step); the modules stay separate for tensor-parallel plans and checkpoints.
+        Under tensor parallelism the weights are this rank's shards (its heads and groups), so the
+        outputs are its channels, x|B|C in the layout of `local_row_parts(conv_weight)`.
         """
         projs = (self.in_proj_z, self.in_proj_x, self.in_proj_B, self.in_proj_C, self.in_proj_dt)
-        weight = torch.cat([p.weight for p in projs])
-        bias = torch.cat([p.bias for p in projs]) if self.cfg.proj_bias else None
-        cfg = self.cfg
-        widths = [cfg.d_inner, cfg.d_inner + 2 * cfg.ngroups * cfg.d_state, cfg.nheads]
-        z, xbc, dt = F.linear(u, weight, bias).split(widths, dim=-1)
+        weights = [local_shard(p.weight) for p in projs]
+        bias = torch.cat([local_shard(p.bias) for p in projs]) if self.cfg.proj_bias else None
+        nz, nx, nb, nc, ndt = (w.shape[0] for w in weights)
+        z, xbc, dt = F.linear(local_shard(u), torch.cat(weights), bias).split([nz, nx + nb + nc, ndt], dim=-1)
         return z, xbc, dt
 
     def forward(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None, return_state: bool = False):
         """u: (B, T, d_model); doc_ids: (B, T) resets the conv window and SSM state where it changes.
         Returns (B, T, d_model) [, state after the last token]."""
         z, xbc_in, dt = self.project(u)
+        parts = self.conv_parts()
         xbc, conv_state = causal_conv1d(
-            xbc_in, self.conv_weight, self.conv_bias, activation="silu", doc_ids=doc_ids,
-            return_final_state=True,
+            xbc_in, local_row_parts(self.conv_weight, parts), local_row_parts(self.conv_bias, parts),
+            activation="silu", doc_ids=doc_ids, return_final_state=True,
         )
         x, B, C = self.split_conv_output(xbc)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(local_shard(self.A_log).float())
         y, ssm_state = ssd(
-            x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias, chunk_size=self.cfg.chunk_size, doc_ids=doc_ids,
-            return_final_state=True,
+            x, dt, A, B, C, D=local_shard(self.D), dt_bias=local_shard(self.dt_bias), chunk_size=self.cfg.chunk_size,
+            doc_ids=doc_ids, return_final_state=True,
         )
         out = self.out_proj(self.norm(y.flatten(-2), z))
         return (out, (conv_state, ssm_state)) if return_state else out
