@@ -22,7 +22,8 @@ class ModelSpec:
                      `forward(input_ids, *, position_ids, doc_ids, cu_seqlens, max_seqlen) -> logits`.
     flops_per_token: (config, seq_len) -> training FLOPs per token (forward + backward), for MFU.
     layer_cost:      (config, seq_len) -> relative cost per layer (pipeline balancing), or None.
-    plan:            the family's tensor/sequence-parallel plan (filled by parallel/), or None.
+    plan:            the family's tensor/sequence-parallel plan module (models/<family>/plan.py:
+                     block_styles, block_params; applied by parallel/tensor.py), or None.
     hf_adapter:      Hugging Face conversion module, or None.
     shape_limits:    (config) -> [(degree, what, size)]: the model dimensions a parallel degree
                      splits ("tp" must divide e.g. ("n_heads", 32)), for ParallelDims.validate and

@@ -13,7 +13,7 @@ plus the LM head, 2 * d_model * vocab_size.
 
 from __future__ import annotations
 
-from undertow.models.mamba import hf
+from undertow.models.mamba import hf, plan
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.model import MambaLM
 from undertow.models.registry import ModelSpec
@@ -91,6 +91,7 @@ SPEC = ModelSpec(
     model_cls=MambaLM,
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
+    plan=plan,
     hf_adapter=hf,
     shape_limits=shape_limits,
     state_elements=state_elements,

@@ -1,6 +1,7 @@
 """Registry entry of the baseline transformer."""
 
 from undertow.models.registry import ModelSpec
+from undertow.models.transformer import plan
 from undertow.models.transformer.config import TransformerConfig
 from undertow.models.transformer.model import TransformerLM
 
@@ -34,5 +35,6 @@ SPEC = ModelSpec(
     model_cls=TransformerLM,
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
+    plan=plan,
     shape_limits=shape_limits,
 )

@@ -1,0 +1,87 @@
+"""Tensor (+ sequence) parallel plan of the transformer; parallel/tensor.py applies it.
+
+Attention is split by heads (q/k/v column-wise, o row-wise; grouped-query attention needs tp to
+divide the key/value heads too), SwiGLU column-wise (gate, up) then row-wise (down). With sequence
+parallelism (Megatron-LM's) the residual stream and the RMSNorms are sharded on the sequence between
+blocks: each mixer's input is all-gathered to the whole sequence (so attention, its document mask and
+RoPE see every position), and its output projection reduce-scatters back to sequence shards.
+
+The styles for attention, SwiGLU and a mixer's input are shared with the families that contain
+these layers (the Mamba hybrids' `*` and `-`).
+
+A plan module offers (duck-typed, see parallel/tensor.py):
+    block_styles(block, sequence_parallel) -> {submodule name in the block: ParallelStyle}
+    block_params(block) -> {parameter name in the block: Placement}   parameters no style owns
+The sizes tp must divide are the spec's `shape_limits` (spec.py).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+
+def residual_layout(sequence_parallel: bool) -> Placement:
+    """How the residual stream (B, T, d_model) lies between blocks: sharded on T, or whole."""
+    return Shard(1) if sequence_parallel else Replicate()
+
+
+def norm_styles(names: list[str], sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Block RMSNorms: computed on the sequence shards (weights replicated) under sequence
+    parallelism; otherwise left as plain modules, computed whole on every rank."""
+    return {name: SequenceParallel() for name in names} if sequence_parallel else {}
+
+
+def mixer_input(n_args: int, sequence_parallel: bool) -> PrepareModuleInput:
+    """A mixer called with `n_args` positional arguments, the first its input (B, T, d_model): that
+    input becomes a replicated DTensor of the whole sequence (all-gathered under sequence
+    parallelism); the others (RoPE tables, document ids, ...) stay plain, whole-sequence tensors."""
+    rest = (None,) * (n_args - 1)
+    return PrepareModuleInput(
+        input_layouts=(residual_layout(sequence_parallel), *rest), desired_input_layouts=(Replicate(), *rest)
+    )
+
+
+def output_projection(sequence_parallel: bool) -> RowwiseParallel:
+    """A mixer's last projection: sums the ranks' partial outputs back into the residual stream."""
+    return RowwiseParallel(output_layouts=residual_layout(sequence_parallel))
+
+
+def attention_styles(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """`Attention` at `prefix`, called as attn(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)."""
+    return {
+        prefix: mixer_input(6, sequence_parallel),
+        f"{prefix}.q_proj": ColwiseParallel(),
+        f"{prefix}.k_proj": ColwiseParallel(),
+        f"{prefix}.v_proj": ColwiseParallel(),
+        f"{prefix}.o_proj": output_projection(sequence_parallel),
+    }
+
+
+def swiglu_styles(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """`SwiGLU` at `prefix`, called as mlp(x)."""
+    return {
+        prefix: mixer_input(1, sequence_parallel),
+        f"{prefix}.gate_proj": ColwiseParallel(),
+        f"{prefix}.up_proj": ColwiseParallel(),
+        f"{prefix}.down_proj": output_projection(sequence_parallel),
+    }
+
+
+def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    return {
+        **norm_styles(["attn_norm", "mlp_norm"], sequence_parallel),
+        **attention_styles("attn", sequence_parallel),
+        **swiglu_styles("mlp", sequence_parallel),
+    }
+
+
+def block_params(block: nn.Module) -> dict[str, Placement]:
+    return {}  # every parameter belongs to a Linear or an RMSNorm that a style places
