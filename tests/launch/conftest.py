@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.launch.helpers import STEPS, TINY_ARGS, env, read_losses, undertow
+from tests.launch.helpers import DP2_ARGS, STEPS, TINY_ARGS, env, read_losses, undertow
 from tests.launch.slurm_cluster import SlurmCluster, missing_binaries
 
 SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
@@ -15,6 +15,18 @@ def reference_losses(tmp_path_factory):
     """Per-step losses of one uninterrupted `undertow pretrain` run of the launch tests' config."""
     run_dir = tmp_path_factory.mktemp("reference")
     out = undertow("pretrain", "tiny", *TINY_ARGS, "--training.run_dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = read_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+@pytest.fixture(scope="session")
+def reference_losses_dp2(tmp_path_factory):
+    """Per-step losses of one uninterrupted two-process (FSDP, dp_shard 2) run, through `undertow launch local`."""
+    run_dir = tmp_path_factory.mktemp("reference-dp2")
+    out = undertow("launch", "local", "tiny", *TINY_ARGS, *DP2_ARGS, "--training.run_dir", str(run_dir),
+                   "--nproc-per-node", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     losses = read_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -24,6 +24,8 @@ TINY_ARGS = [
     "--training.steps", str(STEPS), "--checkpoint.every", str(EVERY),
 ]
 
+DP2_ARGS = ["--parallel.dp_shard", "2"]  # two processes, FSDP over both
+
 
 def env(**extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}

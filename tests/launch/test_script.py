@@ -136,7 +136,7 @@ def test_the_rendezvous_is_on_the_first_nodes_address_and_stop_signals_are_handl
                      "--max-restarts=2", "--shutdown-timeout=300", "--ntasks-per-node=1", "--kill-on-bad-exit=1"):
         assert expected in argv, expected
     assert any(a.startswith("--signals-to-handle=") and "SIGUSR1" in a for a in argv)
-    assert exported["NCCL_DEBUG"] == "WARN"
+    assert exported["NCCL_DEBUG"] == "WARN" and exported["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert exported["UNDERTOW_LOG_DIR"] == f"{tmp_path / 'run'}/logs/slurm-4242"
     assert "training finished" in out.stdout
     assert not (tmp_path / "record" / "scontrol.argv").exists()  # no requeue
@@ -215,6 +215,8 @@ def test_local_dry_run_is_a_torchrun_command(tmp_path, capsys):
     assert main(["launch", "local", str(recipe), "--nproc-per-node", "3", "--max-restarts", "2",
                  "--training.run_dir", str(tmp_path / "r $x"), "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
+    assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # a store per restart attempt
+    argv = argv[1:]
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     for expected in ("--standalone", "--nproc-per-node=3", "--max-restarts=2",
                      f"--log-dir={tmp_path / 'r $x'}/logs/local"):

@@ -116,7 +116,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
     from undertow.launch.command import pretrain_command
-    from undertow.launch.torchrun import default_nproc_per_node, local_argv
+    from undertow.launch.torchrun import TORCHRUN_ENV, default_nproc_per_node, local_argv
 
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         print(f"error: --nproc-per-node = {args.nproc_per_node}: must be >= 1", file=sys.stderr)
@@ -128,12 +128,12 @@ def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
     nproc = args.nproc_per_node or default_nproc_per_node()
     argv = local_argv(cmd, nproc, args.max_restarts, args.shutdown_timeout)
     if args.dry_run:
-        print(shlex.join(argv))
+        print(" ".join(f"{key}={shlex.quote(value)}" for key, value in TORCHRUN_ENV.items()), shlex.join(argv))
         return 0
     print(f"undertow: {nproc} rank(s) under torchrun; rank logs in {os.path.join(cmd.run_dir, 'logs', 'local')}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os.execv(argv[0], argv)  # torchrun takes this process's place: signals reach it directly
+    os.execve(argv[0], argv, {**os.environ, **TORCHRUN_ENV})  # torchrun takes this process's place: signals reach it
 
 
 def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -65,6 +65,23 @@ def collective_timeout(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def apply_collective_timeout(seconds: float, mesh=None) -> None:
+    """Give the default process group and every group of `mesh` (its dimensions and flattened
+    dimensions) `training.collective_timeout_s`. DeviceMesh builds its groups with torch's default
+    timeout (10 min NCCL, 30 min gloo), not the one init_process_group was given, so they are set
+    here, after the mesh exists (torchtitan does the same through `_set_pg_timeout`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    groups = {id(dist.group.WORLD): dist.group.WORLD}
+    if mesh is not None:
+        meshes = [mesh, *getattr(mesh, "_flatten_mapping", {}).values()]
+        for m in meshes:
+            for group in m.get_all_groups():
+                groups[id(group)] = group
+    for group in groups.values():
+        dist.distributed_c10d._set_pg_timeout(collective_timeout(seconds), group)
+
+
 def this_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()

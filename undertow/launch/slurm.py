@@ -36,7 +36,7 @@ from undertow import __version__
 from undertow.configtools import ConfigError
 from undertow.launch.command import PretrainCommand
 from undertow.launch.signals import EXIT_REQUEUE
-from undertow.launch.torchrun import node_options
+from undertow.launch.torchrun import TORCHRUN_ENV, node_options
 
 _DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:@+=/%\[\]-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -152,6 +152,7 @@ def render_script(job: SlurmJob, cmd: PretrainCommand) -> str:
         'export UNDERTOW_LOG_DIR="$UNDERTOW_RUN_DIR/logs/slurm-$SLURM_JOB_ID"',
         'mkdir -p -- "$UNDERTOW_LOG_DIR"',
     ]
+    lines += [f"export {key}={q(value)}" for key, value in TORCHRUN_ENV.items()]
     if job.cpus_per_task:
         lines.append(f"export OMP_NUM_THREADS={max(1, job.cpus_per_task // job.procs_per_node)}")
     if job.gpus_per_node:

@@ -19,6 +19,10 @@ import sys
 from undertow.launch.command import PretrainCommand
 
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# torchrun's agent shares its rendezvous TCPStore with the workers by default, and keys of an earlier
+# attempt survive in it: after a restart a rank can read a dead peer's address and fail to connect
+# (pytorch/pytorch#135712, #167288). A store per attempt avoids that.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 RANK_LOGS = "3"  # redirect and tee stdout and stderr of every rank
 
 

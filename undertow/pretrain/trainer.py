@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from undertow.launch.signals import RunGuard
+from undertow.launch.signals import RunGuard, apply_collective_timeout
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
@@ -81,6 +81,7 @@ class Trainer:
         self.rank, self.world_size = init_process_group_from_env()
         self.device = pick_device(cfg.training.device)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
+        apply_collective_timeout(cfg.training.collective_timeout_s, self.mesh)
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         # Each rank's loss is scaled by the number of ranks FSDP averages gradients over, so the
         # average is the gradient of the global token-mean loss.
