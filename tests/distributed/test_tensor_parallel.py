@@ -3,8 +3,9 @@
 For every family (transformer, Mamba-1, Mamba-2, a hybrid with `*` attention and `-` MLP layers),
 at tp=2 and tp=4 with sequence parallelism (and the hybrid at tp=2 without): the loss and every
 parameter gradient after one step, with document boundaries inside the rows, equal the
-single-process run's. Every case runs in one spawn of 4 processes (a module fixture): tp=4 over all
-of them, tp=2 in each half of a 2 x 2 mesh.
+single-process run's; also with FSDP2 applied after TP (dp_shard=2 x tp=2). Every case runs in
+one spawn of 4 processes (a module fixture): tp=4 over all of them, tp=2 in each half of a 2 x 2
+mesh.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.transformer.config import TransformerConfig
+from undertow.parallel.data import apply_fsdp, fsdp_mesh
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.tensor import (
     apply_tensor_parallel,
@@ -134,6 +136,29 @@ def meta_init_then_step(tp_mesh) -> dict:
     return result
 
 
+def with_fsdp(family: str) -> dict:
+    """TP then FSDP2 (parallel/data.py) on a dp_shard=2 x tp=2 mesh, one row per dp rank: the
+    gradients equal the single-process step over both rows. FSDP2 averages over dp, so each rank's
+    loss is scaled by dp (as the trainer does)."""
+    dims = ParallelDims(dp_shard=2, tp=2)
+    mesh = dims.build_mesh("cpu")
+    cfg = config(family, 2)
+    ref = build(cfg)
+    model = copy.deepcopy(ref)
+    data = batch()
+    ref_loss = step(ref, data, 1)
+    apply_tensor_parallel(model, mesh["tp"], registry.get(registry.family_of(cfg)))
+    apply_fsdp(model, fsdp_mesh(dims, mesh), None)
+    row = mesh["dp_shard"].get_local_rank()
+    local = {k: v[row : row + 1] for k, v in data.items()}
+    with loss_context(2):
+        logits = model(local["input_ids"], position_ids=local["position_ids"], doc_ids=local["doc_ids"])
+        loss = lm_loss_sum(logits, local["labels"]) / (data["labels"] != IGNORE_INDEX).sum()
+        (loss * dims.dp).backward()
+    torch.distributed.all_reduce(loss, group=mesh["dp_shard"].get_group())
+    return compare(model, ref, loss.detach(), ref_loss)
+
+
 def errors_raised(tp_mesh) -> dict:
     """Messages of a layout the shapes forbid (before any work) and of a sequence SP cannot split."""
     found = {}
@@ -157,6 +182,7 @@ def _all_cases(rank, world):
     results["hybrid", 2, False] = against_single_process("hybrid", tp2, False)
     results.update({(f, 4, True): against_single_process(f, tp4, True) for f in FAMILIES})
     results["meta"] = meta_init_then_step(tp2)
+    results["fsdp"] = with_fsdp("hybrid")
     results["errors"] = errors_raised(tp2)
     return results
 
@@ -207,6 +233,11 @@ def test_meta_built_model_initializes_under_tp(runs):
     for result in (r["meta"] for r in runs):
         check_matches_single_process(result, True)
         assert result["tied"]
+
+
+def test_composes_with_fsdp(runs):
+    for result in (r["fsdp"] for r in runs):
+        check_matches_single_process(result, True)
 
 
 def test_bad_layouts_fail_with_what_to_change(runs):
