@@ -54,13 +54,23 @@ def _step(rank, world, family, run_dir, layout):
     return loss, grad_norm, n_labels, full_grads(trainer.model)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("layout,world", [(["--parallel.dp_shard", "2"], 2),
-                                          (["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"], 4)],
-                         ids=["fsdp2", "hsdp2x2"])
-def test_data_parallel_step_equals_single_process(family, layout, world, tmp_path):
-    if world == 4 and family == "transformer":
-        pytest.skip("HSDP is checked on the hybrid (every mixer kind); the transformer adds nothing")
+LAYOUTS = {
+    "fsdp2": ["--parallel.dp_shard", "2"],
+    "hsdp2x2": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
+    "cp2": ["--parallel.cp", "2"],
+    "fsdp2xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2"],
+}
+# 4-process layouts on the hybrid only (it has every mixer kind; 4 processes cost the most here)
+CASES = [("transformer", "fsdp2"), ("transformer", "cp2"), ("hybrid", "fsdp2"), ("hybrid", "hsdp2x2"),
+         ("hybrid", "cp2"), ("hybrid", "fsdp2xcp2")]
+
+
+@pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{l}" for f, l in CASES])
+def test_data_and_context_parallel_step_equals_single_process(family, layout, tmp_path):
+    layout = LAYOUTS[layout]
+    world = 1
+    for name, value in zip(layout[::2], layout[1::2]):
+        world *= int(value)
     single = _step(0, 1, family, str(tmp_path / "single"), [])
     results = run_distributed(_step, world, family, str(tmp_path / "dp"), layout)
     for loss, grad_norm, n_labels, grads in results:

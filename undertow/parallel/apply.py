@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from undertow.log import get_logger
+from undertow.parallel.context import apply_context_parallel
 from undertow.parallel.data import apply_fsdp, fsdp_mesh, uses_fsdp
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
@@ -36,10 +37,10 @@ def parallelize(
     """Returns the model to train (the same module, changed in place)."""
     if dims.tp > 1:
         raise LayoutError(f"parallel.tp = {dims.tp}: tensor parallelism is not available in this version; use tp = 1")
-    if dims.cp > 1:
-        raise LayoutError(f"parallel.cp = {dims.cp}: context parallelism is not available in this version; use cp = 1")
     if dims.pp > 1:
         raise LayoutError(f"parallel.pp = {dims.pp}: pipeline parallelism is not available in this version; use pp = 1")
+    if dims.cp > 1:
+        apply_context_parallel(model, mesh["cp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

@@ -24,6 +24,7 @@ from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.parallel.apply import parallelize
+from undertow.parallel.context import shard_batch
 from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_env
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain.config import ExperimentConfig, build_model_config
@@ -239,6 +240,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _to_device(self, batch: dict) -> dict:
+        """The batch on the device; under context parallelism, this cp rank's slice of every row."""
+        if self.dims.cp > 1:
+            batch = shard_batch(batch, self.mesh["cp"].get_local_rank(), self.dims.cp)
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
@@ -251,11 +255,12 @@ class Trainer:
 
         The loss is the mean over every counted label of the step (token-weighted across micro-batches).
         """
+        micro_batches = [self._to_device(b) for b in micro_batches]
         local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         n_labels = int(self._dp_sum(torch.tensor(local, dtype=torch.int64, device=self.device)))
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            loss = self._loss_sum(self._to_device(batch)) / max(n_labels, 1)
+            loss = self._loss_sum(batch) / max(n_labels, 1)
             (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
             total += loss.detach()
         clip = self.cfg.training.grad_clip
