@@ -12,6 +12,8 @@ import time
 
 from undertow.pretrain.config import load_config
 
+from tests.launch.slurm_cluster import descendants
+
 # A 2-layer model on the embedded corpus: a step takes tens of milliseconds, so a run of STEPS
 # steps leaves a wide window to interrupt it after its first checkpoint.
 STEPS = 60
@@ -68,3 +70,19 @@ def wait_for_step(run_dir, step: int, alive=lambda: True, timeout: float = 240.0
 
 def tiny_config(run_dir, extra: list[str] = ()):
     return load_config("tiny", [*TINY_ARGS, "--training.run_dir", str(run_dir), *extra])
+
+
+def worker_pids(torchrun_pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes under a torchrun."""
+    ranks = {}
+    for pid in descendants(torchrun_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"undertow.cli" in cmdline and b"RANK" in environ:
+            ranks[int(environ[b"RANK"])] = pid
+    return ranks

@@ -2,10 +2,11 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
-from tests.launch.helpers import env
+from tests.launch.helpers import DP2_ARGS, TINY_ARGS, env, wait_for_step, worker_pids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,3 +42,29 @@ def test_collective_timeout_and_watchdog_name_rank_and_operation():
     assert int(report.group(1)) >= 3
     assert "Current thread" in out_watchdog or "Thread 0x" in out_watchdog  # faulthandler's stacks
     assert re.search(r"exitcode\s*:\s*124", out_watchdog)  # torchrun's summary of the failed rank
+
+
+def test_a_rank_that_stops_answering_is_reported_by_the_other(tmp_path):
+    """Two training ranks; rank 1 is frozen (SIGSTOP) mid-run. Rank 0 waits in a collective until
+    training.collective_timeout_s, reports rank, operation, step and phase, and the job ends."""
+    run_dir = str(tmp_path / "run")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "undertow.cli", "launch", "local", "tiny", *TINY_ARGS, *DP2_ARGS,
+         "--training.run_dir", run_dir, "--nproc-per-node", "2", "--training.collective_timeout_s", "10",
+         "--shutdown-timeout", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+    )
+    try:
+        wait_for_step(run_dir, 5, alive=lambda: job.poll() is None)
+        frozen = worker_pids(job.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    report = re.search(r"rank 0 \(host \S+, pid \d+\): collective (\w+) \(called from (undertow/\S+) in \w+\) failed "
+                       r"during (train step|checkpoint save|validation) of step (\d+) after ([\d.]+) s "
+                       r"\(training\.collective_timeout_s = 10\)", out)
+    assert report, out[-4000:]
+    assert int(report.group(4)) >= 5 and float(report.group(5)) >= 10 - 0.1

@@ -8,24 +8,7 @@ import signal
 import subprocess
 import sys
 
-from tests.launch.helpers import DP2_ARGS, STEPS, TINY_ARGS, env, read_losses, wait_for_step
-from tests.launch.slurm_cluster import descendants
-
-
-def worker_pids(torchrun_pid: int) -> dict[int, int]:
-    """rank -> pid of the training processes under a torchrun."""
-    ranks = {}
-    for pid in descendants(torchrun_pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"undertow.cli" in cmdline and b"RANK" in environ:
-            ranks[int(environ[b"RANK"])] = pid
-    return ranks
+from tests.launch.helpers import DP2_ARGS, STEPS, TINY_ARGS, env, read_losses, wait_for_step, worker_pids
 
 
 def attempt_log(run_dir, attempt: int, rank: int) -> str:

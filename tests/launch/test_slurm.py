@@ -11,7 +11,7 @@ import time
 from undertow.cli import main
 from undertow.pretrain import checkpoint as ckpt
 
-from tests.launch.helpers import STEPS, TINY_ARGS, read_losses, wait_for_step
+from tests.launch.helpers import DP2_ARGS, STEPS, TINY_ARGS, read_losses, wait_for_step
 
 HOSTILE = "a b $(touch p1) `touch p2`; touch p3 'q' \"dq\" #h %j"
 HOSTILE_NAME = "n$(touch p4)`touch p5`;x"  # no spaces: scontrol prints it unquoted
@@ -58,9 +58,10 @@ def read(path) -> str:
         return f.read()
 
 
-def rank_logs(run_dir, job_id, stream: str = "stderr") -> list[str]:
-    """stderr (or stdout) of rank 0 of each run of the job, oldest first."""
-    paths = glob.glob(os.path.join(run_dir, "logs", f"slurm-{job_id}", "node0", "*", "attempt_0", "0", f"{stream}.log"))
+def rank_logs(run_dir, job_id, stream: str = "stderr", rank: int = 0) -> list[str]:
+    """stderr (or stdout) of a rank of each run of the job, oldest first."""
+    paths = glob.glob(os.path.join(run_dir, "logs", f"slurm-{job_id}", "node0", "*", "attempt_0", str(rank),
+                                   f"{stream}.log"))
     return [read(p) for p in sorted(paths, key=os.path.getmtime)]
 
 
@@ -84,6 +85,20 @@ def test_submitted_job_trains_like_a_local_run_and_hostile_values_stay_text(slur
     assert f"done: {STEPS} steps" in rank0
     assert ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"step_{STEPS:08d}")
     assert read_losses(run_dir) == reference_losses
+
+
+def test_two_process_cpu_job_matches_a_local_two_process_run(slurm, reference_losses_dp2, tmp_path, monkeypatch,
+                                                              capsys):
+    monkeypatch.chdir(tmp_path)
+    run_dir = str(tmp_path / "run")
+    job_id = submit(capsys, run_dir, *DP2_ARGS, "--nproc-per-node", "2", "--cpus-per-task", "2")
+    info = slurm.wait(job_id, timeout=300)
+    log = os.path.join(run_dir, "logs", f"slurm-{job_id}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", read(log)[-3000:]
+    for rank in (0, 1):
+        (stderr,) = rank_logs(run_dir, job_id, rank=rank)
+        assert "layout dp_shard2 (2 processes)" in stderr
+    assert read_losses(run_dir) == reference_losses_dp2
 
 
 def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_losses(slurm, reference_losses, tmp_path,
