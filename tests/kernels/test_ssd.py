@@ -124,6 +124,17 @@ def test_triton_head_dim_64(compare_with_reference):
     check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 32)
 
 
+@needs_triton
+@pytest.mark.parametrize("G,heads", [(1, 2), (2, 8)])
+def test_triton_several_heads_per_program(compare_with_reference, monkeypatch, G, heads):
+    """Backward programs over several heads of one group: 4 heads, G=1, 2 a program (two partial dB / dC
+    sums per group, added in PyTorch); G=2 with up to 8 a program (a whole group per program)."""
+    monkeypatch.setenv("UNDERTOW_SSD_TILES", f"heads={heads}")
+    inputs = make_inputs(2, 37, 4, 8, G, 6, torch.float32, seed=53 + G)
+    inputs["doc_ids"] = doc_ids_for("edges", 2, 37, 16)
+    check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 16)
+
+
 @pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if HAS_TRITON else []))
 def test_split_and_carry_equals_whole(backend):
     """Running [0, 20) then [20, 37) from the first part's final state gives the whole row's result."""

@@ -8,8 +8,10 @@ Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep time
   UNDERTOW_SSD_DOT    16-bit inputs: "tf32" (default: derived operands of the matrix products in
                       tf32), "input" (rounded to the inputs' bf16/fp16: the tensor cores' full rate)
                       or "forward" (rounded in the forward kernels, tf32 in the backward ones)
-  UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2": token tile of the scan kernels, and num_warps /
-                      num_stages of every matrix kernel (Triton's defaults when absent)
+  UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2,heads=8": token tile of the scan kernels, num_warps /
+                      num_stages of every matrix kernel (Triton's defaults when absent), and the most
+                      heads of one group a backward scan program takes (the largest divisor of H / G
+                      up to `heads`, default 8)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from undertow.kernels.ssd.triton_fwd import (
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT_ENV, TILES_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES"
-TILE_KEYS = ("m", "warps", "stages")
+TILE_KEYS = ("m", "warps", "stages", "heads")
+HEADS_PER_PROGRAM = 8  # backward: heads of one group per program, their dB / dC summed in registers
 DOT_CHOICES = ("tf32", "input", "forward")
 
 
@@ -78,6 +81,20 @@ def _launch() -> dict:
     tiles = _tiles(os.environ.get(TILES_ENV, ""))
     names = {"warps": "num_warps", "stages": "num_stages"}
     return {names[k]: v for k, v in tiles.items() if k in names}
+
+
+def _heads_per_program(H: int, G: int) -> int:
+    """Heads per backward scan program: the largest divisor of H // G up to the "heads" tile (8)."""
+    limit = _tiles(os.environ.get(TILES_ENV, "")).get("heads", HEADS_PER_PROGRAM)
+    return max(d for d in range(1, min(limit, H // G) + 1) if (H // G) % d == 0)
+
+
+def _group_sum(partial: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
+    """(Bt, T, HB, N) float32 partial sums over blocks of heads (HB a multiple of G) -> (Bt, T, G, N)."""
+    Bt, T, HB, N = partial.shape
+    if HB != G:
+        partial = partial.view(Bt, T, G, HB // G, N).sum(3)
+    return partial.to(dtype)
 
 
 def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
@@ -159,23 +176,24 @@ class _ChunkScan(torch.autograd.Function):
         state_pass_bwd_kernel[(Bt * H, n_blocks)](
             ds, dfinal, a, seg, states, dend, dinit, **dims, PN=P * N, nc=nc, L=chunk, BLOCK=block)
 
-        grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * H)
-        dc = torch.empty(Bt, T, H, N, **f32)
-        da = torch.zeros(Bt, H, Tp, **f32)
+        hp = _heads_per_program(H, G)
+        grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * (H // hp))
+        dc = torch.empty(Bt, T, H // hp, N, **f32)
+        da = torch.zeros(Bt, H, Tp, **f32)  # zero past T: the padding's gradient must not reach the cumsum
         chunk_scan_bwd_target_kernel[grid](
-            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, PREC=prec,
-            **launch)
+            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk, **blk,
+            PREC=prec, **launch)
         dx = torch.empty_like(x)
         dstep = torch.empty(Bt, T, H, **f32)
-        db = torch.empty(Bt, T, H, N, **f32)
+        db = torch.empty(Bt, T, H // hp, N, **f32)
         dd = torch.empty(Bt * H, grid[0], P, **f32) if D is not None else dstep
         chunk_scan_bwd_source_kernel[grid](
-            dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk,
-            PREC=prec, **skip, **launch)
+            dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk,
+            **blk, PREC=prec, **skip, **launch)
 
         da[:, :, ends] += dend.sum(-1).view(Bt, H, nc)
-        dB = db.view(Bt, T, G, H // G, N).sum(3).to(B.dtype)
-        dC = dc.view(Bt, T, G, H // G, N).sum(3).to(C.dtype)
+        dB = _group_sum(db, G, B.dtype)
+        dC = _group_sum(dc, G, C.dtype)
         dD = None
         if D is not None:
             dD = dd.view(Bt, H, grid[0], P).sum((0, 2))

@@ -45,115 +45,132 @@ def state_pass_bwd_kernel(
 
 @triton.jit
 def chunk_scan_bwd_target_kernel(
-    DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc,
+    DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc, HP,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Tokens t as readers: DC[t] (per head) and DA[t] from the carried state and from the tokens
-    s <= t of the same segment. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    """Tokens t as readers: DC[t] and DA[t] from the carried state and from the tokens s <= t of the
+    same segment. One program takes HP heads of one group (HP divides H // G) and sums their dC in
+    registers: DC is (Bt, T, H // HP, N), one partial per block of heads (summed in PyTorch when
+    H // HP > G). Grid (nc * cdiv(L, BLOCK_M), Bt * (H // HP))."""
     n_mb = tl.cdiv(L, BLOCK_M)
     c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // (H // G)
+    HB = H // HP
+    bhb = tl.program_id(1).to(tl.int64)
+    b, hb = bhb // HB, bhb % HB
+    g = (hb * HP) // (H // G)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    _, _, _, seg_ref = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    seg_ref = tl.load(SEG + b * Tp + tl.maximum(c * L - 1, 0))
     t = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = (t < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
-    a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
     seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-1)
     c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N), other=0.0)
-    dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
+    dc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for hh in range(HP):
+        h = hb * HP + hh
+        a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
+        dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
+                       other=0.0)
+        s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                       mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
+        dc += mm(dy_t * head[:, None], s_in, PREC)
+        da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), PREC), axis=1) * head
 
-    s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
-                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
-    head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-    dc = mm(dy_t * head[:, None], s_in, PREC)
-    da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), PREC), axis=1) * head
-
-    for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
-        s_loc = s0 + tl.arange(0, BLOCK_K)
-        s = c * L + s_loc
-        s_ok = (s < T) & (s_loc < L)
-        a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
-        seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
-        b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
-        dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
-        x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
-        same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
-        decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-        d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), PREC) * decay
-        dc += mm(d_scores, b_s, PREC)
-        da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), PREC), axis=1)
-    tl.store(DC + ((b * T + t[:, None]) * H + h) * N + n[None, :], dc, mask=t_ok[:, None] & (n[None, :] < N))
-    tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
+        for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
+            s_loc = s0 + tl.arange(0, BLOCK_K)
+            s = c * L + s_loc
+            s_ok = (s < T) & (s_loc < L)
+            a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
+            seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+            b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N),
+                          other=0.0)
+            dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+            x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P),
+                          other=0.0)
+            same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
+            decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
+            d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), PREC) * decay
+            dc += mm(d_scores, b_s, PREC)
+            da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), PREC), axis=1)
+        tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
+    tl.store(DC + ((b * T + t[:, None]) * HB + hb) * N + n[None, :], dc, mask=t_ok[:, None] & (n[None, :] < N))
 
 
 @triton.jit
 def chunk_scan_bwd_source_kernel(
-    DY, X, DT, A, SEG, B, C, DS, D, DX, DDT, DB, DA, DD, T, Tp, H, G, P, N, nc,
+    DY, X, DT, A, SEG, B, C, DS, D, DX, DDT, DB, DA, DD, T, Tp, H, G, P, N, nc, HP,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
 ):
-    """Tokens s as sources: DX (in its dtype, with the skip's D dy), DDT, DB (per head) and the rest
-    of DA (added to what the target kernel stored) from the outgoing-state gradient E_c (in DS) and
-    from the tokens t >= s of the same segment; DD[bh, program, p] = sum_s dy_s x_s over this
-    program's tokens (D's gradient, summed in PyTorch). Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    """Tokens s as sources: DX (in its dtype, with the skip's D dy), DDT, DB and the rest of DA (added
+    to what the target kernel stored) from the outgoing-state gradient E_c (in DS) and from the tokens
+    t >= s of the same segment; DD[b * H + h, program, p] = sum_s dy_s x_s over this program's tokens
+    (D's gradient, summed in PyTorch). One program takes HP heads of one group and sums their dB in
+    registers: DB is (Bt, T, H // HP, N). Grid (nc * cdiv(L, BLOCK_M), Bt * (H // HP))."""
     n_mb = tl.cdiv(L, BLOCK_M)
     c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // (H // G)
+    HB = H // HP
+    bhb = tl.program_id(1).to(tl.int64)
+    b, hb = bhb // HB, bhb % HB
+    g = (hb * HP) // (H // G)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    _, a_end, seg_end, _ = chunk_bounds(A, SEG, b, h, c, T, Tp, H, L)
+    end = tl.minimum(c * L + L, T) - 1
+    seg_end = tl.load(SEG + b * Tp + end)
     s = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
     s_ok = (s < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
-    a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
     seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-1)
     b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
-    dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
-    x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P),
-                  other=0.0).to(tl.float32)
-    u_s = x_s * dt_s[:, None]
-
-    e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
-                mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
-    tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
-    eb = mm(b_s, tl.trans(e), PREC)  # (BLOCK_M, BLOCK_P)
-    du = eb * tail[:, None]
-    db = mm(u_s * tail[:, None], e, PREC)
-    da = -tl.sum(u_s * du, axis=1)
-
-    for t0 in range(mb * BLOCK_M, L, BLOCK_K):
-        t_loc = t0 + tl.arange(0, BLOCK_K)
-        t = c * L + t_loc
-        t_ok = (t < T) & (t_loc < L)
-        a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
-        seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
-        c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N), other=0.0)
-        dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)
-        same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
-        decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
-        cb = mm_inputs(b_s, tl.trans(c_t), PREC)
-        du += mm(cb * decay, dy_t, PREC)
-        d_scores = mm(u_s, tl.trans(dy_t), PREC) * decay
-        db += mm(d_scores, c_t, PREC)
-        da -= tl.sum(d_scores * cb, axis=1)
-    x_ptr = ((b * T + s[:, None]) * H + h) * P + p[None, :]
+    x_row = (b * T + s[:, None]) * H  # x[b, s, h, p] at (x_row + h) * P + p
     x_ok = s_ok[:, None] & (p[None, :] < P)
-    dx = du * dt_s[:, None]
-    if HAS_D:
-        dy_s = tl.load(DY + x_ptr, mask=x_ok, other=0.0).to(tl.float32)
-        if D_PER_P:
-            dx += tl.load(D + h * P + p, mask=p < P, other=0.0)[None, :] * dy_s
-        else:
-            dx += tl.load(D + h) * dy_s
-        dd_ptr = DD + (bh * tl.num_programs(0) + tl.program_id(0)) * P + p
-        tl.store(dd_ptr, tl.sum(dy_s * x_s, axis=0), mask=p < P)
-    tl.store(DX + x_ptr, dx.to(DX.dtype.element_ty), mask=x_ok)
-    tl.store(DDT + (b * T + s) * H + h, tl.sum(du * x_s, axis=1), mask=s_ok)
-    tl.store(DB + ((b * T + s[:, None]) * H + h) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
-    da_ptr = DA + (b * H + h) * Tp + s
-    tl.store(da_ptr, tl.load(da_ptr, mask=s_ok, other=0.0) + da, mask=s_ok)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for hh in range(HP):
+        h = hb * HP + hh
+        bh = b * H + h
+        a_end = tl.load(A + bh * Tp + end)
+        a_s = tl.load(A + bh * Tp + s, mask=s_ok, other=0.0)
+        dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+        x_s = tl.load(X + (x_row + h) * P + p[None, :], mask=x_ok, other=0.0).to(tl.float32)
+        u_s = x_s * dt_s[:, None]
+
+        e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
+        eb = mm(b_s, tl.trans(e), PREC)  # (BLOCK_M, BLOCK_P)
+        du = eb * tail[:, None]
+        db += mm(u_s * tail[:, None], e, PREC)
+        da = -tl.sum(u_s * du, axis=1)
+
+        for t0 in range(mb * BLOCK_M, L, BLOCK_K):
+            t_loc = t0 + tl.arange(0, BLOCK_K)
+            t = c * L + t_loc
+            t_ok = (t < T) & (t_loc < L)
+            a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
+            seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+            c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N),
+                          other=0.0)
+            dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
+                           other=0.0)
+            same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
+            decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+            cb = mm_inputs(b_s, tl.trans(c_t), PREC)
+            du += mm(cb * decay, dy_t, PREC)
+            d_scores = mm(u_s, tl.trans(dy_t), PREC) * decay
+            db += mm(d_scores, c_t, PREC)
+            da -= tl.sum(d_scores * cb, axis=1)
+        dx = du * dt_s[:, None]
+        if HAS_D:
+            dy_s = tl.load(DY + (x_row + h) * P + p[None, :], mask=x_ok, other=0.0).to(tl.float32)
+            if D_PER_P:
+                dx += tl.load(D + h * P + p, mask=p < P, other=0.0)[None, :] * dy_s
+            else:
+                dx += tl.load(D + h) * dy_s
+            dd_ptr = DD + (bh * tl.num_programs(0) + tl.program_id(0)) * P + p
+            tl.store(dd_ptr, tl.sum(dy_s * x_s, axis=0), mask=p < P)
+        tl.store(DX + (x_row + h) * P + p[None, :], dx.to(DX.dtype.element_ty), mask=x_ok)
+        tl.store(DDT + (b * T + s) * H + h, tl.sum(du * x_s, axis=1), mask=s_ok)
+        da_ptr = DA + bh * Tp + s
+        tl.store(da_ptr, tl.load(da_ptr, mask=s_ok, other=0.0) + da, mask=s_ok)
+    tl.store(DB + ((b * T + s[:, None]) * HB + hb) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
