@@ -32,7 +32,7 @@ from undertow.parallel.tensor import (
 
 V, B, T = 61, 2, 16  # an odd vocabulary: uneven vocab shards
 FAMILIES = ("transformer", "mamba1", "mamba2", "hybrid")
-TOLERANCE = 2e-5  # ||tp - ref|| / ||ref|| in float32
+TOLERANCE = 1e-5  # ||tp - ref|| / ||ref|| in float32 (measured: <= 5e-6, Mamba-1 at tp=4)
 
 
 def config(family: str, tp: int):
