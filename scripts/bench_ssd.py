@@ -7,12 +7,14 @@
         Triton SSD beside mamba_ssm's mamba_chunk_scan_combined in the same run, at B=8,T=2048 and
         B=2,T=8192, 32 heads x 64, d_state 128, chunk 256, bf16: CUDA events around each call, the L2
         cache flushed before it, median over --reps calls after warm-up. mamba_ssm must be importable
-        (scripts/gpu_check.sh installs the anchor wheels); without it only our rows are printed.
-    python scripts/bench_ssd.py gpu --sweep [--out DIR] [--reps 20]
+        (scripts/gpu_check.sh installs the anchor wheels); without it only our rows are printed. Each row
+        is printed (flushed) as soon as it is measured.
+    python scripts/bench_ssd.py gpu --sweep [--only "NAME;NAME"] [--out DIR] [--reps 20]
         Our Triton SSD at B=8,T=2048 under each setting of SWEEP (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES,
         see undertow/kernels/ssd/triton.py): forward and forward+backward ms, and the relative error
         of y and of every gradient against the exact float32 Triton run on float32 copies of the same
-        inputs (tolerance for bf16: 1e-2). A setting that fails to compile is reported and skipped.
+        inputs (tolerance for bf16: 1e-2). A setting that fails to compile is reported and skipped;
+        --only runs the named settings alone.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def header(args) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CPU
+def emit(rows: list[str], *lines: str) -> None:
+    """Append lines to the table and print them at once: a time limit that kills the run still
+    leaves every row measured so far on the output."""
+    rows.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
 def cpu_seconds(fn, inputs, backward: bool, trials: int, chunk: int) -> float:
     kwargs = {} if fn is IMPLEMENTATIONS["reference"] else {"chunk_size": chunk}
 
@@ -104,11 +113,12 @@ def run_cpu(args) -> list[str]:
                          doc_every=500, init=True)
     setting = (f"B={args.batch}, T={args.T}, {args.heads} heads x {args.headdim}, d_state {args.dstate}, chunk "
                f"{args.chunk}, float32, document starts every 500 tokens, carried-in state; median of {args.trials}.")
-    rows = [header(args), "", setting, "", "| pass | reference ms | chunked ms | speed-up |", "|---|---:|---:|---:|"]
+    rows = []
+    emit(rows, header(args), "", setting, "", "| pass | reference ms | chunked ms | speed-up |", "|---|---:|---:|---:|")
     for name, backward in (("forward", False), ("forward+backward", True)):
         ref = cpu_seconds(IMPLEMENTATIONS["reference"], inputs, backward, args.trials, args.chunk)
         fast = cpu_seconds(IMPLEMENTATIONS["chunked"], inputs, backward, args.trials, args.chunk)
-        rows.append(f"| {name} | {ref * 1e3:,.1f} | {fast * 1e3:,.1f} | {ref / fast:.1f}x |")
+        emit(rows, f"| {name} | {ref * 1e3:,.1f} | {fast * 1e3:,.1f} | {ref / fast:.1f}x |")
     return rows
 
 
@@ -164,11 +174,13 @@ def run_gpu(args) -> list[str]:
     torch.backends.cuda.matmul.allow_tf32 = False
     mamba = import_mamba_chunk_scan()
     H, P, N, chunk = 32, 64, 128, 256
-    rows = [header(args), "", f"{H} heads x {P}, d_state {N}, chunk {chunk}, G=1, bf16 x/dt/B/C, fp32 A/D/dt_bias; "
-            f"median of {args.reps} calls, L2 flushed; mamba_ssm: "
-            + ("mamba_chunk_scan_combined" if mamba else "NOT INSTALLED"), "",
-            "| kernel | B x T | forward ms | forward+backward ms | rel. L2 diff of y vs mamba_ssm |",
-            "|---|---|---:|---:|---:|"]
+    rows = []
+    emit(rows, header(args), "", f"{H} heads x {P}, d_state {N}, chunk {chunk}, G=1, bf16 x/dt/B/C, fp32 A/D/dt_bias; "
+         f"median of {args.reps} calls, L2 flushed; mamba_ssm: "
+         + ("mamba_chunk_scan_combined" if mamba else "NOT INSTALLED") + "; ours first, then mamba_ssm (its row "
+         "holds the rel. L2 difference of our y from its y)", "",
+         "| kernel | B x T | forward ms | forward+backward ms | rel. L2 diff of y, ours vs mamba_ssm |",
+         "|---|---|---:|---:|---:|")
     results = []
     for Bt, T in ((8, 2048), (2, 8192)):
         inputs = make_inputs(Bt, T, H, P, N, torch.bfloat16, "cuda", seed=Bt * T)
@@ -179,27 +191,28 @@ def run_gpu(args) -> list[str]:
                                                   dt_bias=v["dt_bias"], dt_softplus=True)
         dy = torch.randn(Bt, T, H, P, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(torch.bfloat16)
         measured = {}
-        for name, fn in kernels.items():  # a failing kernel is reported and the run goes on
+        for name, fn in kernels.items():  # a failing kernel is reported and the run goes on; rows print as measured
             try:
                 measured[name] = measure(fn, inputs, dy, args.reps)
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
-                rows.append(f"| {name} | {Bt} x {T} | FAILED: {type(error).__name__}: {str(error)[:120]} | | |")
-        for name, (y, fwd, fwd_bwd) in measured.items():
+                emit(rows, f"| {name} | {Bt} x {T} | FAILED: {type(error).__name__}: {str(error)[:120]} | | |")
+                continue
+            y, fwd, fwd_bwd = measured[name]
             diff = ""
-            if name != "mamba_ssm" and "mamba_ssm" in measured:
-                ref = measured["mamba_ssm"][0]
-                diff = f"{((y - ref).norm() / ref.norm()).item():.2e}"
+            if name == "mamba_ssm" and "undertow triton" in measured:
+                ours = measured["undertow triton"][0]
+                diff = f"{((ours - y).norm() / y.norm()).item():.2e}"
             results.append({"kernel": name, "B": Bt, "T": T, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_diff_y": diff})
-            rows.append(f"| {name} | {Bt} x {T} | {fwd:.3f} | {fwd_bwd:.3f} | {diff} |")
+            emit(rows, f"| {name} | {Bt} x {T} | {fwd:.3f} | {fwd_bwd:.3f} | {diff} |")
         del inputs, measured
         torch.cuda.empty_cache()
     by_kernel = {(r["kernel"], r["B"], r["T"]): r for r in results}
     for (name, Bt, T), ours in by_kernel.items():
         theirs = by_kernel.get(("mamba_ssm", Bt, T))
         if name == "undertow triton" and theirs:
-            rows.append(f"\nB={Bt}, T={T}: undertow / mamba_ssm = {ours['fwd_ms'] / theirs['fwd_ms']:.2f} forward, "
-                        f"{ours['fwd_bwd_ms'] / theirs['fwd_bwd_ms']:.2f} forward+backward (target <= 0.6)")
+            emit(rows, f"\nB={Bt}, T={T}: undertow / mamba_ssm = {ours['fwd_ms'] / theirs['fwd_ms']:.2f} forward, "
+                       f"{ours['fwd_bwd_ms'] / theirs['fwd_bwd_ms']:.2f} forward+backward (target <= 0.6)")
     if args.out:
         Path(args.out, "bench_ssd.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
     return rows
@@ -213,6 +226,8 @@ SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
     ("input", {"UNDERTOW_SSD_DOT": "input"}),
     ("input warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "warps=8"}),
     ("input m=128 warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "m=128,warps=8"}),
+    ("tf32 heads=32", {"UNDERTOW_SSD_TILES": "heads=32"}),
+    ("tf32 heads=2", {"UNDERTOW_SSD_TILES": "heads=2"}),
 ]
 GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
@@ -235,17 +250,17 @@ def run_sweep(args) -> list[str]:
         return IMPLEMENTATIONS["triton"](v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"], dt_bias=v["dt_bias"],
                                          chunk_size=chunk, doc_ids=v.get("doc_ids"))
 
-    exact_inputs = {k: v.float() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
-    exact = outputs_and_grads(fn, exact_inputs, dy.float())
     setting = (f"sweep of undertow triton SSD settings: B={Bt}, T={T}, {H} heads x {P}, d_state {N}, chunk {chunk}, "
                f"bf16, documents every 700 tokens; median of {args.reps} calls, L2 flushed; errors are "
                "||out - exact|| / ||exact|| against float32 inputs run exactly (bf16 tolerance 1e-2)")
     rows = [header(args), "", setting, "",
             "| setting | forward ms | forward+backward ms | err y | worst grad err (which) |", "|---|---:|---:|---:|---|"]
     print("\n".join(rows), flush=True)  # row by row below: a time limit still leaves the rows done
+    exact_inputs = {k: v.float() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+    exact = outputs_and_grads(fn, exact_inputs, dy.float())
     results = []
     saved = {k: os.environ.get(k) for k in ("UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES")}
-    for name, env in SWEEP:
+    for name, env in [item for item in SWEEP if not args.only or item[0] in args.only]:
         for k in saved:
             os.environ.pop(k, None)
         os.environ.update(env)
@@ -284,14 +299,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="gpu: time the settings in SWEEP instead")
+    parser.add_argument("--only", type=lambda text: [item.strip() for item in text.split(";") if item.strip()],
+                        default=None, help='--sweep: only these SWEEP settings, ";"-separated names')
     parser.add_argument("--out", default=None, help="gpu: also write bench_ssd_gpu.md and bench_ssd.json here")
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - {name for name, _ in SWEEP})
+    if unknown:
+        sys.exit(f"--only: unknown settings {unknown}; SWEEP has {[name for name, _ in SWEEP]}")
     if args.mode == "gpu" and not torch.cuda.is_available():
         sys.exit("bench_ssd.py gpu: no CUDA device")
     rows = run_cpu(args) if args.mode == "cpu" else run_sweep(args) if args.sweep else run_gpu(args)
-    text = "\n".join(rows)
-    if not args.sweep:  # the sweep printed its rows as they came
-        print(text)
+    text = "\n".join(rows)  # every row was printed as it came
     if args.out:
         name = "sweep" if args.sweep else args.mode
         Path(args.out, f"bench_ssd_{name}.md").write_text(text + "\n")

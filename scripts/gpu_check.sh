@@ -3,17 +3,22 @@
 #
 # Before the run, once, in the repository root of the machine that sends the copy:
 #   echo /.anchors/ >> .git/info/exclude && cp -r /work/shared/anchors .anchors
-# then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~540 s.
+# then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~360 s.
 #
-# It (1) runs tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor
-# wheels are NOT on the path, so no test can touch mamba_ssm); (2) installs the anchor wheels (pure Python,
-# no index, no deps) into a scratch dir put on PYTHONPATH for the benchmark alone; (3) runs
-# scripts/bench_ssd.py gpu, our Triton SSD beside mamba_ssm's in the same process; (4) runs
-# scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step (B=8,
-# T=2048, bf16); (5) runs scripts/bench_ssd.py gpu --sweep: our SSD under each setting of its knobs
-# (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES), speed and error against exact float32; (6) prints a summary
-# of the key tables last (the device tool returns the output's tail).
-# Each part has its own time limit, so a slow part cannot starve the others (total about 420 s).
+# Order (most wanted results first; each part has its own time limit so a slow part cannot starve the
+# others; sum of the limits 70 + 130 + 90 + 60 = 350 s, expected about 40 + 100 + 60 + 60 = 260 s):
+#  (1) tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor wheels
+#      are NOT on the path, so no test can touch mamba_ssm);                                 TEST_LIMIT 70
+#  (2) the anchor wheels (pure Python, no index, no deps) into a scratch dir put on PYTHONPATH for the
+#      benchmark alone, then scripts/bench_ssd.py gpu: our Triton SSD beside mamba_ssm's in one process
+#      (mamba_ssm compiles / autotunes ~80 s the first time);                                SSD_LIMIT 130
+#  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
+#      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
+#  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
+#      promising settings of its knobs, speed and error against exact float32;              SWEEP_LIMIT 60
+#  (5) a summary of the key tables, printed last (the device tool returns the output's tail).
+# Every python runs with -u (unbuffered) and the benchmarks print each row as it is measured: a part
+# killed by its limit still leaves the rows it finished in its log.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
 # train.log, bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
 # Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
@@ -25,39 +30,40 @@ ANCHORS="$PWD/.anchors"
 SITE=/tmp/undertow-anchor-site
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia-smi.txt"
+python3 -u -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia-smi.txt"
 
 status=0
 echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
 # pytest-xdist spreads the many small Triton compiles over the CPU cores when it is installed
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-120} python3 -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
+XDIST=$(python3 -u -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-70} python3 -u -m pytest tests/kernels -q -rs $XDIST 2>&1 | tee -a "$OUT/tests.log" || status=1
 
 rm -rf "$SITE"
 if [ -d "$ANCHORS/wheels" ]; then
   echo "== anchor wheels -> $SITE" | tee "$OUT/bench.log"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ANCHORS"/wheels/*.whl 2>&1 | tee -a "$OUT/bench.log"
+  python3 -u -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ANCHORS"/wheels/*.whl 2>&1 | tee -a "$OUT/bench.log"
 else
   echo "== $ANCHORS/wheels missing (copy /work/shared/anchors to .anchors, carry it): no mamba_ssm rows" | tee "$OUT/bench.log"
   status=1
 fi
 echo "== SSD benchmark" | tee -a "$OUT/bench.log"
-PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-120} python3 scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-130} python3 -u scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
 
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
-PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
+PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
-  PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-100} python3 scripts/bench_train_gpu.py mamba2-370m --compile --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
+  PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --compile --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 fi
 
 echo "== SSD settings sweep" | tee "$OUT/sweep.log"
-PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-100} python3 scripts/bench_ssd.py gpu --sweep --reps 20 --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
+PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-60} python3 -u scripts/bench_ssd.py gpu --sweep --reps 20 \
+  --only "${SWEEP_ONLY:-forward;input;tf32 heads=32}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
 
 echo
 echo "================ summary (status so far: $status)"
 head -n 2 "$OUT/nvidia-smi.txt"
 echo "-- kernel tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
-echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || tail -n 5 "$OUT/bench.log"
+echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || grep -E "^\||undertow / mamba_ssm|Error" "$OUT/bench.log" | tail -n 12
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status
