@@ -38,7 +38,8 @@ class SharedRowwiseParallel(RowwiseParallel):
     """Row-wise Linear whose all-reduced output every rank uses for its own shard of the work
     (Mamba-1's dt, B, C, shared by all channels). Returned as a local tensor; in the backward pass
     the ranks' partial gradients of it are all-reduced before the projection's backward, which then
-    needs no communication (RowwiseParallel's local output would take one rank's part for the whole)."""
+    needs no communication (with RowwiseParallel's local output, each rank's partial gradient would
+    be taken for the whole one)."""
 
     def __init__(self):
         super().__init__(output_layouts=Replicate())
