@@ -1,4 +1,4 @@
-"""FSDP2 / HSDP through the Trainer: loss and every gradient equal the single-process run on the
+"""Layouts through the Trainer (FSDP2, HSDP, context and tensor parallel, combined): loss and every gradient equal the single-process run on the
 same global batch; checkpoints written under one layout resume under another."""
 
 import os
@@ -14,7 +14,7 @@ from undertow.pretrain.trainer import Trainer
 FAMILIES = {
     "transformer": ("tiny", ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2"]),
     "hybrid": ("tiny-hybrid", ["--model.d_model", "32", "--model.layer_pattern", "mM*-", "--model.d_state", "8",
-                               "--model.headdim", "16", "--model.chunk_size", "8"]),
+                               "--model.headdim", "16", "--model.chunk_size", "8", "--model.ngroups", "2"]),
 }
 GLOBAL_BATCH, SEQ = 4, 32
 
@@ -59,10 +59,14 @@ LAYOUTS = {
     "hsdp2x2": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
     "cp2": ["--parallel.cp", "2"],
     "fsdp2xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2"],
+    "tp2": ["--parallel.tp", "2"],
+    "fsdp2xtp2": ["--parallel.dp_shard", "2", "--parallel.tp", "2"],
+    "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
 }
 # 4-process layouts on the hybrid only (it has every mixer kind; 4 processes cost the most here)
 CASES = [("transformer", "fsdp2"), ("transformer", "cp2"), ("hybrid", "fsdp2"), ("hybrid", "hsdp2x2"),
-         ("hybrid", "cp2"), ("hybrid", "fsdp2xcp2")]
+         ("hybrid", "cp2"), ("hybrid", "fsdp2xcp2"), ("transformer", "tp2"), ("hybrid", "tp2"),
+         ("hybrid", "fsdp2xtp2"), ("hybrid", "cp2xtp2")]
 
 
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{l}" for f, l in CASES])

@@ -19,6 +19,7 @@ from undertow.log import get_logger
 from undertow.parallel.context import apply_context_parallel
 from undertow.parallel.data import apply_fsdp, fsdp_mesh, uses_fsdp
 from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.tensor import apply_tensor_parallel
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
 
 log = get_logger("undertow.parallel")
@@ -33,19 +34,21 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
+    engine: str = "fsdp",
 ) -> nn.Module:
-    """Returns the model to train (the same module, changed in place)."""
-    if dims.tp > 1:
-        raise LayoutError(f"parallel.tp = {dims.tp}: tensor parallelism is not available in this version; use tp = 1")
+    """Returns the model to train (the same module, changed in place). With engine = "deepspeed"
+    data parallelism is left to DeepSpeed (the trainer hands it the model and the optimizer)."""
     if dims.pp > 1:
         raise LayoutError(f"parallel.pp = {dims.pp}: pipeline parallelism is not available in this version; use pp = 1")
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if uses_fsdp(dims):
+    if uses_fsdp(dims) and engine == "fsdp":
         apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype)
         log.info("FSDP2 over %s (param dtype %s, gradients reduced in float32)", dims.describe(), param_dtype)
     return model

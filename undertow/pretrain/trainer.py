@@ -25,6 +25,8 @@ from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.parallel.apply import parallelize
 from undertow.parallel.context import shard_batch
+from undertow.parallel.deepspeed import build_deepspeed
+from undertow.parallel.tensor import loss_context
 from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_env
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain.config import ExperimentConfig, build_model_config
@@ -77,7 +79,11 @@ class Trainer:
         self.spec = registry.get(cfg.family)
         # The layout is checked against the world size and the model's shapes before any work.
         self.dims = ParallelDims(**{name: getattr(cfg.parallel, name) for name in NAMES})
-        limits = self.spec.shape_limits(cfg.model) if self.spec.shape_limits else None
+        limits = self.spec.shape_limits(cfg.model) if self.spec.shape_limits else []
+        if self.dims.tp > 1:  # sequence parallel splits each cp slice of a row over the tp ranks
+            limits = limits + [("tp", "seq_len / cp", cfg.data.seq_len // self.dims.cp)]
+        if self.dims.cp > 1:
+            limits = limits + [("cp", "seq_len", cfg.data.seq_len)]
         self.dims.validate(int(os.environ.get("WORLD_SIZE", "1")), limits)
         self.rank, self.world_size = init_process_group_from_env()
         self.device = pick_device(cfg.training.device)
@@ -110,9 +116,12 @@ class Trainer:
         self.model = parallelize(
             model, self.spec, self.dims, self.mesh,
             activation_checkpointing=cfg.training.activation_checkpointing, compile=cfg.training.compile,
-            param_dtype=self.amp_dtype,
+            param_dtype=self.amp_dtype, engine=cfg.parallel.engine,
         )
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
+        self.deepspeed = cfg.parallel.engine == "deepspeed"
+        if self.deepspeed:  # ZeRO instead of FSDP2: the engine and an adapter in the optimizer's place
+            self.model, self.optimizer = build_deepspeed(model, self.optimizer, cfg, self.device, self.amp_dtype)
 
         self.step = 0
         self.skipped_total = 0
@@ -259,10 +268,14 @@ class Trainer:
         local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         n_labels = int(self._dp_sum(torch.tensor(local, dtype=torch.int64, device=self.device)))
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss = self._loss_sum(batch) / max(n_labels, 1)
-            (loss * self.grad_scale if self.grad_scale != 1 else loss).backward()
-            total += loss.detach()
+        with loss_context(self.dims.tp):  # vocab-parallel cross-entropy under tensor parallelism
+            for batch in micro_batches:
+                loss = self._loss_sum(batch) / max(n_labels, 1)
+                scaled = loss * self.grad_scale if self.grad_scale != 1 else loss
+                self.optimizer.backward(scaled) if self.deepspeed else scaled.backward()
+                total += loss.detach()
+        if self.deepspeed:  # DeepSpeed measures, clips and steps (skipping non-finite steps) in one call
+            return float(self._dp_sum(total)), float(self.optimizer.clip_and_step()), n_labels
         clip = self.cfg.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -278,7 +291,8 @@ class Trainer:
             if i >= self.cfg.training.val_batches:
                 break
             batch = self._to_device(batch)
-            sums[0] += self._loss_sum(batch).double()
+            with loss_context(self.dims.tp):
+                sums[0] += self._loss_sum(batch).double()
             sums[1] += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
         loss_sum, n_labels = self._dp_sum(sums).tolist()
@@ -310,12 +324,12 @@ class Trainer:
                     guard.beat("train step", self.step + 1)
                     micro = [next(data) for _ in range(t.grad_accum_steps)]
                     lr = cfg.optimizer.lr * lr_multiplier(self.step, t.steps, cfg.schedule)
+                    for group in self.optimizer.param_groups:  # before train_step: DeepSpeed steps in it
+                        group["lr"] = lr
                     loss, grad_norm, _ = self.train_step(micro)
                     meter.add(sum(b["input_ids"].numel() for b in micro) * self.dims.dp)
                     finite = math.isfinite(loss) and math.isfinite(grad_norm)
                     if finite:
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = lr
                         self.optimizer.step()
                         self.consecutive_bad = 0
                         last_loss = loss
