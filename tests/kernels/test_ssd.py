@@ -109,9 +109,12 @@ LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  #
 
 
 @needs_triton
+@pytest.mark.parametrize("z", [True, False], ids=["z", "no_z"])
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
-def test_triton_matches_reference_low_precision(compare_with_reference, dtype):
-    inputs = make_inputs(2, 37, 2, 8, 2, 6, dtype, seed=17)
+def test_triton_matches_reference_low_precision(compare_with_reference, dtype, z):
+    """With z the scan's y and dy are float32; without it dy has x's dtype and the backward multiplies
+    dy by x in that dtype."""
+    inputs = make_inputs(2, 37, 2, 8, 2, 6, dtype, seed=17 + z, z=z)
     inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)
     check(compare_with_reference, "triton", inputs, TRITON_TOL[dtype], 16)
 

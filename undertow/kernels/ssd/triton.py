@@ -182,14 +182,14 @@ class _ChunkScan(torch.autograd.Function):
         da = torch.zeros(Bt, H, Tp, **f32)  # zero past T: the padding's gradient must not reach the cumsum
         chunk_scan_bwd_target_kernel[grid](
             dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk, **blk,
-            PREC=prec, **launch)
+            PREC=prec, DY_RAW=dy.dtype == x.dtype, **launch)
         dx = torch.empty_like(x)
         dstep = torch.empty(Bt, T, H, **f32)
         db = torch.empty(Bt, T, H // hp, N, **f32)
         dd = torch.empty(Bt * H, grid[0], P, **f32) if D is not None else dstep
         chunk_scan_bwd_source_kernel[grid](
             dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk,
-            **blk, PREC=prec, **skip, **launch)
+            **blk, PREC=prec, **skip, DY_RAW=dy.dtype == x.dtype, **launch)
 
         da[:, :, ends] += dend.sum(-1).view(Bt, H, nc)
         dB = _group_sum(db, G, B.dtype)

@@ -17,6 +17,16 @@ from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm, mm_inputs
 
 
 @triton.jit
+def raw_mm(a, b, PREC: tl.constexpr, SAME_DTYPE: tl.constexpr):
+    """a @ b of x and dy as stored (dt, a per-token factor, is applied to the product, not to x): in
+    their own 16-bit dtype (the tensor cores' full rate, nothing rounded) when dy has x's dtype
+    (SAME_DTYPE), else as `mm` (dy is float32 when z gates y outside the kernel)."""
+    if SAME_DTYPE:
+        return mm_inputs(a, b, PREC)
+    return mm(a, b, PREC)
+
+
+@triton.jit
 def state_pass_bwd_kernel(
     DS, DFINAL, A, SEG, STATES, DEND, DINIT, T, Tp, H, PN, nc,
     L: tl.constexpr, BLOCK: tl.constexpr,
@@ -47,7 +57,7 @@ def state_pass_bwd_kernel(
 def chunk_scan_bwd_target_kernel(
     DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc, HP,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, DY_RAW: tl.constexpr,
 ):
     """Tokens t as readers: DC[t] and DA[t] from the carried state and from the tokens s <= t of the
     same segment. One program takes HP heads of one group (HP divides H // G) and sums their dC in
@@ -91,7 +101,7 @@ def chunk_scan_bwd_target_kernel(
                           other=0.0)
             same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
             decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
-            d_scores = mm(dy_t, tl.trans(x_s.to(tl.float32) * dt_s[:, None]), PREC) * decay
+            d_scores = raw_mm(dy_t, tl.trans(x_s), PREC, DY_RAW) * (dt_s[None, :] * decay)  # dy . (dt x)^T
             dc += mm(d_scores, b_s, PREC)
             da += tl.sum(d_scores * mm_inputs(c_t, tl.trans(b_s), PREC), axis=1)
         tl.store(DA + (b * H + h) * Tp + t, da, mask=t_ok)
@@ -103,6 +113,7 @@ def chunk_scan_bwd_source_kernel(
     DY, X, DT, A, SEG, B, C, DS, D, DX, DDT, DB, DA, DD, T, Tp, H, G, P, N, nc, HP,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+    DY_RAW: tl.constexpr,
 ):
     """Tokens s as sources: DX (in its dtype, with the skip's D dy), DDT, DB and the rest of DA (added
     to what the target kernel stored) from the outgoing-state gradient E_c (in DS) and from the tokens
@@ -132,7 +143,8 @@ def chunk_scan_bwd_source_kernel(
         a_end = tl.load(A + bh * Tp + end)
         a_s = tl.load(A + bh * Tp + s, mask=s_ok, other=0.0)
         dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
-        x_s = tl.load(X + (x_row + h) * P + p[None, :], mask=x_ok, other=0.0).to(tl.float32)
+        x_in = tl.load(X + (x_row + h) * P + p[None, :], mask=x_ok, other=0.0)
+        x_s = x_in.to(tl.float32)
         u_s = x_s * dt_s[:, None]
 
         e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
@@ -157,7 +169,7 @@ def chunk_scan_bwd_source_kernel(
             decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
             cb = mm_inputs(b_s, tl.trans(c_t), PREC)
             du += mm(cb * decay, dy_t, PREC)
-            d_scores = mm(u_s, tl.trans(dy_t), PREC) * decay
+            d_scores = raw_mm(x_in, tl.trans(dy_t), PREC, DY_RAW) * (dt_s[:, None] * decay)  # (dt x) . dy^T
             db += mm(d_scores, c_t, PREC)
             da -= tl.sum(d_scores * cb, axis=1)
         dx = du * dt_s[:, None]
