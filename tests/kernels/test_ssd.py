@@ -113,8 +113,10 @@ LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  #
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 def test_triton_matches_reference_low_precision(compare_with_reference, dtype, z):
     """With z the scan's y and dy are float32; without it dy has x's dtype and the backward multiplies
-    dy by x in that dtype."""
+    dy by x in that dtype, and dt is 16-bit too."""
     inputs = make_inputs(2, 37, 2, 8, 2, 6, dtype, seed=17 + z, z=z)
+    if not z:  # dt in the 16-bit dtype too, as a bf16 model passes it: its gradient comes back in that dtype
+        inputs["dt"] = inputs["dt"].to(dtype)
     inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)
     check(compare_with_reference, "triton", inputs, TRITON_TOL[dtype], 16)
 
@@ -125,6 +127,19 @@ def test_triton_head_dim_64(compare_with_reference):
     inputs = make_inputs(1, 40, 2, 64, 1, 32, torch.float32, seed=23)
     inputs["doc_ids"] = doc_ids_for("inside", 1, 40, 32)
     check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 32)
+
+
+@needs_triton
+@pytest.mark.parametrize("softplus,bias", [(False, False), (True, True)], ids=["plain", "softplus_bias"])
+def test_triton_dt_limit(compare_with_reference, softplus, bias):
+    """The dt prologue kernel: dt as given (positive, no softplus, no bias) or softplus(dt + bias), clamped
+    by dt_limit (a part of the tokens on each side: the clamp's gradient is zero there); no D, no z."""
+    inputs = make_inputs(2, 29, 2, 8, 1, 4, torch.float32, seed=61 + softplus, D_shape=None, z=False, bias=bias)
+    if not softplus:
+        inputs["dt"] = inputs["dt"].abs()
+    inputs["doc_ids"] = doc_ids_for("inside", 2, 29, 8)
+    check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 8, dt_softplus=softplus,
+          dt_limit=(0.3, 1.2))
 
 
 @needs_triton

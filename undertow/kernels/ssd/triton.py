@@ -1,8 +1,9 @@
 """Mamba-2 SSD in Triton: the chunk scan with the D skip fused (kernels in triton_fwd.py /
-triton_bwd.py) as an autograd.Function; dt preprocessing, the chunk cumsum of dt*A and the z gate
-stay in PyTorch (elementwise, shared with chunked.py), so autograd carries the scan's gradients to A,
-dt_bias and z. States are float32; x, B, C may be float32, float16 or bfloat16. Without z, y is
-written once by the scan kernel in x's dtype.
+triton_bwd.py) as an autograd.Function. One prologue kernel computes step = softplus(dt + dt_bias)
+clamped and the chunk cumsums of step * A (and its backward kernel the gradients of dt, A and dt_bias,
+with the outgoing-state term of each chunk's last token folded in); only the z gate stays in PyTorch.
+States are float32; x, B, C may be float32, float16 or bfloat16. Without z, y is written once by the
+scan kernel in x's dtype. See docs/ssd_kernel_notes.md for the costs and the floors.
 
 Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep times them):
   UNDERTOW_SSD_DOT    16-bit inputs: "tf32" (default: derived operands of the matrix products in
@@ -17,6 +18,7 @@ Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep time
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -25,19 +27,19 @@ import triton
 from undertow.kernels.dispatch import triton_runs_on
 from undertow.kernels.ssd.chunked import (
     check_inputs,
-    chunk_decays,
     chunk_segments,
     finish,
 )
-from undertow.kernels.ssd.reference import ssd_dt
 from undertow.kernels.ssd.triton_bwd import (
     chunk_scan_bwd_source_kernel,
     chunk_scan_bwd_target_kernel,
+    dt_prep_bwd_kernel,
     state_pass_bwd_kernel,
 )
 from undertow.kernels.ssd.triton_fwd import (
     chunk_outer_kernel,
     chunk_scan_fwd_kernel,
+    dt_prep_kernel,
     state_pass_fwd_kernel,
 )
 
@@ -110,22 +112,40 @@ def _blocks(L: int, P: int, N: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_K": block_m, "BLOCK_P": block_p, "BLOCK_N": block_n}
 
 
+def _dt_args(dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]) -> dict:
+    """Arguments of the dt prologue kernels (triton_fwd.dt_prep_kernel and its backward)."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    return {"lo": lo, "hi": hi, "HAS_BIAS": dt_bias is not None, "SOFTPLUS": bool(dt_softplus),
+            "HAS_LIMIT": (lo, hi) != (0.0, float("inf"))}
+
+
+DT_BLOCK_H = 16  # heads per program of the dt prologue kernels
+
+
 class _ChunkScan(torch.autograd.Function):
-    """(x, step, a, B, C, D, initial_state) -> (y (Bt, T, H, P) in out_dtype, final_state (Bt, H, P, N)).
-    x: (Bt, T, H, P); step: (Bt, T, H) float32; a: (Bt, H, nc*L) float32 chunk cumsums of step*A;
-    B, C: (Bt, T, G, N); D: (H,) or (H, P) or None (y += D x); initial_state: (Bt, H, P, N) or None;
-    seg: (Bt, nc*L) int32 segment numbers; ends: (nc,) index of each chunk's last token."""
+    """(x, dt, A, dt_bias, B, C, D, initial_state) -> (y (Bt, T, H, P) in out_dtype, final_state (Bt, H, P, N)).
+    x: (Bt, T, H, P); dt: (Bt, T, H) raw (softplus(dt + dt_bias) clamped to dt_limit, as reference.ssd_dt,
+    is computed with the chunk cumsums of step * A by one kernel); A, dt_bias: (H,); B, C: (Bt, T, G, N);
+    D: (H,) or (H, P) or None (y += D x); initial_state: (Bt, H, P, N) or None; seg: (Bt, nc*L) int32
+    segment numbers."""
 
     @staticmethod
-    def forward(ctx, x, step, a, B, C, D, initial_state, seg, ends, chunk, out_dtype):
+    def forward(ctx, x, dt, A, dt_bias, B, C, D, initial_state, seg, chunk, out_dtype, dt_softplus, dt_limit):
         Bt, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
-        Tp = a.shape[-1]
+        Tp = seg.shape[-1]
         nc = Tp // chunk
+        f32 = {"device": x.device, "dtype": torch.float32}
+        A32 = A.float().contiguous()
+        bias = dt_bias.contiguous() if dt_bias is not None else A32  # a placeholder pointer without a bias
+        dt_args = _dt_args(dt_bias, dt_softplus, dt_limit)
+        step, a = torch.empty(Bt, T, H, **f32), torch.empty(Bt, H, Tp, **f32)
+        dt_grid = (Bt * nc, triton.cdiv(H, DT_BLOCK_H))
+        dt_prep_kernel[dt_grid](dt, bias, A32, step, a, T, Tp, H, nc, **dt_args, L=chunk,
+                                BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H)
         prec, launch = _precision(x.dtype, backward=False), _launch()
         blk = _blocks(chunk, P, N, x.dtype)
         dims = {"T": T, "Tp": Tp, "H": H}
-        f32 = {"device": x.device, "dtype": torch.float32}
         Dv = D.float().contiguous() if D is not None else step  # a placeholder pointer without D
         skip = {"HAS_D": D is not None, "D_PER_P": D is not None and D.ndim == 2}
 
@@ -144,13 +164,14 @@ class _ChunkScan(torch.autograd.Function):
             x, step, a, seg, B, C, states, Dv, y, **dims, G=G, P=P, N=N, nc=nc, L=chunk, **blk, PREC=prec,
             **skip, **launch)
 
-        ctx.save_for_backward(x, step, a, B, C, D, seg, ends, states)
+        ctx.save_for_backward(x, dt, A32, dt_bias, step, a, B, C, D, seg, states)
         ctx.chunk, ctx.has_init, ctx.init_dtype = chunk, initial_state is not None, getattr(initial_state, "dtype", None)
+        ctx.dt_args, ctx.A_dtype = dt_args, A.dtype
         return y, states[:, nc].clone()
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, step, a, B, C, D, seg, ends, states = ctx.saved_tensors
+        x, dt, A32, dt_bias, step, a, B, C, D, seg, states = ctx.saved_tensors
         chunk = ctx.chunk
         Bt, T, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
@@ -179,7 +200,7 @@ class _ChunkScan(torch.autograd.Function):
         hp = _heads_per_program(H, G)
         grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * (H // hp))
         dc = torch.empty(Bt, T, H // hp, N, **f32)
-        da = torch.zeros(Bt, H, Tp, **f32)  # zero past T: the padding's gradient must not reach the cumsum
+        da = torch.empty(Bt, H, Tp, **f32)  # written at every t < T by the target kernel; never read past T
         chunk_scan_bwd_target_kernel[grid](
             dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk, **blk,
             PREC=prec, DY_RAW=dy.dtype == x.dtype, **launch)
@@ -191,7 +212,15 @@ class _ChunkScan(torch.autograd.Function):
             dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk,
             **blk, PREC=prec, **skip, DY_RAW=dy.dtype == x.dtype, **launch)
 
-        da[:, :, ends] += dend.sum(-1).view(Bt, H, nc)
+        ddt = torch.empty_like(dt)
+        dA_part = torch.empty(Bt * nc, H, **f32)
+        dbias_part = torch.empty(Bt * nc, H, **f32) if dt_bias is not None else dA_part
+        dt_prep_bwd_kernel[(Bt * nc, triton.cdiv(H, DT_BLOCK_H))](
+            dt, dt_bias.contiguous() if dt_bias is not None else A32, A32, dstep, da, dend, ddt, dA_part, dbias_part, T, Tp, H, nc,
+            n_blocks, **ctx.dt_args, L=chunk, BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H,
+            BLOCK_NB=max(2, triton.next_power_of_2(n_blocks)))
+        dA = dA_part.sum(0).to(ctx.A_dtype)
+        dbias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
         dB = _group_sum(db, G, B.dtype)
         dC = _group_sum(dc, G, C.dtype)
         dD = None
@@ -199,7 +228,7 @@ class _ChunkScan(torch.autograd.Function):
             dD = dd.view(Bt, H, grid[0], P).sum((0, 2))
             dD = (dD if D.ndim == 2 else dD.sum(-1)).to(D.dtype)
         dinit = dinit.to(ctx.init_dtype) if ctx.has_init else None
-        return dx, dstep, da, dB, dC, dD, dinit, None, None, None, None
+        return dx, ddt, dA, dbias, dB, dC, dD, dinit, None, None, None, None, None
 
 
 def ssd_triton(
@@ -227,12 +256,14 @@ def ssd_triton(
     if x.dtype not in DTYPES or B.dtype != x.dtype or C.dtype != x.dtype:
         raise ValueError(f"ssd triton: x, B, C must share one of {DTYPES}; got {x.dtype}, {B.dtype}, {C.dtype}")
     Bt, T = x.shape[:2]
-    step = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
-    a = chunk_decays(step, A, chunk_size).contiguous()
-    seg, _, ends = chunk_segments(doc_ids, Bt, T, chunk_size, x.device)
+    Tp = math.ceil(T / chunk_size) * chunk_size
+    if doc_ids is None:  # one segment a row
+        seg = torch.zeros(Bt, Tp, dtype=torch.int32, device=x.device)
+    else:
+        seg = chunk_segments(doc_ids, Bt, T, chunk_size, x.device)[0].contiguous()
     out_dtype = x.dtype if z is None else torch.float32  # the gate multiplies the float32 scan output
-    y, final = _ChunkScan.apply(x.contiguous(), step.contiguous(), a, B.contiguous(), C.contiguous(), D,
-                                initial_state, seg.contiguous(), ends, chunk_size, out_dtype)
+    y, final = _ChunkScan.apply(x.contiguous(), dt.contiguous(), A, dt_bias, B.contiguous(), C.contiguous(), D,
+                                initial_state, seg, chunk_size, out_dtype, dt_softplus, tuple(dt_limit))
     if z is not None:
         y = finish(y, x, None, z)
     return (y, final) if return_final_state else y

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from undertow.kernels.ssd.triton_fwd import chunk_bounds, mm, mm_inputs
+from undertow.kernels.ssd.triton_fwd import chunk_bounds, dt_step, mm, mm_inputs
 
 
 @triton.jit
@@ -186,3 +186,43 @@ def chunk_scan_bwd_source_kernel(
         da_ptr = DA + bh * Tp + s
         tl.store(da_ptr, tl.load(da_ptr, mask=s_ok, other=0.0) + da, mask=s_ok)
     tl.store(DB + ((b * T + s[:, None]) * HB + hb) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
+
+
+@triton.jit
+def dt_prep_bwd_kernel(
+    DT, DT_BIAS, A, DSTEP, DACUM, DEND, DDT, DA_PART, DBIAS_PART, T, Tp, H, nc, NB, lo, hi,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    """Backward of triton_fwd.dt_prep_kernel. DACUM (Bt, H, Tp): the scan kernels' gradient of the
+    chunk cumsums a, to which the outgoing-state term sum_blocks DEND[b * H + h, c, :] is added at each
+    chunk's last real token; g = its reverse cumsum within the chunk is the gradient of step * A.
+    DDT (in dt's dtype) = d step (DSTEP + g A) through the clamp and softplus; DA_PART[b * nc + c, h] =
+    sum_t g step and DBIAS_PART[b * nc + c, h] = sum_t DDT (summed in PyTorch). Grid (Bt * nc, cdiv(H, BLOCK_H))."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, c = pid // nc, pid % nc
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    l = tl.arange(0, BLOCK_L)
+    t = c * L + l
+    ok = (l < L)[:, None] & (t < T)[:, None] & h_ok[None, :]
+    pre, sp, step = dt_step(DT, DT_BIAS, b, t, h, ok, T, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    da = tl.load(DACUM + (b * H + h[None, :]) * Tp + t[:, None], mask=ok, other=0.0)
+    nb = tl.arange(0, BLOCK_NB)
+    dend = tl.sum(tl.load(DEND + ((b * H + h[:, None]) * nc + c) * NB + nb[None, :],
+                          mask=h_ok[:, None] & (nb[None, :] < NB), other=0.0), axis=1)
+    end = tl.minimum(L, T - c * L) - 1  # the chunk's last real token
+    da += tl.where((l == end)[:, None], dend[None, :], 0.0)
+    g = tl.cumsum(da, axis=0, reverse=True)
+    a_h = tl.load(A + h, mask=h_ok, other=0.0).to(tl.float32)
+    dstep = tl.load(DSTEP + (b * T + t[:, None]) * H + h[None, :], mask=ok, other=0.0) + g * a_h[None, :]
+    tl.store(DA_PART + pid * H + h, tl.sum(tl.where(ok, g * step, 0.0), axis=0), mask=h_ok)
+    dv = dstep
+    if HAS_LIMIT:
+        dv = tl.where((sp >= lo) & (sp <= hi), dv, 0.0)
+    if SOFTPLUS:
+        dv = tl.where(pre > 20.0, dv, dv / (1.0 + tl.exp(-pre)))
+    dv = tl.where(ok, dv, 0.0)
+    tl.store(DDT + (b * T + t[:, None]) * H + h[None, :], dv.to(DDT.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        tl.store(DBIAS_PART + pid * H + h, tl.sum(dv, axis=0), mask=h_ok)

@@ -159,3 +159,44 @@ def chunk_scan_fwd_kernel(
             d = tl.load(D + h)
         acc += d * tl.load(X + y_ptr, mask=y_ok, other=0.0).to(tl.float32)
     tl.store(Y + y_ptr, acc.to(Y.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
+def dt_step(DT, DT_BIAS, b, t, h, ok, T, H, lo, hi,
+            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """reference.ssd_dt on a (tokens, heads) tile: returns (pre, sp, step) with pre = dt + bias,
+    sp = softplus(pre) (torch's: pre itself above 20) or pre, step = sp clamped to [lo, hi]."""
+    pre = tl.load(DT + (b * T + t[:, None]) * H + h[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(DT_BIAS + h, mask=h < H, other=0.0).to(tl.float32)[None, :]
+    sp = pre
+    if SOFTPLUS:  # max(v, 0) + log1p(exp(-|v|)), log1p by its series where 1 + e would round
+        e = tl.exp(-tl.abs(pre))
+        sp = tl.where(pre > 20.0, pre, tl.maximum(pre, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
+    step = sp
+    if HAS_LIMIT:
+        step = tl.minimum(tl.maximum(sp, lo), hi)
+    return pre, sp, step
+
+
+@triton.jit
+def dt_prep_kernel(
+    DT, DT_BIAS, A, STEP, ACUM, T, Tp, H, nc, lo, hi,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    """The scan's elementwise prologue in one pass: STEP (Bt, T, H) float32 = reference.ssd_dt(dt) and
+    ACUM (Bt, H, Tp) = chunked.chunk_decays: the inclusive cumsum of step * A restarted at every chunk
+    (past T the last value repeats). Grid (Bt * nc, cdiv(H, BLOCK_H))."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, c = pid // nc, pid % nc
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    l = tl.arange(0, BLOCK_L)
+    t = c * L + l
+    in_chunk = (l < L)[:, None] & (h < H)[None, :]
+    ok = in_chunk & (t < T)[:, None]
+    _, _, step = dt_step(DT, DT_BIAS, b, t, h, ok, T, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    step = tl.where(ok, step, 0.0)
+    tl.store(STEP + (b * T + t[:, None]) * H + h[None, :], step, mask=ok)
+    a_h = tl.load(A + h, mask=h < H, other=0.0).to(tl.float32)
+    tl.store(ACUM + (b * H + h[None, :]) * Tp + t[:, None], tl.cumsum(step * a_h[None, :], axis=0), mask=in_chunk)
