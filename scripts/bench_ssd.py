@@ -9,6 +9,9 @@
         cache flushed before it, median over --reps calls after warm-up. mamba_ssm must be importable
         (scripts/gpu_check.sh installs the anchor wheels); without it only our rows are printed. Each row
         is printed (flushed) as soon as it is measured.
+    python scripts/bench_ssd.py gpu --profile [--out DIR] [--reps 10]
+        Where our forward+backward (B=8, T=2048, as above) spends its time: each kernel's device time
+        per call (torch.profiler), the wall time per call and the host time to issue one.
     python scripts/bench_ssd.py gpu --sweep [--only "NAME;NAME"] [--out DIR] [--reps 20]
         Our Triton SSD at B=8,T=2048 under each setting of SWEEP (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES,
         see undertow/kernels/ssd/triton.py): forward and forward+backward ms, and the relative error
@@ -218,6 +221,62 @@ def run_gpu(args) -> list[str]:
     return rows
 
 
+def run_profile(args, device: str = "cuda", shape=(8, 2048, 32, 64, 128, 256)) -> list[str]:
+    """Where our forward+backward spends its time: torch.profiler over --reps calls (after 3 warm
+    ones), each kernel's device time per call, beside the wall time per call (CUDA events, no L2 flush)
+    and the host time to issue one call. Wall >> the kernels' sum means the call is launch-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    Bt, T, H, P, N, chunk = shape
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    inputs = make_inputs(Bt, T, H, P, N, dtype, device, seed=7)
+    dy = torch.randn(Bt, T, H, P, device=device).to(dtype)
+    leaves = leaves_of(inputs)
+
+    def call():
+        y = IMPLEMENTATIONS["triton"](leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
+                                      dt_bias=leaves["dt_bias"], chunk_size=chunk)
+        y.backward(dy)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        call()
+    sync()
+    host = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - start)
+        sync()
+    wall = cuda_ms(call, leaves, args.reps) if device == "cuda" else float("nan")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.reps):
+            call()
+        sync()
+    rows = []
+    emit(rows, header(args), "", f"profile of undertow triton SSD forward+backward: B={Bt}, T={T}, {H} heads x {P}, "
+         f"d_state {N}, chunk {chunk}, {str(dtype).removeprefix('torch.')}; per call, mean of {args.reps}", "",
+         f"host time to issue one call: {statistics.median(host) * 1e3:.3f} ms; wall per call (CUDA events, L2 "
+         f"flushed): {wall:.3f} ms", "", "| kernel / op | calls per call | device ms per call | host ms per call |",
+         "|---|---:|---:|---:|")
+    events = []
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(evt, "self_cuda_time_total", 0.0)
+        events.append((device_us, evt.key, evt.count, evt.self_cpu_time_total))
+    events.sort(key=lambda e: (-e[0], -e[3]))
+    total = sum(e[0] for e in events)
+    for device_us, key, count, cpu_us in events[:25]:
+        emit(rows, f"| {key[:90]} | {count / args.reps:.1f} | {device_us / 1e3 / args.reps:.3f} | "
+                   f"{cpu_us / 1e3 / args.reps:.3f} |")
+    emit(rows, f"\nsum of device time per call: {total / 1e3 / args.reps:.3f} ms")
+    if args.out:
+        Path(args.out, "bench_ssd_profile.md").write_text("\n".join(rows) + "\n")
+    return rows
+
+
 SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
     ("tf32 (default)", {}),
     ("tf32 warps=8", {"UNDERTOW_SSD_TILES": "warps=8"}),
@@ -299,6 +358,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="gpu: time the settings in SWEEP instead")
+    parser.add_argument("--profile", action="store_true", help="gpu: per-kernel device time of our forward+backward")
     parser.add_argument("--only", type=lambda text: [item.strip() for item in text.split(";") if item.strip()],
                         default=None, help='--sweep: only these SWEEP settings, ";"-separated names')
     parser.add_argument("--out", default=None, help="gpu: also write bench_ssd_gpu.md and bench_ssd.json here")
@@ -308,6 +368,9 @@ def main() -> None:
         sys.exit(f"--only: unknown settings {unknown}; SWEEP has {[name for name, _ in SWEEP]}")
     if args.mode == "gpu" and not torch.cuda.is_available():
         sys.exit("bench_ssd.py gpu: no CUDA device")
+    if args.mode == "gpu" and args.profile:
+        run_profile(args)
+        return
     rows = run_cpu(args) if args.mode == "cpu" else run_sweep(args) if args.sweep else run_gpu(args)
     text = "\n".join(rows)  # every row was printed as it came
     if args.out:

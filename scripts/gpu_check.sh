@@ -6,12 +6,14 @@
 # then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~360 s.
 #
 # Order (most wanted results first; each part has its own time limit so a slow part cannot starve the
-# others; sum of the limits 70 + 130 + 90 + 60 = 350 s, expected about 40 + 100 + 60 + 60 = 260 s):
+# others; sum of the limits 70 + 130 + 40 + 90 + 60 = 390 s, expected about 40 + 100 + 15 + 60 + 60 = 275 s):
 #  (1) tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor wheels
 #      are NOT on the path, so no test can touch mamba_ssm);                                 TEST_LIMIT 70
 #  (2) the anchor wheels (pure Python, no index, no deps) into a scratch dir put on PYTHONPATH for the
 #      benchmark alone, then scripts/bench_ssd.py gpu: our Triton SSD beside mamba_ssm's in one process
 #      (mamba_ssm compiles / autotunes ~80 s the first time);                                SSD_LIMIT 130
+#  (2b) scripts/bench_ssd.py gpu --profile: each kernel's device time in our forward+backward, the wall
+#      time and the host time to issue one call (is it launch-bound?);                  PROFILE_LIMIT 40
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
@@ -20,7 +22,7 @@
 # Every python runs with -u (unbuffered) and the benchmarks print each row as it is measured: a part
 # killed by its limit still leaves the rows it finished in its log.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
-# train.log, bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
+# profile.log, bench_ssd_profile.md, train.log, bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
 # Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,9 @@ fi
 echo "== SSD benchmark" | tee -a "$OUT/bench.log"
 PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-130} python3 -u scripts/bench_ssd.py gpu --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
 
+echo "== SSD profile" | tee "$OUT/profile.log"
+PYTHONPATH="$PWD" timeout ${PROFILE_LIMIT:-40} python3 -u scripts/bench_ssd.py gpu --profile --reps 10 --out "$OUT" 2>&1 | tee -a "$OUT/profile.log"
+
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
@@ -64,6 +69,7 @@ echo "================ summary (status so far: $status)"
 head -n 2 "$OUT/nvidia-smi.txt"
 echo "-- kernel tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || grep -E "^\||undertow / mamba_ssm|Error" "$OUT/bench.log" | tail -n 12
+echo "-- SSD profile (ours, forward+backward):"; grep -E "^\||host time|sum of device" "$OUT/profile.log" | head -n 16
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status
