@@ -12,7 +12,8 @@ Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep time
   UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2,heads=8": token tile of the scan kernels, num_warps /
                       num_stages of every matrix kernel (Triton's defaults when absent), and the most
                       heads of one group a backward scan program takes (the largest divisor of H / G
-                      up to `heads`, default 8)
+                      up to `heads`, default 8); `bwarps` sets num_warps of the two backward scan
+                      kernels alone (they hold the most accumulators)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from undertow.kernels.ssd.triton_fwd import (
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT_ENV, TILES_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES"
-TILE_KEYS = ("m", "warps", "stages", "heads")
+TILE_KEYS = ("m", "warps", "stages", "heads", "bwarps")
 HEADS_PER_PROGRAM = 8  # backward: heads of one group per program, their dB / dC summed in registers
 DOT_CHOICES = ("tf32", "input", "forward")
 
@@ -78,11 +79,15 @@ def _precision(dtype: torch.dtype, backward: bool) -> int:
     return 2 if dtype == torch.bfloat16 else 3
 
 
-def _launch() -> dict:
-    """num_warps / num_stages of the matrix kernels from UNDERTOW_SSD_TILES (empty: Triton's defaults)."""
+def _launch(backward_scan: bool = False) -> dict:
+    """num_warps / num_stages of the matrix kernels from UNDERTOW_SSD_TILES (empty: Triton's defaults);
+    the backward scan kernels take `bwarps` over `warps` when it is given."""
     tiles = _tiles(os.environ.get(TILES_ENV, ""))
     names = {"warps": "num_warps", "stages": "num_stages"}
-    return {names[k]: v for k, v in tiles.items() if k in names}
+    out = {names[k]: v for k, v in tiles.items() if k in names}
+    if backward_scan and "bwarps" in tiles:
+        out["num_warps"] = tiles["bwarps"]
+    return out
 
 
 def _heads_per_program(H: int, G: int) -> int:
@@ -203,14 +208,14 @@ class _ChunkScan(torch.autograd.Function):
         da = torch.empty(Bt, H, Tp, **f32)  # written at every t < T by the target kernel; never read past T
         chunk_scan_bwd_target_kernel[grid](
             dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk, **blk,
-            PREC=prec, DY_RAW=dy.dtype == x.dtype, **launch)
+            PREC=prec, DY_RAW=dy.dtype == x.dtype, **_launch(backward_scan=True))
         dx = torch.empty_like(x)
         dstep = torch.empty(Bt, T, H, **f32)
         db = torch.empty(Bt, T, H // hp, N, **f32)
         dd = torch.empty(Bt * H, grid[0], P, **f32) if D is not None else dstep
         chunk_scan_bwd_source_kernel[grid](
             dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk,
-            **blk, PREC=prec, **skip, DY_RAW=dy.dtype == x.dtype, **launch)
+            **blk, PREC=prec, **skip, DY_RAW=dy.dtype == x.dtype, **_launch(backward_scan=True))
 
         ddt = torch.empty_like(dt)
         dA_part = torch.empty(Bt * nc, H, **f32)
