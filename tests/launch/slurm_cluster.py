@@ -104,7 +104,6 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
             "ReturnToService=2",
             "KillWait=30",
-            "SchedulerParameters=defer",
             "MinJobAge=300",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",

@@ -1,6 +1,6 @@
-"""`undertow launch slurm --submit` on a real one-node Slurm cluster: a job that trains like a local run,
-and a job that is preempted twice (Slurm's requeue, then the time-limit signal) and still ends with the
-losses of an uninterrupted run."""
+"""`undertow launch slurm --submit` on a real one-node Slurm cluster: a two-process job that trains like a
+local run, and a one-process job that is preempted twice (Slurm's requeue, then the time-limit signal) and
+still ends with the losses of an uninterrupted run."""
 
 import glob
 import os
@@ -65,39 +65,30 @@ def rank_logs(run_dir, job_id, stream: str = "stderr", rank: int = 0) -> list[st
     return [read(p) for p in sorted(paths, key=os.path.getmtime)]
 
 
-def test_submitted_job_trains_like_a_local_run_and_hostile_values_stay_text(slurm, reference_losses, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_two_process_job_trains_like_a_local_run_and_hostile_values_stay_text(slurm, reference_losses_dp2,
+                                                                               tmp_path, monkeypatch, capsys):
+    """Two CPU processes (FSDP) in one Slurm job, its run directory, job name and an exported value full of
+    shell syntax: the job runs, its log, rank logs and checkpoints are where the script says, and its losses
+    are those of `undertow launch local` with the same config."""
     cwd = tmp_path / "cwd"  # the job's working directory: a hostile value evaluated anywhere would touch files here
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_dir = str(tmp_path / HOSTILE)
-    job_id = submit(capsys, run_dir, "--job-name", HOSTILE_NAME, "--env", f"PROBE={HOSTILE}", "--partition", "debug")
+    job_id = submit(capsys, run_dir, *DP2_ARGS, "--nproc-per-node", "2", "--cpus-per-task", "2",
+                    "--job-name", HOSTILE_NAME, "--env", f"PROBE={HOSTILE}", "--partition", "debug")
     info = slurm.wait(job_id, timeout=300)
     log = os.path.join(run_dir, "logs", f"slurm-{job_id}.out")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", read(log)[-3000:]
     assert os.listdir(cwd) == [], "a hostile value was executed"
     shown = slurm.scontrol("show", "job", "-o", job_id)
     assert re.search(r"JobName=(.*?) UserId=", shown).group(1) == HOSTILE_NAME
-    # the log, the rank logs and the checkpoints are where the script says
     assert "undertow: training finished" in read(log)
-    (rank0,) = rank_logs(run_dir, job_id, "stdout")
-    assert f"done: {STEPS} steps" in rank0
-    assert ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"step_{STEPS:08d}")
-    assert read_losses(run_dir) == reference_losses
-
-
-def test_two_process_cpu_job_matches_a_local_two_process_run(slurm, reference_losses_dp2, tmp_path, monkeypatch,
-                                                              capsys):
-    monkeypatch.chdir(tmp_path)
-    run_dir = str(tmp_path / "run")
-    job_id = submit(capsys, run_dir, *DP2_ARGS, "--nproc-per-node", "2", "--cpus-per-task", "2")
-    info = slurm.wait(job_id, timeout=300)
-    log = os.path.join(run_dir, "logs", f"slurm-{job_id}.out")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", read(log)[-3000:]
     for rank in (0, 1):
         (stderr,) = rank_logs(run_dir, job_id, rank=rank)
         assert "layout dp_shard2 (2 processes)" in stderr
+    (stdout,) = rank_logs(run_dir, job_id, "stdout")
+    assert f"done: {STEPS} steps" in stdout
+    assert ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"step_{STEPS:08d}")
     assert read_losses(run_dir) == reference_losses_dp2
 
 
