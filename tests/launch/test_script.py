@@ -121,7 +121,7 @@ def test_hostile_values_reach_the_training_command_literally(tmp_path, capsys):
 
 def test_the_rendezvous_is_on_the_first_nodes_address_and_stop_signals_are_handled(tmp_path, capsys):
     script = launch_slurm(capsys, "--training.run_dir", str(tmp_path / "run"), "--nodes", "4",
-                          "--gpus-per-node", "8", "--cpus-per-task", "64", "--time", "01:00:00",
+                          "--gpus-per-node", "8", "--parallel.dp_shard", "32", "--cpus-per-task", "64", "--time", "01:00:00",
                           "--signal-before", "300", "--max-restarts", "2", "--exclusive")
     lines = script.splitlines()
     for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
@@ -131,7 +131,7 @@ def test_the_rendezvous_is_on_the_first_nodes_address_and_stop_signals_are_handl
         assert expected in lines, expected
     argv, exported, out = run_script(script, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "--rdzv-endpoint=10.1.2.3:24242" in argv  # NodeAddr of the first node; 20000 + 4242
+    assert "--rdzv-endpoint=10.1.2.3:14242" in argv  # NodeAddr of the first node; 10000 + 4242
     for expected in ("--rdzv-backend=c10d", "--rdzv-id=4242", "--nnodes=1", "--nproc-per-node=8",
                      "--max-restarts=2", "--shutdown-timeout=300", "--ntasks-per-node=1", "--kill-on-bad-exit=1"):
         assert expected in argv, expected
@@ -203,6 +203,17 @@ def test_a_launched_job_must_resume_automatically(tmp_path, capsys):
     assert code == 2 and "checkpoint.resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("launcher,processes", [
+    (["local", "--nproc-per-node", "2"], 2), (["slurm", "--nodes", "2", "--gpus-per-node", "4"], 8),
+])
+def test_the_layout_must_fill_the_launched_processes(tmp_path, capsys, launcher, processes):
+    code = main(["launch", *launcher, "tiny", "--training.run_dir", str(tmp_path), "--parallel.dp_shard", "3",
+                 "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""
+    assert "needs 3 processes" in out.err and f"starts {processes}" in out.err
+
+
 def test_bad_config_fails_before_anything_is_written(tmp_path, capsys):
     code = main(["launch", "slurm", "tiny", "--training.run_dir", str(tmp_path / "run"), "--model.d_model", "-3"])
     assert code == 2 and "model.d_model" in capsys.readouterr().err
@@ -212,7 +223,7 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, capsys):
 def test_local_dry_run_is_a_torchrun_command(tmp_path, capsys):
     recipe = tmp_path / "my recipe.toml"
     recipe.write_text('name = "mine"\n[model]\nfamily = "transformer"\n')
-    assert main(["launch", "local", str(recipe), "--nproc-per-node", "3", "--max-restarts", "2",
+    assert main(["launch", "local", str(recipe), "--nproc-per-node", "3", "--max-restarts", "2", "--parallel.dp_shard", "3",
                  "--training.run_dir", str(tmp_path / "r $x"), "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # a store per restart attempt

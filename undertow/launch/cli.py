@@ -115,7 +115,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
-    from undertow.launch.command import pretrain_command
+    from undertow.launch.command import check_world_size, pretrain_command
     from undertow.launch.torchrun import TORCHRUN_ENV, default_nproc_per_node, local_argv
 
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
@@ -126,6 +126,7 @@ def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
         return 2
     cmd = pretrain_command(args.recipe, overrides, args.name)
     nproc = args.nproc_per_node or default_nproc_per_node()
+    check_world_size(cmd.cfg, nproc, f"--nproc-per-node {nproc}")
     argv = local_argv(cmd, nproc, args.max_restarts, args.shutdown_timeout)
     if args.dry_run:
         print(" ".join(f"{key}={shlex.quote(value)}" for key, value in TORCHRUN_ENV.items()), shlex.join(argv))
@@ -137,7 +138,7 @@ def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
-    from undertow.launch.command import pretrain_command
+    from undertow.launch.command import check_world_size, pretrain_command
     from undertow.launch.slurm import SlurmJob, render_script, submit
 
     cmd = pretrain_command(args.recipe, overrides, args.name)
@@ -149,6 +150,9 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         env_setup=args.env_setup, env=args.env, signal_before_s=args.signal_before,
         max_restarts=args.max_restarts, python=args.python,
     )
+    job.validate()
+    check_world_size(cmd.cfg, job.nodes * job.procs_per_node,
+                     f"--nodes {job.nodes} x {job.procs_per_node} processes per node")
     script = render_script(job, cmd)
     if args.dry_run:
         sys.stdout.write(script)

@@ -44,3 +44,16 @@ def pretrain_command(recipe: str | None, overrides: list[str], name: str | None 
     values["checkpoint.resume"] = "auto"
     args = ["-m", "undertow.cli", "pretrain", recipe, *(f"--{key}={value}" for key, value in values.items())]
     return PretrainCommand(cfg, run_dir, args)
+
+
+def check_world_size(cfg: ExperimentConfig, processes: int, how: str) -> None:
+    """The parallel layout must fill exactly the processes a launch starts; say so before starting them."""
+    from undertow.parallel.mesh import NAMES, ParallelDims
+
+    dims = ParallelDims(**{name: getattr(cfg.parallel, name) for name in NAMES})
+    if dims.world_size != processes:
+        raise ConfigError(
+            f"the parallel layout ({dims.describe()}) needs {dims.world_size} processes, but {how} starts "
+            f"{processes}; make parallel.pp x dp_replicate x dp_shard x cp x tp = {processes} "
+            f"(e.g. --parallel.dp_shard {processes}) or start {dims.world_size}"
+        )

@@ -40,7 +40,7 @@ from undertow.launch.torchrun import TORCHRUN_ENV, node_options
 
 _DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:@+=/%\[\]-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-PORT_BASE, PORT_SPAN = 20000, 20000  # the rendezvous port is PORT_BASE + job id % PORT_SPAN
+PORT_BASE, PORT_SPAN = 10000, 20000  # rendezvous port: PORT_BASE + job id % PORT_SPAN, below the ephemeral ports
 
 
 @dataclass
