@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from undertow.models.common.documents import doc_ids_from_cu_seqlens
 from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
@@ -18,13 +19,6 @@ from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
 from undertow.models.transformer.model import Attention
-
-
-def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """cu_seqlens (S+1,) over the flattened batch * seq_len tokens -> segment index (batch, seq_len) int32."""
-    tokens = torch.arange(batch * seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    segment = torch.searchsorted(cu_seqlens, tokens, right=True) - 1
-    return segment.view(batch, seq_len).to(torch.int32)
 
 
 def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
@@ -74,7 +68,7 @@ class Block(nn.Module):
 
 
 class MambaLM(CausalLMShell):
-    """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
+    """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size) (CausalLMShell.forward)."""
 
     def __init__(self, cfg: MambaConfig):
         cfg.validate()
@@ -93,25 +87,23 @@ class MambaLM(CausalLMShell):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-    ) -> torch.Tensor:
-        B, T = input_ids.shape
-        if doc_ids is None and cu_seqlens is not None:  # the recurrences reset where doc_ids change
+    def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
+                      max_seqlen=None) -> dict:
+        """RoPE cos/sin for the attention layers, and the documents (doc_ids from cu_seqlens when only
+        those are given: the recurrences reset where doc_ids change)."""
+        B, T = input_shape
+        if doc_ids is None and cu_seqlens is not None:
             doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=device).expand(B, T)
         cos, sin = self.rope(position_ids)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
-        return self.logits(x)
+        return {"cos": cos, "sin": sin, "doc_ids": doc_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor]:
+        return (self.embed_tokens(input_ids),)
+
+    def head_stage(self, carried: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.logits(carried[0])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:

@@ -72,20 +72,11 @@ class TransformerLM(CausalLMShell):
     def __init__(self, cfg: TransformerConfig):
         super().__init__(cfg, (TransformerBlock(cfg) for _ in range(cfg.n_layers)))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-    ) -> torch.Tensor:
-        B, T = input_ids.shape
+    def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
+                      max_seqlen=None) -> dict:
+        """RoPE cos/sin (B, T, head_dim) from position_ids (arange(T) when absent), and the documents."""
+        B, T = input_shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
-        return self.lm_head(self.norm(x))
+        return {"cos": cos, "sin": sin, "doc_ids": doc_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}

@@ -1,0 +1,314 @@
+"""Pipeline parallelism: the layer stack split into stages over the "pp" mesh dimension, run by a
+torch.distributed.pipelining schedule.
+
+    runner = PipelineRunner(model, spec, dims, mesh, schedule="1f1b", microbatches=4, seq_len=T)
+    loss, grad_norm = runner.train_step(micro_batches, n_labels, grad_scale=1.0, grad_clip=1.0)
+    optimizer.step()        # over runner.model.parameters(): this rank's stages only
+
+`PipelineRunner` prunes the (materialized, initialized) model in place to what this rank runs:
+the blocks of its stages (a `LayerSlice` that keeps their original indices, so parameter names
+and checkpoints are the same under every layout), the embedding when it holds stage 0, the final
+norm and LM head when it holds the last stage. Each stage is a `StageModule` that runs the
+model's own forward steps (CausalLMShell: layer_context, embed_stage, run_layer, head_stage) on
+its slice; the batch's side inputs (position_ids, doc_ids) go to every stage, which computes the
+blocks' context (RoPE, document boundaries) itself, and stages send each other the tuple of
+carried activations (one tensor or more).
+
+Loss: the last stage computes the token-sum cross-entropy of each micro-batch divided by the
+step's global label count (times `grad_scale`, as Trainer.train_step does), so gradients equal
+the single-process step's. Tied embeddings: with the embedding and the head on different ranks,
+each holds a copy; they start equal (broadcast from stage 0's rank) and their gradients are summed
+over a two-rank group before the optimizer step, so they stay equal.
+
+Schedules (`SCHEDULES`): gpipe, 1f1b (one stage per rank); interleaved_1f1b, zero_bubble
+(ScheduleInterleavedZeroBubble: the backward split into input and weight gradients),
+both with `virtual_stages` stages per rank in a loop; zbv (ScheduleZBVZeroBubble: two stages per
+rank in a V). Stage sizes: `parallel.pp_split` by hand, or balanced by layer cost (pipeline_split.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, schedules
+
+from undertow.log import get_logger
+from undertow.models.common.documents import (
+    cu_seqlens_from_doc_ids,
+    doc_ids_from_cu_seqlens,
+)
+from undertow.models.common.loss import lm_loss_sum
+from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.pipeline_split import (
+    rank_of_stage,
+    resolve_split,
+    stage_costs,
+    stage_loads,
+    stage_ranges,
+    stages_of_rank,
+)
+
+log = get_logger("undertow.pipeline")
+
+# name -> (schedule class name in torch.distributed.pipelining.schedules, stages per rank: "one"/"loop"/"v")
+_SCHEDULE_CLASSES = {
+    "gpipe": ("ScheduleGPipe", "one"),
+    "1f1b": ("Schedule1F1B", "one"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop"),
+    "zero_bubble": ("ScheduleInterleavedZeroBubble", "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", "v"),
+}
+# the schedules the installed torch offers
+SCHEDULES = {name: entry for name, entry in _SCHEDULE_CLASSES.items() if hasattr(schedules, entry[0])}
+SIDE_INPUTS = ("position_ids", "doc_ids")
+FORWARD_ONLY_V = ("torch's pipeline runtime cannot run a V-shaped schedule (zbv) forward only, so validation does "
+                  "not run under it; set training.val_every = 0 or use another parallel.pp_schedule")  # per-token inputs every stage reads, split with the rows
+
+
+class LayerSlice(nn.ModuleList):
+    """Some blocks of a stack under their original indices: parameter names stay `layers.<i>.…` as in
+    the full model. Iteration and len() see the kept blocks in order; `slice[i]` is block i."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        for index in sorted(blocks):
+            self.add_module(str(index), blocks[index])
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self._modules]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a CausalLMShell: blocks `layer_ids`, plus the embedding (first stage)
+    and the final norm + LM head (last stage). The modules are the shell's own (shared, not copied).
+
+    forward(*carried, position_ids=None, doc_ids=None): carried is (input_ids (B, T),) on the first
+    stage, else the previous stage's carried activations; returns logits (B, T, V) on the last
+    stage, else the carried activations after its blocks."""
+
+    def __init__(self, shell: nn.Module, layer_ids: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.embed = shell.embed if is_first else None
+        self.layers = LayerSlice({i: shell.layers[i] for i in layer_ids})
+        self.norm = shell.norm if is_last else None
+        self.lm_head = shell.lm_head if is_last else None
+        self.is_first, self.is_last = is_first, is_last
+        object.__setattr__(self, "shell", shell)  # for its forward steps; not a submodule
+
+    def forward(self, *carried: torch.Tensor, position_ids=None, doc_ids=None):
+        B, T = carried[0].shape[:2]
+        # documents for flash-attention's varlen path; max_seqlen = T bounds every segment
+        cu_seqlens = cu_seqlens_from_doc_ids(doc_ids) if doc_ids is not None else None
+        ctx = self.shell.layer_context((B, T), carried[0].device, position_ids=position_ids, doc_ids=doc_ids,
+                                       cu_seqlens=cu_seqlens, max_seqlen=T if doc_ids is not None else None)
+        if self.is_first:
+            carried = self.shell.embed_stage(carried[0], ctx)
+        for layer in self.layers:
+            carried = self.shell.run_layer(layer, carried, ctx)
+        return self.shell.head_stage(carried) if self.is_last else carried
+
+
+def _prune(shell: nn.Module, layer_ids: list[int], has_first: bool, has_last: bool) -> None:
+    """Keep in `shell` only what this rank runs (in place)."""
+    shell.layers = LayerSlice({i: shell.layers[i] for i in layer_ids})
+    if not has_first:
+        shell.embed = None
+    if not has_last:
+        shell.norm = None
+        shell.lm_head = None
+
+
+def merge_micro_batches(micro_batches: list[dict]) -> dict:
+    """The trainer's micro-batches as one batch of rows (the schedule splits it again): input_ids,
+    labels and the side inputs, concatenated on the batch dimension. Documents given only by
+    cu_seqlens (which describe one micro-batch's flattened tokens) become doc_ids first."""
+    rows = []
+    for batch in micro_batches:
+        B, T = batch["input_ids"].shape
+        row = {k: batch[k] for k in ("input_ids", "labels", *SIDE_INPUTS) if batch.get(k) is not None}
+        if "doc_ids" not in row and batch.get("cu_seqlens") is not None:
+            row["doc_ids"] = doc_ids_from_cu_seqlens(batch["cu_seqlens"], B, T)
+        rows.append(row)
+    keys = rows[0].keys()
+    if any(r.keys() != keys for r in rows):
+        raise ValueError("micro-batches of one step must carry the same keys")
+    return {k: torch.cat([r[k] for r in rows]) for k in keys}
+
+
+class PipelineRunner:
+    """Prunes `model` to this rank's stages and runs training steps through a pipeline schedule.
+
+    model:          a CausalLMShell, materialized and initialized (the same on every rank)
+    schedule:       a key of SCHEDULES
+    microbatches:   pipeline micro-batches per step (the step's rows are split into this many)
+    virtual_stages: stages per rank (interleaved schedules; 2 for zbv)
+    split:          layers per stage (pp x virtual_stages entries), or [] to balance by cost
+    seq_len:        for the layer costs (attention's grows with it)
+    autocast:       a context manager factory the forward runs under (the trainer's)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec,
+        dims: ParallelDims,
+        mesh: DeviceMesh,
+        *,
+        schedule: str = "1f1b",
+        microbatches: int = 1,
+        virtual_stages: int = 1,
+        split: list[int] | None = None,
+        seq_len: int = 2048,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        if schedule not in SCHEDULES:
+            missing = "" if schedule not in _SCHEDULE_CLASSES else " (not in the installed torch)"
+            raise LayoutError(f"parallel.pp_schedule = {schedule!r} is unknown{missing}; valid: {sorted(SCHEDULES)}")
+        others = {n: getattr(dims, n) for n in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(dims, n) > 1}
+        if others:
+            raise LayoutError(f"pipeline parallelism runs alone in this version; set {others} to 1 with pp = {dims.pp}")
+        class_name, style = SCHEDULES[schedule]
+        if style == "one" and virtual_stages != 1:
+            raise LayoutError(f"parallel.pp_virtual_stages = {virtual_stages}: {schedule} runs one stage per rank; "
+                              "use interleaved_1f1b, zero_bubble or zbv for more")
+        if microbatches < 1:
+            raise LayoutError(f"parallel.pp_microbatches = {microbatches}: must be >= 1")
+        self.pp, self.virtual, self.style = dims.pp, virtual_stages, style
+        self.n_stages = dims.pp * virtual_stages
+        self.microbatches = microbatches
+        self.autocast = autocast
+        self.group = mesh["pp"].get_group()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.device = next(model.parameters()).device
+        self.tied = bool(getattr(model.cfg, "tie_embeddings", False))
+
+        costs = stage_costs(spec, model.cfg, seq_len)
+        self.counts = resolve_split(split or [], costs, self.n_stages)
+        ranges = stage_ranges(self.counts)
+        self.stage_ids = stages_of_rank(self.pp_rank, self.pp, virtual_stages, style)
+        last = self.n_stages - 1
+        self.has_first, self.has_last = 0 in self.stage_ids, last in self.stage_ids
+        self.tied_group = self._tied_group(mesh, rank_of_stage(0, self.pp, style), rank_of_stage(last, self.pp, style))
+        if self.tied_group is not None:  # the two copies start equal
+            weight = model.embed.weight if self.has_first else model.lm_head.weight
+            with torch.no_grad():
+                dist.broadcast(weight, group=self.tied_group, group_src=0)
+
+        _prune(model, [i for s in self.stage_ids for i in ranges[s]], self.has_first, self.has_last)
+        self.model = model
+        self.stages = [
+            PipelineStage(StageModule(model, ranges[s], s == 0, s == last), s, self.n_stages, self.device,
+                          group=self.group)
+            for s in self.stage_ids
+        ]
+        cls = getattr(schedules, class_name)
+        target = self.stages[0] if style == "one" else self.stages
+        self.schedule = cls(target, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False)
+        self._loss_scale = 1.0
+        if self.pp_rank == 0:
+            loads = stage_loads(costs, self.counts)
+            log.info("pipeline %s: %d stages of %s layers (relative cost %s), %d micro-batches per step", schedule,
+                     self.n_stages, self.counts, [round(c / max(loads), 3) for c in loads], microbatches)
+
+    @classmethod
+    def from_config(cls, model, spec, dims, mesh, cfg, autocast=contextlib.nullcontext) -> PipelineRunner:
+        """From an ExperimentConfig: parallel.pp_* and data.seq_len; pp_microbatches = 0 means one
+        per loader micro-batch (training.grad_accum_steps)."""
+        p = cfg.parallel
+        if p.pp_schedule in SCHEDULES and SCHEDULES[p.pp_schedule][1] == "v" and cfg.training.val_every \
+                and cfg.data.val_fraction > 0:
+            raise LayoutError(FORWARD_ONLY_V)
+        return cls(model, spec, dims, mesh, schedule=p.pp_schedule,
+                   microbatches=p.pp_microbatches or cfg.training.grad_accum_steps,
+                   virtual_stages=p.pp_virtual_stages, split=list(p.pp_split), seq_len=cfg.data.seq_len,
+                   autocast=autocast)
+
+    def _tied_group(self, mesh: DeviceMesh, first_rank: int, last_rank: int):
+        """The two-rank group (per position in the other mesh dimensions) of the embedding's and
+        the head's copies of a tied weight; None when they are one parameter on one rank."""
+        if not self.tied or first_rank == last_rank:
+            return None
+        grid = mesh.mesh  # global ranks, (pp, dp_replicate, dp_shard, cp, tp)
+        mine = None
+        for a, b in zip(grid[first_rank].flatten().tolist(), grid[last_rank].flatten().tolist()):
+            group = dist.new_group([a, b])  # collective: every rank creates every pair, in order
+            if dist.get_rank() in (a, b):
+                mine = group
+        return mine
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, labels) * self._loss_scale
+
+    def _run(self, batch: dict, losses: list, forward_only: bool) -> None:
+        rows = batch["input_ids"].shape[0]
+        if rows < self.microbatches:
+            raise ValueError(f"a step of {rows} rows cannot fill parallel.pp_microbatches = {self.microbatches}; "
+                             "raise training.micro_batch_size or training.grad_accum_steps, or lower pp_microbatches")
+        kwargs = {k: batch[k].to(self.device) for k in SIDE_INPUTS if k in batch}
+        run = self.schedule.eval if forward_only else self.schedule.step
+        with self.autocast():
+            run(batch["input_ids"].to(self.device), target=batch["labels"].to(self.device), losses=losses, **kwargs)
+
+    def _from_last_stage(self, losses: list) -> torch.Tensor:
+        """The summed losses of the last stage, on every pp rank."""
+        total = torch.stack([x.detach().float() for x in losses]).sum() if self.has_last else \
+            torch.zeros((), device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def train_step(self, micro_batches: list[dict], n_labels: int, grad_scale: float = 1.0,
+                   grad_clip: float = 0.0) -> tuple[torch.Tensor, float]:
+        """Forward and backward of the step's micro-batches (this data-parallel rank's), gradients of
+        tied copies summed, clipped to `grad_clip` (0: not clipped). Returns (this rank's rows' loss
+        sum / n_labels, on every pp rank; the global gradient norm)."""
+        self._loss_scale = grad_scale / max(n_labels, 1)
+        losses: list[torch.Tensor] = []
+        self._run(merge_micro_batches(micro_batches), losses, forward_only=False)
+        self.sync_tied_grads()
+        loss = self._from_last_stage(losses) / grad_scale
+        return loss, self.clip_grad_norm_(grad_clip)
+
+    @torch.no_grad()
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Forward only: the summed cross-entropy of `batch`, on every pp rank (for validation)."""
+        if self.style == "v":
+            raise LayoutError(FORWARD_ONLY_V)
+        self._loss_scale = 1.0
+        losses: list[torch.Tensor] = []
+        self._run(merge_micro_batches([batch]), losses, forward_only=True)
+        return self._from_last_stage(losses)
+
+    def sync_tied_grads(self) -> None:
+        if self.tied_group is None:
+            return
+        weight = self.model.embed.weight if self.has_first else self.model.lm_head.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=self.tied_group)
+
+    def _norm_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, a tied copy counted on stage 0's rank only."""
+        skip = self.model.lm_head.weight if self.tied_group is not None and not self.has_first else None
+        return [p for p in self.model.parameters() if p is not skip]
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """The 2-norm of every gradient of the model (all stages); scales them to `max_norm` if above (> 0)."""
+        grads = [p.grad for p in self._norm_parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
+        if hasattr(local, "full_tensor"):
+            local = local.full_tensor()
+        square = local.double() ** 2
+        dist.all_reduce(square, group=self.group)
+        total = square.sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                 max_norm, total.float())
+        return float(total)

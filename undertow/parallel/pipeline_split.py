@@ -1,0 +1,129 @@
+"""Where a layer stack is cut into pipeline stages, and which rank runs which stage.
+
+    costs  = stage_costs(spec, model_cfg, seq_len)        # per layer, + embedding / head extras
+    counts = balance_stages(costs.layers, 4, costs.first, costs.last)   # layers per stage
+    counts = resolve_split(counts_from_config, costs, 4)   # pp_split by hand, validated, or automatic
+
+A stage is a contiguous slice of `model.layers`; stage 0 also runs the embedding and the last
+stage the final norm, the LM head and the loss. `balance_stages` picks the slices that minimize
+the heaviest stage's cost (an exact dynamic program over cut points), which is what sets the
+pipeline's step time once the bubble is paid.
+
+Stages are placed on pp ranks in a loop (stage s on rank s % pp: GPipe, 1F1B, interleaved 1F1B,
+interleaved zero bubble) or in a V (two stages per rank, rank r holds stages r and 2 pp - 1 - r:
+ZBV zero bubble), so the first and last stage share rank 0 in a V.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from undertow.parallel.mesh import LayoutError
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCosts:
+    """Relative costs (training FLOPs per token) of each layer and of the extras of the end stages."""
+
+    layers: list[float]
+    first: float = 0.0  # embedding: a lookup and a scatter-add, no matmul; counted as 0 FLOPs
+    last: float = 0.0  # final norm + LM head + cross-entropy
+
+
+def stage_costs(spec, model_cfg, seq_len: int) -> StageCosts:
+    """Per-layer training FLOPs per token from the family's `layer_cost`, and the LM head's
+    (6 d_model vocab: forward + backward of one matmul) on the last stage. Families without a
+    `layer_cost` count every layer as 1 (and the head as nothing)."""
+    if spec.layer_cost is None:
+        return StageCosts([1.0] * model_cfg.n_layers)
+    layers = [float(c) for c in spec.layer_cost(model_cfg, seq_len)]
+    return StageCosts(layers, 0.0, 6.0 * model_cfg.d_model * model_cfg.vocab_size)
+
+
+def balance_stages(costs: Sequence[float], n_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+    """Layers per stage (each >= 1, summing to len(costs)) that minimize the largest stage cost,
+    where stage 0 also costs `first` and the last stage `last`. Exact: dynamic program over cut
+    points, O(n_stages x layers^2); ties go to the split with the earliest cuts."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise LayoutError(f"{n_stages} pipeline stages cannot split {n} layers; use 1..{n} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+
+    def cost(s: int, j: int, i: int) -> float:  # stage s holding layers [j, i)
+        return prefix[i] - prefix[j] + (first if s == 0 else 0.0) + (last if s == n_stages - 1 else 0.0)
+
+    inf = float("inf")
+    # best[s][i]: the smallest heaviest-stage cost of layers [0, i) in stages 0..s; cut[s][i]: stage s's start.
+    best = [[inf] * (n + 1) for _ in range(n_stages)]
+    cut = [[0] * (n + 1) for _ in range(n_stages)]
+    for i in range(1, n + 1):
+        best[0][i] = cost(0, 0, i)
+    for s in range(1, n_stages):
+        for i in range(s + 1, n + 1):
+            for j in range(s, i):
+                value = max(best[s - 1][j], cost(s, j, i))
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(n_stages - 1, 0, -1):
+        counts.append(i - cut[s][i])
+        i = cut[s][i]
+    counts.append(i)
+    return counts[::-1]
+
+
+def stage_loads(costs: StageCosts, counts: Sequence[int]) -> list[float]:
+    """The cost of each stage of a split (layers + the extras of the first and last stage)."""
+    loads, start = [], 0
+    for s, k in enumerate(counts):
+        load = sum(costs.layers[start:start + k])
+        load += (costs.first if s == 0 else 0.0) + (costs.last if s == len(counts) - 1 else 0.0)
+        loads.append(load)
+        start += k
+    return loads
+
+
+def resolve_split(pp_split: Sequence[int], costs: StageCosts, n_stages: int) -> list[int]:
+    """Layers per stage: `parallel.pp_split` when given (validated), else `balance_stages`."""
+    n = len(costs.layers)
+    if not pp_split:
+        return balance_stages(costs.layers, n_stages, costs.first, costs.last)
+    split = list(pp_split)
+    if len(split) != n_stages:
+        raise LayoutError(
+            f"parallel.pp_split = {split} has {len(split)} entries, but the pipeline has {n_stages} stages "
+            "(pp x pp_virtual_stages); give one layer count per stage, or [] for the automatic split"
+        )
+    if any(not isinstance(k, int) or k < 1 for k in split):
+        raise LayoutError(f"parallel.pp_split = {split}: every stage needs an integer >= 1 layers")
+    if sum(split) != n:
+        raise LayoutError(f"parallel.pp_split = {split} holds {sum(split)} layers, but the model has {n}; "
+                          f"make the counts sum to {n}")
+    return split
+
+
+def stage_ranges(counts: Sequence[int]) -> list[range]:
+    """Layer indices of each stage."""
+    ranges, start = [], 0
+    for k in counts:
+        ranges.append(range(start, start + k))
+        start += k
+    return ranges
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int, style: str) -> list[int]:
+    """The stage indices pp rank `pp_rank` runs, in increasing order."""
+    if style == "v":
+        if virtual != 2:
+            raise LayoutError(f"parallel.pp_virtual_stages = {virtual}: V-shaped schedules run exactly 2 stages per rank")
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def rank_of_stage(stage: int, pp: int, style: str) -> int:
+    if style == "v" and stage >= pp:
+        return 2 * pp - 1 - stage
+    return stage % pp
