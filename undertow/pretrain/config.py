@@ -170,6 +170,10 @@ class ParallelConfig:
 
     tp: int = opt(1, help="Tensor-parallel degree (heads/channels split over tp ranks, sequence parallel between blocks).")
     pp: int = opt(1, help="Pipeline-parallel stages.")
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "zbv"] = opt("1f1b", help="pp > 1: the pipeline schedule (torch.distributed.pipelining): 1f1b, gpipe, interleaved_1f1b (pp_virtual_stages per rank), zero_bubble (interleaved, backward split into input and weight gradients), zbv (zero bubble in a V, 2 stages per rank); see docs/parallelism.md.")
+    pp_microbatches: int = opt(0, help="pp > 1: pipeline micro-batches per step; the step's rows (grad_accum_steps x micro_batch_size) are split into this many (0: grad_accum_steps, one per loader micro-batch).")
+    pp_virtual_stages: int = opt(1, help="pp > 1: stages per rank (interleaved_1f1b and zero_bubble: >= 1, each rank runs every pp-th stage; zbv: 2).")
+    pp_split: list[int] = opt(factory=list, help="pp > 1: layers per stage, pp x pp_virtual_stages counts summing to the model's layers (empty: balanced by the family's per-layer cost, the embedding on the first stage and the LM head on the last counted).")
     cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
     dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
     dp_replicate: int = opt(1, help="Replicated data-parallel degree (with dp_shard > 1: HSDP).")
@@ -178,6 +182,22 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "dp_shard", "dp_replicate"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"parallel.{name}", value, "an integer >= 1")
+        check(isinstance(self.pp_microbatches, int) and self.pp_microbatches >= 0, "parallel.pp_microbatches",
+              self.pp_microbatches, "an integer >= 0 (0: training.grad_accum_steps)")
+        check(isinstance(self.pp_virtual_stages, int) and self.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
+              self.pp_virtual_stages, "an integer >= 1")
+        if self.pp_schedule == "zbv":
+            check(self.pp_virtual_stages == 2, "parallel.pp_virtual_stages", self.pp_virtual_stages,
+                  "2 with parallel.pp_schedule = zbv (two stages per rank, in a V)")
+        elif self.pp_schedule in ("1f1b", "gpipe"):
+            check(self.pp_virtual_stages == 1, "parallel.pp_virtual_stages", self.pp_virtual_stages,
+                  f"1 with parallel.pp_schedule = {self.pp_schedule} (interleaved_1f1b or zero_bubble run more)")
+        check(all(isinstance(k, int) and k >= 1 for k in self.pp_split), "parallel.pp_split", self.pp_split,
+              "layer counts >= 1, one per stage (or [] for the automatic split)")
+        if self.pp_split:
+            stages = self.pp * self.pp_virtual_stages
+            check(len(self.pp_split) == stages, "parallel.pp_split", self.pp_split,
+                  f"{stages} counts (pp x pp_virtual_stages), or [] for the automatic split")
 
 
 @dataclass
