@@ -34,6 +34,7 @@ def add_launch_parser(sub) -> None:
 
     local = kinds.add_parser(
         "local",
+        usage="undertow launch local [RECIPE] [options] [--section.field VALUE ...]",
         help="torchrun on this machine",
         description=_wrap("Run `undertow pretrain RECIPE` under torchrun on this machine: --nproc-per-node ranks "
         "(GPUs, or CPU processes with gloo), a c10d rendezvous on a free local port, all ranks restarted "
@@ -53,6 +54,8 @@ def add_launch_parser(sub) -> None:
 
     slurm = kinds.add_parser(
         "slurm",
+        usage="undertow launch slurm [RECIPE] --nodes N --gpus-per-node G [options] [--dry-run | --submit] "
+        "[--section.field VALUE ...]",
         help="write (and submit) an sbatch script",
         description=_wrap("Write an sbatch script that runs `undertow pretrain RECIPE` on --nodes nodes: one srun "
         "task per node starting torchrun (c10d rendezvous on the first node), logs under RUN_DIR/logs, a "
