@@ -15,6 +15,8 @@ from undertow.models.mamba.config import MambaConfig
 from undertow.models.transformer.config import TransformerConfig
 from undertow.parallel.mesh import ParallelDims
 from undertow.parallel.pipeline import SCHEDULES, PipelineRunner
+from undertow.pretrain.config import load_config
+from undertow.pretrain.trainer import Trainer
 
 VOCAB, ROWS, SEQ = 64, 4, 16
 FAMILIES = {  # four layers each: two stages of two, or four virtual stages of one
@@ -113,9 +115,55 @@ def step_cases() -> list[tuple[str, str, int, int]]:
     return cases
 
 
-def _everything(rank, world):
+def trainer_config(run_dir: str, layout: list[str]):
+    return load_config("tiny-hybrid", [
+        "--model.d_model", "32", "--model.layer_pattern", "mM*-", "--model.d_state", "8", "--model.headdim", "16",
+        "--model.chunk_size", "8", "--training.run_dir", run_dir, "--data.seq_len", str(SEQ),
+        "--training.micro_batch_size", "2", "--training.grad_accum_steps", "2", "--training.val_batches", "1",
+        "--training.val_every", "0", "--logging.tensorboard", "false", "--data.num_workers", "0", *layout,
+    ])
+
+
+def trainer_step(run_dir: str, layout: list[str]) -> tuple[float, float, int, dict, float]:
+    """Through the Trainer: (loss, grad norm, labels, gradients, validation loss) of one step on batch()."""
+    trainer = Trainer(trainer_config(run_dir, layout))
+    b = batch()
+    b["input_ids"] %= trainer.cfg.model.vocab_size
+    micro = [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
+    loss, grad_norm, labels = trainer.train_step(micro)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    return loss, grad_norm, labels, grads, trainer.validate()
+
+
+def train_steps(run_dir: str, layout: list[str], steps: int, save_at: int | None = None) -> dict:
+    """Resume from run_dir's latest checkpoint (if any), train to `steps` on batch() (saving at
+    `save_at`); return this rank's parameters and AdamW moments by name."""
+    trainer = Trainer(trainer_config(run_dir, layout + ["--checkpoint.resume", "auto"]))
+    b = batch()
+    b["input_ids"] %= trainer.cfg.model.vocab_size
+    while trainer.step < steps:
+        trainer.train_step([b])
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step += 1
+        if trainer.step == save_at:
+            trainer.save()
+    state = {}
+    for name, p in trainer.model.named_parameters():
+        moments = trainer.optimizer.state[p]
+        state[name] = [p.detach().clone(), moments["exp_avg"].clone(), moments["exp_avg_sq"].clone()]
+    return state
+
+
+PP_TRAINER = ["--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble", "--parallel.pp_virtual_stages", "2"]
+
+
+def _everything(rank, world, run_dir):
     """All pipelined runs of this file in one pair of processes (starting them is the slow part)."""
-    out = {"steps": {}}
+    out = {"steps": {}, "trainer": trainer_step(f"{run_dir}/step", PP_TRAINER)}
+    # checkpoints: one process wrote step 1 to single/, pp loads it; pp writes step 1 to pp/
+    out["loaded_from_single"] = train_steps(f"{run_dir}/single", ["--parallel.pp", "2"], 1)
+    out["saved"] = train_steps(f"{run_dir}/pp", ["--parallel.pp", "2"], 1, save_at=1)
     for family, schedule, virtual, microbatches in step_cases():
         out["steps"][family, schedule] = pipeline_step(world, config(family), schedule, virtual, microbatches)
     out["two_stream"] = pipeline_step(world, TWO_STREAM, "interleaved_1f1b", 2, 2)
@@ -128,8 +176,53 @@ def config(family: str):
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_distributed(_everything, 2)
+def run_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pp"))
+
+
+@pytest.fixture(scope="module")
+def single_saved(run_dir):
+    return train_steps(f"{run_dir}/single", [], 1, save_at=1)  # a one-process checkpoint for pp to load
+
+
+@pytest.fixture(scope="module")
+def runs(run_dir, single_saved):
+    return run_distributed(_everything, 2, run_dir)
+
+
+def assert_same_state(parts: list[dict], whole: dict):
+    """The pp ranks' parameters and moments (parts) are exactly the one process's (whole)."""
+    seen = set()
+    for part in parts:
+        for name, tensors in part.items():
+            for got, want in zip(tensors, whole[name]):
+                assert torch.equal(got, want), name
+            seen.add(name)
+    assert seen == set(whole)
+
+
+def test_checkpoints_reshard_between_pp_and_one_process(runs, run_dir, single_saved):
+    """A one-process checkpoint loads under pp = 2 and a pp = 2 checkpoint in one process: the
+    parameters and AdamW moments are the writer's, the tied embedding under one name."""
+    assert_same_state([r["loaded_from_single"] for r in runs], single_saved)
+    loaded = train_steps(f"{run_dir}/pp", [], 1)
+    assert_same_state([r["saved"] for r in runs], loaded)
+    trained = train_steps(f"{run_dir}/pp", [], 2)  # and it trains on
+    assert not torch.equal(trained["embed.weight"][0], loaded["embed.weight"][0])
+
+
+def test_trainer_step_equals_single_process(runs, tmp_path):
+    loss, grad_norm, labels, grads, val_loss = trainer_step(str(tmp_path), [])
+    seen = set()
+    for pp_loss, pp_norm, pp_labels, pp_grads, pp_val in (r["trainer"] for r in runs):
+        assert pp_labels == labels and pp_loss == pytest.approx(loss, rel=1e-5)
+        assert pp_norm == pytest.approx(grad_norm, rel=1e-4)
+        assert pp_val == pytest.approx(val_loss, rel=1e-5)
+        for name, g in pp_grads.items():
+            ref = grads["embed.weight" if name == "lm_head.weight" else name]  # tied
+            assert ((g - ref).norm() / ref.norm()).item() < 1e-4, name
+            seen.add(name)
+    assert seen >= set(grads)
 
 
 def check_against_single(cfg, results, tie: bool):

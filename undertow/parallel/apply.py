@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from undertow.log import get_logger
 from undertow.parallel.context import apply_context_parallel
 from undertow.parallel.data import apply_fsdp, fsdp_mesh, uses_fsdp
-from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.mesh import ParallelDims
 from undertow.parallel.tensor import apply_tensor_parallel
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
 
@@ -38,8 +38,7 @@ def parallelize(
 ) -> nn.Module:
     """Returns the model to train (the same module, changed in place). With engine = "deepspeed"
     data parallelism is left to DeepSpeed (the trainer hands it the model and the optimizer)."""
-    if dims.pp > 1:
-        raise LayoutError(f"parallel.pp = {dims.pp}: pipeline parallelism is not available in this version; use pp = 1")
+    # pp > 1: the trainer has already pruned `model` to this rank's pipeline stages (parallel/pipeline.py)
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True)
     if dims.cp > 1:

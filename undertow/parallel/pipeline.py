@@ -117,9 +117,12 @@ class StageModule(nn.Module):
 
 
 def _prune(shell: nn.Module, layer_ids: list[int], has_first: bool, has_last: bool) -> None:
-    """Keep in `shell` only what this rank runs (in place)."""
+    """Keep in `shell` only what this rank runs (in place). A head tied to the embedding keeps the
+    embedding module too (the same weight: no memory), so the tied parameter is named `embed.weight`
+    on every rank, as in the full model, and optimizer states and checkpoints reshard across layouts."""
     shell.layers = LayerSlice({i: shell.layers[i] for i in layer_ids})
-    if not has_first:
+    tied_head = has_last and shell.lm_head.weight is shell.embed.weight
+    if not has_first and not tied_head:
         shell.embed = None
     if not has_last:
         shell.norm = None

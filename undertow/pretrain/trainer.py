@@ -28,6 +28,7 @@ from undertow.parallel.context import shard_batch
 from undertow.parallel.deepspeed import build_deepspeed
 from undertow.parallel.tensor import loss_context
 from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_env
+from undertow.parallel.pipeline import PipelineRunner
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain.config import ExperimentConfig, build_model_config
 from undertow.pretrain.data_sources import resolve_sources
@@ -113,6 +114,9 @@ class Trainer:
         model.to_empty(device=self.device)
         model.init_weights()  # the same weights on every rank (same seed), whatever the layout
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        # pipeline parallel: the model keeps this rank's stages; a schedule runs forward and backward
+        self.pipeline = PipelineRunner.from_config(model, self.spec, self.dims, self.mesh, cfg, self._autocast) \
+            if self.dims.pp > 1 else None
         self.model = parallelize(
             model, self.spec, self.dims, self.mesh,
             activation_checkpointing=cfg.training.activation_checkpointing, compile=cfg.training.compile,
@@ -255,6 +259,8 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
+        if self.pipeline is not None:
+            return self.pipeline.loss_sum(batch)
         with self._autocast():
             logits = self.model(batch["input_ids"], **{k: batch[k] for k in MODEL_INPUTS if k in batch})
         return lm_loss_sum(logits, batch["labels"])
@@ -267,6 +273,10 @@ class Trainer:
         micro_batches = [self._to_device(b) for b in micro_batches]
         local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         n_labels = int(self._dp_sum(torch.tensor(local, dtype=torch.int64, device=self.device)))
+        if self.pipeline is not None:  # forward, backward, tied copies summed, clipped over all stages
+            total, grad_norm = self.pipeline.train_step(micro_batches, n_labels, self.grad_scale,
+                                                        self.cfg.training.grad_clip)
+            return float(self._dp_sum(total)), grad_norm, n_labels
         total = torch.zeros((), device=self.device)
         with loss_context(self.dims.tp):  # vocab-parallel cross-entropy under tensor parallelism
             for batch in micro_batches:
