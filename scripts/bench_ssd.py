@@ -285,9 +285,9 @@ SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
     ("input", {"UNDERTOW_SSD_DOT": "input"}),
     ("input warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "warps=8"}),
     ("input m=128 warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "m=128,warps=8"}),
+    ("tf32 heads=8", {"UNDERTOW_SSD_TILES": "heads=8"}),
     ("tf32 heads=32", {"UNDERTOW_SSD_TILES": "heads=32"}),
     ("tf32 bwd warps=8", {"UNDERTOW_SSD_TILES": "bwarps=8"}),
-    ("tf32 heads=2", {"UNDERTOW_SSD_TILES": "heads=2"}),
 ]
 GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 

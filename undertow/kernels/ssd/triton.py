@@ -12,7 +12,7 @@ Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep time
   UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2,heads=8": token tile of the scan kernels, num_warps /
                       num_stages of every matrix kernel (Triton's defaults when absent), and the most
                       heads of one group a backward scan program takes (the largest divisor of H / G
-                      up to `heads`, default 8); `bwarps` sets num_warps of the two backward scan
+                      up to `heads`, default 1); `bwarps` sets num_warps of the two backward scan
                       kernels alone (they hold the most accumulators)
 """
 
@@ -47,7 +47,11 @@ from undertow.kernels.ssd.triton_fwd import (
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT_ENV, TILES_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES"
 TILE_KEYS = ("m", "warps", "stages", "heads", "bwarps")
-HEADS_PER_PROGRAM = 8  # backward: heads of one group per program, their dB / dC summed in registers
+# Backward scan programs: heads of one group per program, their dB / dC summed in registers. 1 by
+# default: compiled for sm_90 (Triton 3.9, 4 warps, bf16, P=64, N=128) the loop over heads raises the
+# source kernel's shared memory from 88 to 120 KiB (one program per SM instead of two) and both
+# kernels' register spills ~2x (docs/ssd_kernel_notes.md); `heads=8` is swept on the GPU.
+HEADS_PER_PROGRAM = 1
 DOT_CHOICES = ("tf32", "input", "forward")
 
 
@@ -91,7 +95,7 @@ def _launch(backward_scan: bool = False) -> dict:
 
 
 def _heads_per_program(H: int, G: int) -> int:
-    """Heads per backward scan program: the largest divisor of H // G up to the "heads" tile (8)."""
+    """Heads per backward scan program: the largest divisor of H // G up to the "heads" tile (default 1)."""
     limit = _tiles(os.environ.get(TILES_ENV, "")).get("heads", HEADS_PER_PROGRAM)
     return max(d for d in range(1, min(limit, H // G) + 1) if (H // G) % d == 0)
 
@@ -124,7 +128,7 @@ def _dt_args(dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]) -> dict:
             "HAS_LIMIT": (lo, hi) != (0.0, float("inf"))}
 
 
-DT_BLOCK_H = 16  # heads per program of the dt prologue kernels
+DT_BLOCK_H = 16  # heads per program of the dt prologue kernels (8 warps: no register spills at L=256)
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -147,7 +151,7 @@ class _ChunkScan(torch.autograd.Function):
         step, a = torch.empty(Bt, T, H, **f32), torch.empty(Bt, H, Tp, **f32)
         dt_grid = (Bt * nc, triton.cdiv(H, DT_BLOCK_H))
         dt_prep_kernel[dt_grid](dt, bias, A32, step, a, T, Tp, H, nc, **dt_args, L=chunk,
-                                BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H)
+                                BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H, num_warps=8)
         prec, launch = _precision(x.dtype, backward=False), _launch()
         blk = _blocks(chunk, P, N, x.dtype)
         dims = {"T": T, "Tp": Tp, "H": H}
@@ -223,7 +227,7 @@ class _ChunkScan(torch.autograd.Function):
         dt_prep_bwd_kernel[(Bt * nc, triton.cdiv(H, DT_BLOCK_H))](
             dt, dt_bias.contiguous() if dt_bias is not None else A32, A32, dstep, da, dend, ddt, dA_part, dbias_part, T, Tp, H, nc,
             n_blocks, **ctx.dt_args, L=chunk, BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H,
-            BLOCK_NB=max(2, triton.next_power_of_2(n_blocks)))
+            BLOCK_NB=max(2, triton.next_power_of_2(n_blocks)), num_warps=8)
         dA = dA_part.sum(0).to(ctx.A_dtype)
         dbias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
         dB = _group_sum(db, G, B.dtype)

@@ -85,8 +85,10 @@ def chunk_scan_bwd_target_kernel(
         s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
                        mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
         head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
-        dc += mm(dy_t * head[:, None], s_in, PREC)
-        da = tl.sum(dy_t * mm(c_t, tl.trans(s_in), PREC), axis=1) * head
+        dc_head = mm(dy_t * head[:, None], s_in, PREC)
+        # head_t dy_t . (S_in C_t) = C_t . (head_t dy_t S_in): from dc_head, no second product with S_in
+        da = tl.sum(c_t.to(tl.float32) * dc_head, axis=1)
+        dc += dc_head
 
         for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
             s_loc = s0 + tl.arange(0, BLOCK_K)
