@@ -286,6 +286,7 @@ SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
     ("input warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "warps=8"}),
     ("input m=128 warps=8", {"UNDERTOW_SSD_DOT": "input", "UNDERTOW_SSD_TILES": "m=128,warps=8"}),
     ("tf32 heads=8", {"UNDERTOW_SSD_TILES": "heads=8"}),
+    ("tf32 m=32", {"UNDERTOW_SSD_TILES": "m=32"}),
     ("tf32 heads=32", {"UNDERTOW_SSD_TILES": "heads=32"}),
     ("tf32 bwd warps=8", {"UNDERTOW_SSD_TILES": "bwarps=8"}),
 ]

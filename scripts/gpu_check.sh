@@ -62,7 +62,7 @@ fi
 
 echo "== SSD settings sweep" | tee "$OUT/sweep.log"
 PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-60} python3 -u scripts/bench_ssd.py gpu --sweep --reps 20 \
-  --only "${SWEEP_ONLY:-tf32 heads=8;forward;input}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
+  --only "${SWEEP_ONLY:-tf32 heads=8;tf32 m=32;forward}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
 
 echo
 echo "================ summary (status so far: $status)"
