@@ -110,7 +110,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     if distributed:
         dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    full_state = getattr(model, "full_state", None)  # a DeepSpeed engine maps its state (parallel/deepspeed.py)
+    model_sd, optim_sd = full_state.checkpoint_state() if full_state else get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
@@ -141,6 +142,11 @@ def read_meta(path: str) -> dict:
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta."""
     meta = read_meta(path)
+    full_state = getattr(model, "full_state", None)  # a DeepSpeed engine loads full tensors by name
+    if full_state is not None:
+        full_state.load(path, with_optimizer=optimizer is not None)
+        log.info("checkpoint loaded: %s (step %d)", path, meta["step"])
+        return meta
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

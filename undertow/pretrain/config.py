@@ -8,6 +8,7 @@ config dataclass from the registry. Everything is validated here, before any wor
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -177,6 +178,9 @@ class ParallelConfig:
     cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
     dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
     dp_replicate: int = opt(1, help="Replicated data-parallel degree (with dp_shard > 1: HSDP).")
+    engine: Literal["fsdp", "deepspeed"] = opt("fsdp", help="Data-parallel engine: fsdp (FSDP2/HSDP over dp_shard x dp_replicate) or deepspeed (ZeRO over the dp_shard ranks; needs `pip install 'undertow[deepspeed]'`, tp = pp = cp = 1 and dp_replicate = 1; see docs/parallelism.md).")
+    zero_stage: Literal[1, 2, 3] = opt(3, help="engine = deepspeed: ZeRO stage; 1 shards optimizer states, 2 also gradients, 3 also parameters (what FSDP2 shards).")
+    zero_offload: bool = opt(False, help="engine = deepspeed: keep optimizer states (and with zero_stage = 3 the parameters) in CPU memory; the optimizer step runs on the CPU.")
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "dp_shard", "dp_replicate"):
@@ -198,6 +202,13 @@ class ParallelConfig:
             stages = self.pp * self.pp_virtual_stages
             check(len(self.pp_split) == stages, "parallel.pp_split", self.pp_split,
                   f"{stages} counts (pp x pp_virtual_stages), or [] for the automatic split")
+        if self.engine == "deepspeed":
+            for name in ("tp", "pp", "cp", "dp_replicate"):
+                value = getattr(self, name)
+                check(value == 1, f"parallel.{name}", value,
+                      "1 with parallel.engine = deepspeed (ZeRO is data parallel only in this version; use engine = fsdp)")
+            check(importlib.util.find_spec("deepspeed") is not None, "parallel.engine", self.engine,
+                  "fsdp, or install DeepSpeed: pip install 'undertow[deepspeed]'")
 
 
 @dataclass

@@ -125,7 +125,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.deepspeed = cfg.parallel.engine == "deepspeed"
         if self.deepspeed:  # ZeRO instead of FSDP2: the engine and an adapter in the optimizer's place
-            self.model, self.optimizer = build_deepspeed(model, self.optimizer, cfg, self.device, self.amp_dtype)
+            self.model, self.optimizer = build_deepspeed(model, self.optimizer, cfg, self.device)
 
         self.step = 0
         self.skipped_total = 0
@@ -282,7 +282,10 @@ class Trainer:
             for batch in micro_batches:
                 loss = self._loss_sum(batch) / max(n_labels, 1)
                 scaled = loss * self.grad_scale if self.grad_scale != 1 else loss
-                self.optimizer.backward(scaled) if self.deepspeed else scaled.backward()
+                if self.deepspeed:
+                    self.optimizer.backward(scaled)  # the engine reduces at the step's last micro-batch
+                else:
+                    scaled.backward()
                 total += loss.detach()
         if self.deepspeed:  # DeepSpeed measures, clips and steps (skipping non-finite steps) in one call
             return float(self._dp_sum(total)), float(self.optimizer.clip_and_step()), n_labels

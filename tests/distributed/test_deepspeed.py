@@ -1,0 +1,162 @@
+"""DeepSpeed ZeRO as the data-parallel engine (parallel.engine = "deepspeed") on two CPU processes:
+ZeRO-1, ZeRO-2, ZeRO-3 with CPU offload (transformer) and ZeRO-3 (hybrid) train to FSDP2's
+(dp_shard=2) losses and gradient norms step for step; a ZeRO-3 checkpoint resumes under FSDP2 and
+in one process (same weights and AdamW moments: the same next steps), and ZeRO-3 resumes FSDP2's.
+
+Every run happens inside one pair of spawned processes (importing DeepSpeed is slow), one Trainer
+after another; the tests read the results. Skipped when DeepSpeed is not installed."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import undertow.parallel.deepspeed
+from tests.distributed.harness import run_distributed
+from tests.distributed.test_data_parallel import global_batch, make_config
+from undertow.configtools import ConfigError
+from undertow.pretrain.config import load_config
+from undertow.pretrain.trainer import Trainer
+
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+SKIP_REASON = "DeepSpeed is not installed (pip install 'undertow[deepspeed]')"
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason=SKIP_REASON)
+STEPS = 4
+FSDP = ["--parallel.dp_shard", "2"]
+ZERO = {stage: FSDP + ["--parallel.engine", "deepspeed", "--parallel.zero_stage", str(stage)] for stage in (1, 2, 3)}
+ZERO["3-offload"] = ZERO[3] + ["--parallel.zero_offload", "true"]
+# the ZeRO runs of each family (the hybrid has one block of each mixer kind), each against FSDP2
+RUNS = {"transformer": [1, 2, "3-offload"], "hybrid": [3]}
+
+
+def _run(family, run_dir, layout, resume="auto"):
+    """Train (or resume) to STEPS, validating at the end; ({step: (loss, grad norm)} with the
+    validation loss under "val", logits of the fixed batch)."""
+    cfg = make_config(family, run_dir, layout + [
+        "--training.steps", str(STEPS), "--checkpoint.every", "2", "--checkpoint.resume", resume,
+        "--schedule.kind", "cosine", "--optimizer.lr", "1e-2", "--training.grad_accum_steps", "2",
+        "--training.val_every", str(STEPS), "--training.val_batches", "2",
+    ])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    batch = global_batch(cfg.model.vocab_size)
+    with torch.no_grad():
+        logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
+    steps = {}
+    if trainer.rank == 0:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                if row["kind"] == "train":
+                    steps[row["step"]] = (row["loss"], row["grad_norm"])
+                elif row["kind"] == "val":
+                    steps["val"] = row["loss"]
+    return steps, logits
+
+
+def _checkpoint_copy(rank, src_run, step, dst_run):
+    """A new run directory holding only checkpoint `step` of src_run (resume = auto picks it)."""
+    if rank == 0:
+        name = f"step_{step:08d}"
+        shutil.copytree(os.path.join(src_run, "checkpoints", name), os.path.join(dst_run, "checkpoints", name))
+    torch.distributed.barrier()
+
+
+def _all_runs(rank, world, root):
+    import deepspeed.comm.torch
+
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce on first use (minutes); gloo
+    # does the collectives without it
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    undertow.parallel.deepspeed.LOAD_CHUNK_ELEMENTS = 9000  # load a few parameters at a time
+    out = {}
+    for family, stages in RUNS.items():
+        out[family, "fsdp"] = _run(family, f"{root}/{family}/fsdp", FSDP)
+        for stage in stages:
+            out[family, f"zero{stage}"] = _run(family, f"{root}/{family}/zero{stage}", ZERO[stage])
+    # FSDP2 resumes ZeRO-3's step 2; ZeRO-3 resumes FSDP2's step 2
+    hybrid = f"{root}/hybrid"
+    _checkpoint_copy(rank, f"{hybrid}/zero3", 2, f"{hybrid}/fsdp_from_zero3")
+    out["hybrid", "fsdp_from_zero3"] = _run("hybrid", f"{hybrid}/fsdp_from_zero3", FSDP)
+    _checkpoint_copy(rank, f"{hybrid}/fsdp", 2, f"{hybrid}/zero3_from_fsdp")
+    out["hybrid", "zero3_from_fsdp"] = _run("hybrid", f"{hybrid}/zero3_from_fsdp", ZERO[3])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not HAVE_DEEPSPEED:
+        pytest.skip(SKIP_REASON)
+    root = str(tmp_path_factory.mktemp("deepspeed"))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    results = run_distributed(_all_runs, 2, root)
+    return root, results
+
+
+def assert_same_steps(got, ref, steps, rel=1e-4):
+    for step in steps:
+        assert got[step][0] == pytest.approx(ref[step][0], rel=rel), f"loss at step {step}"
+        assert got[step][1] == pytest.approx(ref[step][1], rel=rel), f"grad norm at step {step}"
+
+
+def assert_close(a, b, tol=1e-4):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("family,stage", [(f, s) for f, stages in RUNS.items() for s in stages])
+def test_zero_trains_like_fsdp2(runs, family, stage):
+    """Every step's loss and gradient norm (two micro-batches per step, a cosine learning rate),
+    the validation loss and the final logits equal FSDP2's."""
+    _, results = runs
+    ref, ref_logits = results[0][family, "fsdp"]
+    got, _ = results[0][family, f"zero{stage}"]
+    assert sorted(got, key=str) == sorted(ref, key=str) == [*range(1, STEPS + 1), "val"]
+    assert ref[STEPS][0] < ref[1][0]  # it learns
+    assert_same_steps(got, ref, range(1, STEPS + 1))
+    assert got["val"] == pytest.approx(ref["val"], rel=1e-4)
+    for rank_results in results:
+        assert_close(rank_results[family, f"zero{stage}"][1], ref_logits)
+
+
+@needs_deepspeed
+def test_zero3_checkpoint_resumes_under_fsdp2(runs):
+    """Weights and AdamW moments come through: FSDP2's steps 3 and 4 from ZeRO-3's step 2 are ZeRO-3's."""
+    _, results = runs
+    z3, z3_logits = results[0]["hybrid", "zero3"]
+    got, logits = results[0]["hybrid", "fsdp_from_zero3"]
+    assert sorted(got, key=str) == [3, 4, "val"]
+    assert_same_steps(got, z3, [3, 4])
+    assert_close(logits, z3_logits)
+
+
+@needs_deepspeed
+def test_fsdp2_checkpoint_resumes_under_zero3(runs):
+    _, results = runs
+    fsdp, fsdp_logits = results[0]["hybrid", "fsdp"]
+    got, logits = results[0]["hybrid", "zero3_from_fsdp"]
+    assert sorted(got, key=str) == [3, 4, "val"]
+    assert_same_steps(got, fsdp, [3, 4])
+    assert_close(logits, fsdp_logits)
+
+
+@needs_deepspeed
+def test_zero3_checkpoint_loads_in_one_process(runs):
+    """The final ZeRO-3 checkpoint in one process (no step left to do): the same logits."""
+    root, results = runs
+    _, z3_logits = results[0]["hybrid", "zero3"]
+    _, logits = _run("hybrid", f"{root}/hybrid/zero3", [])
+    torch.testing.assert_close(logits, z3_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_deepspeed_layout_is_validated():
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        load_config("tiny", ["--parallel.engine", "deepspeed", "--parallel.tp", "2"])
+    with pytest.raises(ConfigError, match="parallel.dp_replicate"):
+        load_config("tiny", ["--parallel.engine", "deepspeed", "--parallel.dp_replicate", "2"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config("tiny", ["--parallel.zero_stage", "4"])
