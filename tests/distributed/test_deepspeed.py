@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO as the data-parallel engine (parallel.engine = "deepspeed") on two CPU processes:
 ZeRO-1, ZeRO-2, ZeRO-3 with CPU offload (transformer) and ZeRO-3 (hybrid) train to FSDP2's
 (dp_shard=2) losses and gradient norms step for step; a ZeRO-3 checkpoint resumes under FSDP2 and
-in one process (same weights and AdamW moments: the same next steps), and ZeRO-3 resumes FSDP2's.
+in one process (same weights and AdamW moments: the same next steps), and ZeRO-3 resumes FSDP2's;
+DeepSpeed's own checkpoint format converts to ours.
 
 Every run happens inside one pair of spawned processes (importing DeepSpeed is slow), one Trainer
 after another; the tests read the results. Skipped when DeepSpeed is not installed."""
@@ -18,6 +19,7 @@ import undertow.parallel.deepspeed
 from tests.distributed.harness import run_distributed
 from tests.distributed.test_data_parallel import global_batch, make_config
 from undertow.configtools import ConfigError
+from undertow.parallel.deepspeed import convert_from_deepspeed
 from undertow.pretrain.config import load_config
 from undertow.pretrain.trainer import Trainer
 
@@ -32,7 +34,7 @@ ZERO["3-offload"] = ZERO[3] + ["--parallel.zero_offload", "true"]
 RUNS = {"transformer": [1, 2, "3-offload"], "hybrid": [3]}
 
 
-def _run(family, run_dir, layout, resume="auto"):
+def _run(family, run_dir, layout, resume="auto", deepspeed_dir=None):
     """Train (or resume) to STEPS, validating at the end; ({step: (loss, grad norm)} with the
     validation loss under "val", logits of the fixed batch)."""
     cfg = make_config(family, run_dir, layout + [
@@ -42,6 +44,8 @@ def _run(family, run_dir, layout, resume="auto"):
     ])
     trainer = Trainer(cfg)
     trainer.fit()
+    if deepspeed_dir:  # DeepSpeed's own checkpoint format too
+        trainer.model.save_checkpoint(deepspeed_dir)
     batch = global_batch(cfg.model.vocab_size)
     with torch.no_grad():
         logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
@@ -76,7 +80,9 @@ def _all_runs(rank, world, root):
     for family, stages in RUNS.items():
         out[family, "fsdp"] = _run(family, f"{root}/{family}/fsdp", FSDP)
         for stage in stages:
-            out[family, f"zero{stage}"] = _run(family, f"{root}/{family}/zero{stage}", ZERO[stage])
+            native = f"{root}/{family}/zero{stage}-deepspeed" if family == "hybrid" else None
+            layout, run_dir = ZERO[stage], f"{root}/{family}/zero{stage}"
+            out[family, f"zero{stage}"] = _run(family, run_dir, layout, deepspeed_dir=native)
     # FSDP2 resumes ZeRO-3's step 2; ZeRO-3 resumes FSDP2's step 2
     hybrid = f"{root}/hybrid"
     _checkpoint_copy(rank, f"{hybrid}/zero3", 2, f"{hybrid}/fsdp_from_zero3")
@@ -150,6 +156,23 @@ def test_zero3_checkpoint_loads_in_one_process(runs):
     root, results = runs
     _, z3_logits = results[0]["hybrid", "zero3"]
     _, logits = _run("hybrid", f"{root}/hybrid/zero3", [])
+    torch.testing.assert_close(logits, z3_logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_deepspeed
+def test_deepspeed_format_converts(runs):
+    """DeepSpeed's own ZeRO-3 checkpoint (engine.save_checkpoint) -> ours: one process started
+    from it (checkpoint.init_from, no step) gives the logits of the run that wrote it."""
+    root, results = runs
+    _, z3_logits = results[0]["hybrid", "zero3"]
+    cfg = make_config("hybrid", f"{root}/unused", [])
+    convert_from_deepspeed(f"{root}/hybrid/zero3-deepspeed", f"{root}/converted", cfg)
+    run_dir = f"{root}/from_converted"
+    cfg = make_config("hybrid", run_dir, ["--checkpoint.init_from", f"{root}/converted", "--training.steps", "1"])
+    trainer = Trainer(cfg)
+    batch = global_batch(cfg.model.vocab_size)
+    with torch.no_grad():
+        logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
     torch.testing.assert_close(logits, z3_logits, rtol=1e-5, atol=1e-5)
 
 

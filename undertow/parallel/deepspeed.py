@@ -325,3 +325,61 @@ def _dcp_load(dcp, state: dict, path: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
         dcp.load(state, checkpoint_id=path)
+
+
+def convert_from_deepspeed(ds_dir: str, out_dir: str, cfg, *, tag: str | None = None, overwrite: bool = False) -> str:
+    """A DeepSpeed checkpoint directory written by `engine.save_checkpoint` (ZeRO-1/2/3 shards;
+    `tag` defaults to the one in its `latest` file) -> the undertow checkpoint OUT_DIR of its
+    float32 weights (DeepSpeed's zero_to_fp32 gathers them), for the model of `cfg` (an
+    ExperimentConfig; model.vocab_size 0 takes the embedding's rows). No optimizer state and step 0
+    in meta.json: start a run from it with checkpoint.init_from OUT_DIR. Returns OUT_DIR."""
+    import dataclasses
+    import json
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from undertow.models import registry
+    from undertow.pretrain.checkpoint import META_NAME
+
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite to replace it")
+    import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
+    if cfg.model.vocab_size == 0 and "embed.weight" in state:
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=state["embed.weight"].shape[0])
+    with torch.device("meta"):
+        model = registry.get(cfg.family).model_cls(cfg.model)
+    model.to_empty(device="cpu")
+    model.init_weights()  # ties shared weights again after to_empty; every tensor is then overwritten
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{ds_dir}: the weights do not fit the model of the config: {e}") from None
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".ds-convert-", dir=parent)
+    try:
+        _dcp_save(dcp, {"model": get_state_dict(model, [])[0]}, tmp)
+        meta = {"step": 0, "config": cfg.to_dict(), "tokenizer": None,
+                "source": {"deepspeed_dir": os.path.abspath(ds_dir)}}
+        with open(os.path.join(tmp, META_NAME), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted DeepSpeed checkpoint %s into %s", ds_dir, out_dir)
+    return out_dir
+
+
+def _dcp_save(dcp, state: dict, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
+        dcp.save(state, checkpoint_id=path)
