@@ -2,13 +2,15 @@
 ZeRO-1, ZeRO-2, ZeRO-3 with CPU offload (transformer) and ZeRO-3 (hybrid) train to FSDP2's
 (dp_shard=2) losses and gradient norms step for step; a ZeRO-3 checkpoint resumes under FSDP2 and
 in one process (same weights and AdamW moments: the same next steps), and ZeRO-3 resumes FSDP2's;
-DeepSpeed's own checkpoint format converts to ours.
+DeepSpeed's own checkpoint format converts to ours; a non-finite step is skipped as under FSDP2.
 
 Every run happens inside one pair of spawned processes (importing DeepSpeed is slow), one Trainer
 after another; the tests read the results. Skipped when DeepSpeed is not installed."""
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import undertow.parallel.deepspeed
+import undertow.pretrain.trainer as trainer_mod
 from tests.distributed.harness import run_distributed
 from tests.distributed.test_data_parallel import global_batch, make_config
 from undertow.configtools import ConfigError
@@ -69,6 +72,23 @@ def _checkpoint_copy(rank, src_run, step, dst_run):
     torch.distributed.barrier()
 
 
+@contextlib.contextmanager
+def _poisoned_loss(call: int):
+    """The trainer's `call`-th loss (counting micro-batches from 1) is NaN."""
+    real, calls = trainer_mod.lm_loss_sum, [0]
+
+    def poisoned(logits, labels):
+        calls[0] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls[0] == call else loss
+
+    trainer_mod.lm_loss_sum = poisoned
+    try:
+        yield
+    finally:
+        trainer_mod.lm_loss_sum = real
+
+
 def _all_runs(rank, world, root):
     import deepspeed.comm.torch
 
@@ -83,6 +103,10 @@ def _all_runs(rank, world, root):
             native = f"{root}/{family}/zero{stage}-deepspeed" if family == "hybrid" else None
             layout, run_dir = ZERO[stage], f"{root}/{family}/zero{stage}"
             out[family, f"zero{stage}"] = _run(family, run_dir, layout, deepspeed_dir=native)
+    # a non-finite step (step 2's first micro-batch) is skipped alike
+    for name, layout in (("fsdp_nan", FSDP), ("zero2_nan", ZERO[2])):
+        with _poisoned_loss(3):
+            out["transformer", name] = _run("transformer", f"{root}/transformer/{name}", layout)
     # FSDP2 resumes ZeRO-3's step 2; ZeRO-3 resumes FSDP2's step 2
     hybrid = f"{root}/hybrid"
     _checkpoint_copy(rank, f"{hybrid}/zero3", 2, f"{hybrid}/fsdp_from_zero3")
@@ -174,6 +198,19 @@ def test_deepspeed_format_converts(runs):
     with torch.no_grad():
         logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
     torch.testing.assert_close(logits, z3_logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_deepspeed
+def test_non_finite_step_is_skipped_like_fsdp2(runs):
+    """Step 2 is NaN: both skip it (no update, AdamW's step count unchanged) and go on alike."""
+    _, results = runs
+    ref, ref_logits = results[0]["transformer", "fsdp_nan"]
+    got, logits = results[0]["transformer", "zero2_nan"]
+    assert math.isnan(ref[2][0]) and math.isnan(got[2][0]) and not math.isfinite(got[2][1])
+    assert_same_steps(got, ref, [1, 3, 4])
+    clean, _ = results[0]["transformer", "fsdp"]
+    assert ref[3][0] != pytest.approx(clean[3][0], rel=1e-4)  # the skip mattered
+    assert_close(logits, ref_logits)
 
 
 def test_deepspeed_layout_is_validated():
