@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -112,6 +110,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     """Write OUT_DIR for stock transformers; returns the config.json dict written."""
     from safetensors.torch import save_file
 
+    from undertow.pretrain import checkpoint as ckpt
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -126,20 +126,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     config["dtype"] = config["torch_dtype"] = dtype  # the key of transformers 5, and of earlier versions
     tensors = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
-    try:
+    with ckpt.replacing_directory(out_dir, ".hf-export-") as tmp:
         write_hf_tokenizer(spm_path, tmp)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (%s, step %s) to %s as %s", checkpoint, family, meta.get("step"), out_dir, architecture)
     return config
 

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 from undertow.hf import HFConversionError, adapter_for_model_type
@@ -83,7 +82,7 @@ def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: 
     import torch
 
     from undertow.models import registry
-    from undertow.pretrain.checkpoint import META_NAME
+    from undertow.pretrain.checkpoint import replacing_directory, write_meta
     from undertow.pretrain.config import build_config
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -102,20 +101,9 @@ def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: 
 
     run_name = name or os.path.basename(os.path.normpath(hf_dir)) or "imported"
     experiment = build_config({"name": run_name, "model": {"family": family, **dataclasses.asdict(model_cfg)}})
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-import-", dir=parent)
-    try:
+    with replacing_directory(out_dir, ".hf-import-") as tmp:
         _save_model(model, tmp)
-        meta = {"step": 0, "config": experiment.to_dict(), "tokenizer": _tokenizer_entry(hf_dir, tmp),
-                "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": config["model_type"]}}
-        with open(os.path.join(tmp, META_NAME), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_meta(tmp, {"step": 0, "config": experiment.to_dict(), "tokenizer": _tokenizer_entry(hf_dir, tmp),
+                         "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": config["model_type"]}})
     log.info("imported %s (%s) into checkpoint %s", hf_dir, config["model_type"], out_dir)
     return out_dir

@@ -334,15 +334,12 @@ def convert_from_deepspeed(ds_dir: str, out_dir: str, cfg, *, tag: str | None = 
     ExperimentConfig; model.vocab_size 0 takes the embedding's rows). No optimizer state and step 0
     in meta.json: start a run from it with checkpoint.init_from OUT_DIR. Returns OUT_DIR."""
     import dataclasses
-    import json
-    import shutil
-    import tempfile
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from undertow.models import registry
-    from undertow.pretrain.checkpoint import META_NAME
+    from undertow.pretrain.checkpoint import replacing_directory, write_meta
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite to replace it")
@@ -360,21 +357,10 @@ def convert_from_deepspeed(ds_dir: str, out_dir: str, cfg, *, tag: str | None = 
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{ds_dir}: the weights do not fit the model of the config: {e}") from None
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ds-convert-", dir=parent)
-    try:
+    with replacing_directory(out_dir, ".ds-convert-") as tmp:
         _dcp_save(dcp, {"model": get_state_dict(model, [])[0]}, tmp)
-        meta = {"step": 0, "config": cfg.to_dict(), "tokenizer": None,
-                "source": {"deepspeed_dir": os.path.abspath(ds_dir)}}
-        with open(os.path.join(tmp, META_NAME), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_meta(tmp, {"step": 0, "config": cfg.to_dict(), "tokenizer": None,
+                         "source": {"deepspeed_dir": os.path.abspath(ds_dir)}})
     log.info("converted DeepSpeed checkpoint %s into %s", ds_dir, out_dir)
     return out_dir
 

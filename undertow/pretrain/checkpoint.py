@@ -15,11 +15,13 @@ checkpoint usable. After a successful save only the newest `keep_last` are kept.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -116,8 +118,7 @@ def save_checkpoint(
         warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     if lead:
-        with open(os.path.join(tmp, META_NAME), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
+        write_meta(tmp, {"step": step, **meta})
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
@@ -128,6 +129,30 @@ def save_checkpoint(
     if distributed:
         dist.barrier()
     return final
+
+
+def write_meta(path: str, meta: dict) -> None:
+    """Write the meta.json of a checkpoint directory (sorted keys, so two runs' metas diff cleanly)."""
+    with open(os.path.join(path, META_NAME), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+
+
+@contextlib.contextmanager
+def replacing_directory(out_dir: str, prefix: str):
+    """Yields a new temporary sibling of `out_dir` to fill; when the block succeeds it replaces
+    out_dir (an existing one is removed first), when it fails it is deleted. Converters write their
+    output this way, so a crash never leaves a half-written directory under the final name."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_meta(path: str) -> dict:
