@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from undertow.cli import main
+from undertow.parallel.pipeline_split import StageCosts
 from undertow.planning.layouts import layouts, plan_layouts
 from undertow.planning.memory import (
     GIB,
@@ -34,7 +35,7 @@ def _facts(blocks: int = 8, block_params: int = 1000 * MIB // 16) -> ModelFacts:
     ]
     pieces.append(Piece("post", frozenset({0}), per_token=2 * MIB))
     profile = ModelProfile(pieces=pieces, numel=numel, compute_dtype=torch.bfloat16)
-    return ModelFacts(profile=profile, flops_per_token=6.0e9, block_cost=[1.0] * blocks,
+    return ModelFacts(profile=profile, flops_per_token=6.0e9, stage_costs=StageCosts([1.0] * blocks),
                       state_elements=[1000] * blocks, shape_limits=[("tp", "n_heads", 32)])
 
 
@@ -108,10 +109,12 @@ def test_pipeline_splits_blocks_keeps_micro_batches_in_flight_and_pays_a_bubble(
     assert pp4.step_time == pytest.approx(flat.step_time * (1 + 3 / 8))
 
 
-def test_split_stages_balances_contiguous_blocks():
-    assert split_stages([1.0] * 8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert split_stages([3.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
-    assert split_stages([1.0, 1.0, 1.0, 5.0], 2) == [[0, 1, 2], [3]]
+def test_split_stages_balances_contiguous_blocks_as_a_run_does():
+    assert split_stages(StageCosts([1.0] * 8), 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert split_stages(StageCosts([3.0, 1.0, 1.0, 1.0]), 2) == [[0], [1, 2, 3]]
+    assert split_stages(StageCosts([1.0, 1.0, 1.0, 5.0]), 2) == [[0, 1, 2], [3]]
+    # the head's cost on the last stage moves a block to the first, as PipelineRunner splits
+    assert split_stages(StageCosts([1.0] * 4, last=2.0), 2) == [[0, 1, 2], [3]]
 
 
 def test_layouts_that_cannot_run_say_why():

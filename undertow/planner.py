@@ -19,6 +19,7 @@ import torch
 
 from undertow.configtools import ConfigError
 from undertow.models import registry
+from undertow.parallel.pipeline_split import stage_costs
 from undertow.planning.layouts import plan_layouts
 from undertow.planning.memory import GIB, ModelFacts, Setup
 from undertow.planning.profile import BASE_LEN, profile_model
@@ -156,14 +157,10 @@ def model_facts(cfg, seq_len: int, compute_dtype: torch.dtype, base_len: int = B
     spec = registry.get(cfg.family)
     profile = profile_model(spec.model_cls, cfg.model, compute_dtype, base_len)
     n = len(profile.blocks)
-    if spec.layer_cost:
-        cost = spec.layer_cost(cfg.model, seq_len)
-    else:  # without the family's cost, balance the stages by parameters
-        cost = [float(profile.parameters([b])[0]) for b in profile.blocks]
     return ModelFacts(
         profile=profile,
         flops_per_token=spec.flops_per_token(cfg.model, seq_len),
-        block_cost=cost,
+        stage_costs=stage_costs(spec, cfg.model, seq_len),
         state_elements=spec.state_elements(cfg.model) if spec.state_elements else [0] * n,
         shape_limits=spec.shape_limits(cfg.model) if spec.shape_limits else [],
     )

@@ -62,11 +62,20 @@ LAYOUTS = {
     "tp2": ["--parallel.tp", "2"],
     "fsdp2xtp2": ["--parallel.dp_shard", "2", "--parallel.tp", "2"],
     "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
+    # pipeline stages sharded by FSDP2, split by TP (sequence-parallel activations cross the stage
+    # boundary, 4 virtual stages of one block), sliced by CP
+    "fsdp2xpp2": ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--parallel.pp_microbatches", "2",
+                  "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_virtual_stages", "2"],
+    "tp2xpp2": ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.pp_microbatches", "2",
+                "--parallel.pp_schedule", "zero_bubble", "--parallel.pp_virtual_stages", "2"],
+    "cp2xpp2": ["--parallel.pp", "2", "--parallel.cp", "2", "--parallel.pp_microbatches", "2"],
 }
+DIMS = ("--parallel.pp", "--parallel.dp_replicate", "--parallel.dp_shard", "--parallel.cp", "--parallel.tp")
 # 4-process layouts on the hybrid only (it has every mixer kind; 4 processes cost the most here)
 CASES = [("transformer", "fsdp2"), ("transformer", "cp2"), ("hybrid", "fsdp2"), ("hybrid", "hsdp2x2"),
          ("hybrid", "cp2"), ("hybrid", "fsdp2xcp2"), ("transformer", "tp2"), ("hybrid", "tp2"),
-         ("hybrid", "fsdp2xtp2"), ("hybrid", "cp2xtp2")]
+         ("hybrid", "fsdp2xtp2"), ("hybrid", "cp2xtp2"), ("hybrid", "fsdp2xpp2"), ("hybrid", "tp2xpp2"),
+         ("hybrid", "cp2xpp2")]
 
 
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{l}" for f, l in CASES])
@@ -74,18 +83,22 @@ def test_data_and_context_parallel_step_equals_single_process(family, layout, tm
     layout = LAYOUTS[layout]
     world = 1
     for name, value in zip(layout[::2], layout[1::2]):
-        world *= int(value)
+        world *= int(value) if name in DIMS else 1
     single = _step(0, 1, family, str(tmp_path / "single"), [])
     results = run_distributed(_step, world, family, str(tmp_path / "dp"), layout)
+    seen = set()
     for loss, grad_norm, n_labels, grads in results:
         assert n_labels == single[2] == GLOBAL_BATCH * SEQ
         assert loss == pytest.approx(single[0], rel=1e-5)
         assert grad_norm == pytest.approx(single[1], rel=1e-4)
-        assert grads.keys() == single[3].keys()
+        if "--parallel.pp" not in layout:  # a pipeline rank holds its stages' parameters only
+            assert grads.keys() == single[3].keys()
         for name, g in grads.items():
             ref = single[3][name]
             err = ((g - ref).norm() / ref.norm().clamp_min(1e-12)).item()
             assert err < 1e-4, f"{name}: relative error {err:.2e}"
+            seen.add(name)
+    assert seen == single[3].keys()
 
 
 def _train_and_read(rank, world, run_dir, layout, steps):
@@ -115,3 +128,33 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
     for s, _, logits in outs:
         assert s == 4 and torch.allclose(logits, logits_c, rtol=1e-5, atol=1e-5)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000002", "step_00000004"]
+
+
+def _fit(rank, world, run_dir, layout, steps):
+    """Train (or resume) the hybrid to `steps` with two micro-batches per step, a checkpoint every 2
+    steps; return (step reached, last loss, the fixed batch's logits when the model is whole here)."""
+    cfg = make_config("hybrid", run_dir, layout + ["--training.steps", str(steps), "--checkpoint.every", "2",
+                                                   "--checkpoint.resume", "auto", "--training.grad_accum_steps", "2"])
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    logits = None
+    if trainer.pipeline is None:
+        batch = global_batch(cfg.model.vocab_size)
+        with torch.no_grad():
+            logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
+            logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+    return result.steps, result.last_loss, logits
+
+
+def test_tp2_x_pp2_trains_like_one_process_and_resumes_under_dp4(tmp_path):
+    """tp2 x pp2 trains two steps to the one-process losses and writes step 2; one process and
+    dp_shard 4 resume it with the logits of the one-process run's own step 2 (the same weights)."""
+    layout = LAYOUTS["tp2xpp2"]
+    outs = run_distributed(_fit, 4, str(tmp_path / "tp2xpp2"), layout, 2)
+    step, ref_loss, ref_logits = _fit(0, 1, str(tmp_path / "single"), [], 2)
+    for s, loss, _ in outs:
+        assert s == step == 2 and loss == pytest.approx(ref_loss, rel=1e-5)
+    s, _, logits = _fit(0, 1, str(tmp_path / "tp2xpp2"), [], 2)  # resumes at its target: no step
+    assert s == 2 and torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for s, _, logits in run_distributed(_fit, 4, str(tmp_path / "tp2xpp2"), ["--parallel.dp_shard", "4"], 2):
+        assert s == 2 and torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)

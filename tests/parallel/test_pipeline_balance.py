@@ -19,7 +19,7 @@ from undertow.parallel.pipeline_split import (
     stage_loads,
     stages_of_rank,
 )
-from undertow.pretrain.config import load_config
+from undertow.pretrain.config import ConfigError, load_config
 
 HYBRID_8B = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
 
@@ -114,3 +114,11 @@ def test_pruned_model_keeps_the_full_models_parameter_names():
         _prune(part, layer_ids, first, last)
         seen += [n for n, _ in part.named_parameters()]
     assert sorted(seen) == sorted(n for n, _ in full.named_parameters())
+
+
+def test_zbv_with_fsdp_and_tied_embeddings_is_refused_before_any_work():
+    zbv = ["--parallel.pp", "2", "--parallel.pp_schedule", "zbv", "--parallel.pp_virtual_stages", "2"]
+    with pytest.raises(ConfigError, match="model.tie_embeddings.*zbv and FSDP"):
+        load_config("tiny", zbv + ["--parallel.dp_shard", "2"])
+    load_config("tiny", zbv + ["--parallel.dp_shard", "2", "--model.tie_embeddings", "false"])
+    load_config("tiny", zbv + ["--parallel.tp", "2"])  # no FSDP: the tied copies are two parameters

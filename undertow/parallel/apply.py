@@ -35,12 +35,18 @@ def parallelize(
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
     engine: str = "fsdp",
+    roots: list[nn.Module] | None = None,
 ) -> nn.Module:
     """Returns the model to train (the same module, changed in place). With engine = "deepspeed"
-    data parallelism is left to DeepSpeed (the trainer hands it the model and the optimizer)."""
-    # pp > 1: the trainer has already pruned `model` to this rank's pipeline stages (parallel/pipeline.py)
+    data parallelism is left to DeepSpeed (the trainer hands it the model and the optimizer).
+
+    pp > 1: `model` is already pruned to this rank's pipeline stages and `roots` are its stage
+    modules (PipelineRunner.stage_modules), the modules whose forward runs: they get the tensor-
+    parallel hooks and each becomes an FSDP root."""
+    if dims.pp > 1 and roots is None:
+        raise ValueError("pp > 1: pass the pipeline's stage modules as roots")
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True)
+        apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True, roots=roots)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"])
     if activation_checkpointing:
@@ -48,6 +54,10 @@ def parallelize(
     if compile:
         apply_compile(model)
     if uses_fsdp(dims) and engine == "fsdp":
-        apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype)
+        # Under pipeline parallelism the parameters stay gathered from a stage's first forward to the
+        # step's last backward (as torchtitan does): resharding would all-gather again for every
+        # micro-batch, and torch 2.13's zero-bubble schedules lose the final norm's and the head's
+        # gradients when it reshards between forward and the split backward.
+        apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1, roots=roots)
         log.info("FSDP2 over %s (param dtype %s, gradients reduced in float32)", dims.describe(), param_dtype)
     return model

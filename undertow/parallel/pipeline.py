@@ -20,6 +20,9 @@ the single-process step's. Tied embeddings: with the embedding and the head on d
 each holds a copy; they start equal (broadcast from stage 0's rank) and their gradients are summed
 over a two-rank group before the optimizer step, so they stay equal.
 
+With other parallel dimensions (FSDP2/HSDP, TP, CP): the trainer hands `stage_modules` to
+parallel/apply.py, which shards them (each an FSDP root) after this pruning; see docs/parallelism.md.
+
 Schedules (`SCHEDULES`): gpipe, 1f1b (one stage per rank); interleaved_1f1b, zero_bubble
 (ScheduleInterleavedZeroBubble: the backward split into input and weight gradients),
 both with `virtual_stages` stages per rank in a loop; zbv (ScheduleZBVZeroBubble: two stages per
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, schedules
+from torch.distributed.tensor import DTensor
 
 from undertow.log import get_logger
 from undertow.models.common.documents import (
@@ -52,6 +56,7 @@ from undertow.parallel.pipeline_split import (
     stage_ranges,
     stages_of_rank,
 )
+from undertow.parallel.tensor import loss_context
 
 log = get_logger("undertow.pipeline")
 
@@ -94,8 +99,10 @@ class StageModule(nn.Module):
     stage, else the previous stage's carried activations; returns logits (B, T, V) on the last
     stage, else the carried activations after its blocks."""
 
-    def __init__(self, shell: nn.Module, layer_ids: range, is_first: bool, is_last: bool):
+    def __init__(self, shell: nn.Module, layer_ids: range, is_first: bool, is_last: bool, seq_shards: int = 1):
         super().__init__()
+        # under sequence parallelism (tp > 1) the carried activations hold T / tp positions
+        self.seq_shards = seq_shards
         self.embed = shell.embed if is_first else None
         self.layers = LayerSlice({i: shell.layers[i] for i in layer_ids})
         self.norm = shell.norm if is_last else None
@@ -105,6 +112,8 @@ class StageModule(nn.Module):
 
     def forward(self, *carried: torch.Tensor, position_ids=None, doc_ids=None):
         B, T = carried[0].shape[:2]
+        if not self.is_first:
+            T *= self.seq_shards
         # documents for flash-attention's varlen path; max_seqlen = T bounds every segment
         cu_seqlens = cu_seqlens_from_doc_ids(doc_ids) if doc_ids is not None else None
         ctx = self.shell.layer_context((B, T), carried[0].device, position_ids=position_ids, doc_ids=doc_ids,
@@ -127,6 +136,11 @@ def _prune(shell: nn.Module, layer_ids: list[int], has_first: bool, has_last: bo
     if not has_last:
         shell.norm = None
         shell.lm_head = None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise). A replicated loss is its value."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def merge_micro_batches(micro_batches: list[dict]) -> dict:
@@ -175,16 +189,13 @@ class PipelineRunner:
         if schedule not in SCHEDULES:
             missing = "" if schedule not in _SCHEDULE_CLASSES else " (not in the installed torch)"
             raise LayoutError(f"parallel.pp_schedule = {schedule!r} is unknown{missing}; valid: {sorted(SCHEDULES)}")
-        others = {n: getattr(dims, n) for n in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(dims, n) > 1}
-        if others:
-            raise LayoutError(f"pipeline parallelism runs alone in this version; set {others} to 1 with pp = {dims.pp}")
         class_name, style = SCHEDULES[schedule]
         if style == "one" and virtual_stages != 1:
             raise LayoutError(f"parallel.pp_virtual_stages = {virtual_stages}: {schedule} runs one stage per rank; "
                               "use interleaved_1f1b, zero_bubble or zbv for more")
         if microbatches < 1:
             raise LayoutError(f"parallel.pp_microbatches = {microbatches}: must be >= 1")
-        self.pp, self.virtual, self.style = dims.pp, virtual_stages, style
+        self.pp, self.virtual, self.style, self.tp = dims.pp, virtual_stages, style, dims.tp
         self.n_stages = dims.pp * virtual_stages
         self.microbatches = microbatches
         self.autocast = autocast
@@ -193,6 +204,10 @@ class PipelineRunner:
         self.device = next(model.parameters()).device
         self.tied = bool(getattr(model.cfg, "tie_embeddings", False))
 
+        if self.tied and style == "v" and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+            raise LayoutError(f"{schedule} puts the first and the last stage on one rank, and with tied embeddings "
+                              "FSDP would shard the shared weight in both; untie them (model.tie_embeddings = false) "
+                              "or use 1f1b, gpipe, interleaved_1f1b or zero_bubble")
         costs = stage_costs(spec, model.cfg, seq_len)
         self.counts = resolve_split(split or [], costs, self.n_stages)
         ranges = stage_ranges(self.counts)
@@ -207,14 +222,18 @@ class PipelineRunner:
 
         _prune(model, [i for s in self.stage_ids for i in ranges[s]], self.has_first, self.has_last)
         self.model = model
-        self.stages = [
-            PipelineStage(StageModule(model, ranges[s], s == 0, s == last), s, self.n_stages, self.device,
-                          group=self.group)
-            for s in self.stage_ids
-        ]
+        # the modules the schedule runs, one per stage of this rank: parallel/apply.py hooks them (TP)
+        # and makes each one an FSDP root
+        self.stage_modules = [StageModule(model, ranges[s], s == 0, s == last, seq_shards=dims.tp)
+                              for s in self.stage_ids]
+        # A PipelineStage keeps its module by reference and checks at run time whether it is an FSDP
+        # module, so FSDP2 applied to the stage modules after this still gets its gradient reduction
+        # held back to the step's last micro-batch.
+        stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+                  for m, s in zip(self.stage_modules, self.stage_ids)]
         cls = getattr(schedules, class_name)
-        target = self.stages[0] if style == "one" else self.stages
-        self.schedule = cls(target, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False)
+        self.schedule = cls(stages[0] if style == "one" else stages, n_microbatches=microbatches,
+                            loss_fn=self._loss, scale_grads=False)
         self._loss_scale = 1.0
         if self.pp_rank == 0:
             loads = stage_loads(costs, self.counts)
@@ -257,12 +276,12 @@ class PipelineRunner:
                              "raise training.micro_batch_size or training.grad_accum_steps, or lower pp_microbatches")
         kwargs = {k: batch[k].to(self.device) for k in SIDE_INPUTS if k in batch}
         run = self.schedule.eval if forward_only else self.schedule.step
-        with self.autocast():
+        with self.autocast(), loss_context(self.tp):  # vocab-parallel cross-entropy under tensor parallelism
             run(batch["input_ids"].to(self.device), target=batch["labels"].to(self.device), losses=losses, **kwargs)
 
     def _from_last_stage(self, losses: list) -> torch.Tensor:
         """The summed losses of the last stage, on every pp rank."""
-        total = torch.stack([x.detach().float() for x in losses]).sum() if self.has_last else \
+        total = torch.stack([_local(x).detach().float() for x in losses]).sum() if self.has_last else \
             torch.zeros((), device=self.device)
         dist.all_reduce(total, group=self.group)
         return total
@@ -295,7 +314,9 @@ class PipelineRunner:
         weight = self.model.embed.weight if self.has_first else self.model.lm_head.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=self.tied_group)
+        # under FSDP/TP both copies are sharded alike (the same coordinates in the other mesh
+        # dimensions), so the local shards are summed
+        dist.all_reduce(_local(weight.grad), group=self.tied_group)
 
     def _norm_parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, a tied copy counted on stage 0's rank only."""

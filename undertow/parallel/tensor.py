@@ -61,7 +61,8 @@ def loss_context(tp: int) -> contextlib.AbstractContextManager:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, spec: Any, sequence_parallel: bool = True
+    model: nn.Module, tp_mesh: DeviceMesh, spec: Any, sequence_parallel: bool = True,
+    roots: list[nn.Module] | None = None,
 ) -> nn.Module:
     """Shard `model` (a CausalLMShell of the family `spec`, on any device, meta included) over the
     1-D `tp_mesh` in place, and return it. Parameters become DTensors on tp_mesh; names are kept.
@@ -69,6 +70,10 @@ def apply_tensor_parallel(
     The logits the model returns are then a DTensor sharded on the vocabulary: compute the loss
     (models/common/loss.py) and run backward inside `loss_context(tp)`. Under sequence parallelism
     the sequence length must be a multiple of tp (checked on every forward).
+
+    Under pipeline parallelism `model` is this rank's pruned shell (embed, norm or lm_head may be
+    None: those absent are skipped) and `roots` are its stage modules, the modules whose forward
+    runs (the per-forward hooks go on them; default: the model).
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs the 1-D tensor-parallel mesh (mesh['tp']), got {tp_mesh}")
@@ -76,7 +81,7 @@ def apply_tensor_parallel(
         raise LayoutError(f"model family {spec.name!r} has no tensor-parallel plan; set parallel.tp = 1")
     tp = tp_mesh.size()
     ParallelDims(tp=tp).validate(tp, tp_shape_limits(model.cfg, spec))
-    tied = model.lm_head.weight is model.embed.weight
+    tied = model.lm_head is not None and model.embed is not None and model.lm_head.weight is model.embed.weight
     residual = Shard(1) if sequence_parallel else Replicate()
     shell = {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
@@ -84,16 +89,18 @@ def apply_tensor_parallel(
     }
     if sequence_parallel:
         shell["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, shell)
+    parallelize_module(model, tp_mesh, {name: style for name, style in shell.items()
+                                        if getattr(model, name, None) is not None})
     if tied:  # both were distributed separately; share the embedding's (same Shard(0) on the vocab)
         model.lm_head.weight = model.embed.weight
     for block in model.layers:
         parallelize_module(block, tp_mesh, spec.plan.block_styles(block, sequence_parallel))
         for name, placement in spec.plan.block_params(block).items():
             _distribute_parameter(block, name, tp_mesh, placement)
-    model.register_forward_pre_hook(_keep_gradients_placed_like_parameters)
-    if sequence_parallel:
-        model.register_forward_pre_hook(_sequence_length_check(tp))
+    for root in roots or [model]:
+        root.register_forward_pre_hook(_keep_gradients_placed_like_parameters)
+        if sequence_parallel:
+            root.register_forward_pre_hook(_sequence_length_check(tp))
     return model
 
 

@@ -34,9 +34,9 @@ bubble with m micro-batches per step. Communication is not modeled.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.pipeline_split import StageCosts, balance_stages, stage_ranges
 from undertow.planning.profile import ModelProfile, Piece
 
 GIB = 2**30
@@ -81,7 +81,7 @@ class Setup:
 class ModelFacts:
     profile: ModelProfile
     flops_per_token: float  # training FLOPs per token at the setup's seq_len
-    block_cost: list[float]  # relative cost per block, for the pipeline split
+    stage_costs: StageCosts  # per block and the end stages' extras, for the pipeline split (as a run splits)
     state_elements: list[int]  # float32 recurrent state per block and sequence
     shape_limits: list[tuple[str, str, int]]  # (degree, what, size)
 
@@ -113,28 +113,10 @@ class Estimate:
         return 0.0 if self.step_time is None else self.tokens / self.step_time
 
 
-def split_stages(costs: Sequence[float], pp: int) -> list[list[int]]:
-    """Contiguous split of blocks into `pp` non-empty stages that minimizes the largest stage cost."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][i]: the smallest largest-stage cost of blocks [0, i) in k stages; cut[k][i] its last cut.
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0.0
-    for k in range(1, pp + 1):
-        for i in range(k, n + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i]:
-                    best[k][i], cut[k][i] = value, j
-    stages, i = [], n
-    for k in range(pp, 0, -1):
-        stages.append(list(range(cut[k][i], i)))
-        i = cut[k][i]
-    return stages[::-1]
+def split_stages(costs: StageCosts, pp: int) -> list[list[int]]:
+    """The blocks of each of `pp` stages: the split a run makes (parallel/pipeline_split.py's
+    exact balance of the per-layer costs and the embedding/head extras), so plan and run agree."""
+    return [list(r) for r in stage_ranges(balance_stages(costs.layers, pp, costs.first, costs.last))]
 
 
 def stage_memory(layout: Layout, facts: ModelFacts, setup: Setup, pieces: list[Piece], blocks: list[int],
@@ -185,7 +167,7 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
         )
         return est
     m = setup.global_batch // (dims.dp * setup.micro_batch)
-    stages = split_stages(facts.block_cost, layout.pp)
+    stages = split_stages(facts.stage_costs, layout.pp)
     worst: dict[str, float] = {}
     for s, blocks in enumerate(stages):
         pieces = [profile.blocks[i] for i in blocks]

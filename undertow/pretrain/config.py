@@ -247,6 +247,12 @@ class ExperimentConfig:
             self.schedule.warmup_steps,
             f"must be <= training.steps ({self.training.steps})",
         )
+        p = self.parallel
+        if p.pp > 1 and p.pp_schedule == "zbv" and p.dp_shard * p.dp_replicate * p.cp > 1:
+            check(not getattr(self.model, "tie_embeddings", False), "model.tie_embeddings", True,
+                  "false with parallel.pp_schedule = zbv and FSDP (dp_shard, dp_replicate or cp > 1): the V puts "
+                  "the embedding and the head on one rank in two stages, and FSDP cannot shard one weight in both "
+                  "(or use 1f1b, gpipe, interleaved_1f1b or zero_bubble)")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -121,6 +121,7 @@ class Trainer:
             model, self.spec, self.dims, self.mesh,
             activation_checkpointing=cfg.training.activation_checkpointing, compile=cfg.training.compile,
             param_dtype=self.amp_dtype, engine=cfg.parallel.engine,
+            roots=self.pipeline.stage_modules if self.pipeline is not None else None,
         )
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.deepspeed = cfg.parallel.engine == "deepspeed"
