@@ -5,6 +5,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from undertow.models import registry
 from undertow.models.transformer.config import TransformerConfig
@@ -13,11 +14,14 @@ from undertow.parallel.pipeline import LayerSlice, _prune
 from undertow.parallel.pipeline_split import (
     StageCosts,
     balance_stages,
+    in_flight,
     rank_of_stage,
     resolve_split,
     stage_costs,
     stage_loads,
+    stage_memory,
     stages_of_rank,
+    with_activation_memory,
 )
 from undertow.pretrain.config import ConfigError, load_config
 
@@ -122,3 +126,54 @@ def test_zbv_with_fsdp_and_tied_embeddings_is_refused_before_any_work():
         load_config("tiny", zbv + ["--parallel.dp_shard", "2"])
     load_config("tiny", zbv + ["--parallel.dp_shard", "2", "--model.tie_embeddings", "false"])
     load_config("tiny", zbv + ["--parallel.tp", "2"])  # no FSDP: the tied copies are two parameters
+
+
+def all_splits(n: int, n_stages: int):
+    for cuts in itertools.combinations(range(1, n), n_stages - 1):
+        yield [b - a for a, b in itertools.pairwise((0, *cuts, n))]
+
+
+def test_memory_budget_moves_layers_off_the_stages_holding_more_micro_batches():
+    # 1F1B, 2 stages, 4 micro-batches: stage 0 holds 2 in flight, stage 1 one
+    costs = StageCosts([1.0] * 8, memory=[1.0] * 8)
+    assert in_flight(0, 2, 4, "1f1b") == 2 and in_flight(1, 2, 4, "1f1b") == 1 and in_flight(0, 2, 4, "gpipe") == 4
+    assert resolve_split([], costs, 2) == [4, 4]  # compute only
+    assert stage_memory(costs, [4, 4], 4, "1f1b") == [8.0, 4.0]
+    assert resolve_split([], costs, 2, budget=6.0, microbatches=4, schedule="1f1b") == [3, 5]
+    with pytest.raises(LayoutError, match=r"pp_activation_gib = .*least any split needs .*split \[2, 6\]"):
+        resolve_split([], costs, 2, budget=4.0, microbatches=4, schedule="1f1b")
+    assert resolve_split([5, 3], costs, 2, budget=1.0) == [5, 3]  # a hand split is the user's
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_memory_constrained_balance_is_exact_on_random_costs(seed):
+    rng = random.Random(100 + seed)
+    n = rng.randint(2, 9)
+    stages, m = min(rng.randint(1, 4), n), rng.randint(1, 6)
+    schedule = rng.choice(["1f1b", "gpipe", "interleaved_1f1b"])
+    costs = StageCosts([rng.uniform(0.1, 5.0) for _ in range(n)], rng.uniform(0, 3), rng.uniform(0, 3),
+                       memory=[rng.uniform(0.1, 5.0) for _ in range(n)], first_memory=rng.uniform(0, 2),
+                       last_memory=rng.uniform(0, 2))
+    budget = rng.uniform(2.0, 30.0)
+    fitting = [c for c in all_splits(n, stages) if max(stage_memory(costs, c, m, schedule)) <= budget]
+    if not fitting:
+        with pytest.raises(LayoutError, match="no split"):
+            resolve_split([], costs, stages, budget, m, schedule)
+        return
+    counts = resolve_split([], costs, stages, budget, m, schedule)
+    assert max(stage_memory(costs, counts, m, schedule)) <= budget
+    best = min(max(stage_loads(costs, c)) for c in fitting)
+    assert max(stage_loads(costs, counts)) == pytest.approx(best, rel=1e-12)
+
+
+def test_activation_memory_is_measured_per_layer():
+    cfg = load_config("tiny-hybrid", ["--model.layer_pattern", "mM*-", "--model.d_model", "64",
+                                        "--model.vocab_size", "128"]).model
+    spec = registry.get("mamba")
+    costs = with_activation_memory(stage_costs(spec, cfg, 128), spec, cfg, 2, 128, torch.float32)
+    assert len(costs.memory) == 4 and min(costs.memory) > 0 and costs.last_memory > 0
+    twice = with_activation_memory(stage_costs(spec, cfg, 128), spec, cfg, 4, 128, torch.float32)
+    assert twice.memory == pytest.approx([2 * m for m in costs.memory], rel=0.05)
+    ckpt = with_activation_memory(stage_costs(spec, cfg, 128), spec, cfg, 2, 128, torch.float32, checkpointed=True)
+    assert all(c < m for c, m in zip(ckpt.memory, costs.memory))
+    assert ckpt.memory[0] == pytest.approx(2 * 128 * 64 * 4, rel=0.01)  # a block's float32 input

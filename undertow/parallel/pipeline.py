@@ -49,12 +49,15 @@ from undertow.models.common.documents import (
 from undertow.models.common.loss import lm_loss_sum
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.pipeline_split import (
+    StageCosts,
     rank_of_stage,
     resolve_split,
     stage_costs,
     stage_loads,
+    stage_memory,
     stage_ranges,
     stages_of_rank,
+    with_activation_memory,
 )
 from undertow.parallel.tensor import loss_context
 
@@ -170,6 +173,9 @@ class PipelineRunner:
     split:          layers per stage (pp x virtual_stages entries), or [] to balance by cost
     seq_len:        for the layer costs (attention's grows with it)
     autocast:       a context manager factory the forward runs under (the trainer's)
+    costs:          the layers' StageCosts (default: stage_costs(spec, model.cfg, seq_len))
+    activation_budget: bytes of saved activations a stage may hold at its peak (automatic split;
+                    costs must carry memory, see pipeline_split.with_activation_memory); 0: no limit
     """
 
     def __init__(
@@ -185,6 +191,8 @@ class PipelineRunner:
         split: list[int] | None = None,
         seq_len: int = 2048,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        costs: StageCosts | None = None,
+        activation_budget: float = 0.0,
     ):
         if schedule not in SCHEDULES:
             missing = "" if schedule not in _SCHEDULE_CLASSES else " (not in the installed torch)"
@@ -208,8 +216,8 @@ class PipelineRunner:
             raise LayoutError(f"{schedule} puts the first and the last stage on one rank, and with tied embeddings "
                               "FSDP would shard the shared weight in both; untie them (model.tie_embeddings = false) "
                               "or use 1f1b, gpipe, interleaved_1f1b or zero_bubble")
-        costs = stage_costs(spec, model.cfg, seq_len)
-        self.counts = resolve_split(split or [], costs, self.n_stages)
+        costs = costs or stage_costs(spec, model.cfg, seq_len)
+        self.counts = resolve_split(split or [], costs, self.n_stages, activation_budget, microbatches, schedule)
         ranges = stage_ranges(self.counts)
         self.stage_ids = stages_of_rank(self.pp_rank, self.pp, virtual_stages, style)
         last = self.n_stages - 1
@@ -239,19 +247,31 @@ class PipelineRunner:
             loads = stage_loads(costs, self.counts)
             log.info("pipeline %s: %d stages of %s layers (relative cost %s), %d micro-batches per step", schedule,
                      self.n_stages, self.counts, [round(c / max(loads), 3) for c in loads], microbatches)
+            if costs.memory is not None:
+                peaks = stage_memory(costs, self.counts, microbatches, schedule)
+                log.info("pipeline: saved activations per stage at its peak (estimate) %s GiB",
+                         [round(m / 2**30, 3) for m in peaks])
 
     @classmethod
-    def from_config(cls, model, spec, dims, mesh, cfg, autocast=contextlib.nullcontext) -> PipelineRunner:
+    def from_config(cls, model, spec, dims, mesh, cfg, autocast=contextlib.nullcontext,
+                    compute_dtype: torch.dtype = torch.float32) -> PipelineRunner:
         """From an ExperimentConfig: parallel.pp_* and data.seq_len; pp_microbatches = 0 means one
-        per loader micro-batch (training.grad_accum_steps)."""
-        p = cfg.parallel
-        if p.pp_schedule in SCHEDULES and SCHEDULES[p.pp_schedule][1] == "v" and cfg.training.val_every \
+        per loader micro-batch (training.grad_accum_steps). With parallel.pp_activation_gib the
+        layers' activation memory is measured for the run's micro-batch (rows, tokens per cp rank,
+        compute dtype, activation checkpointing)."""
+        p, t = cfg.parallel, cfg.training
+        if p.pp_schedule in SCHEDULES and SCHEDULES[p.pp_schedule][1] == "v" and t.val_every \
                 and cfg.data.val_fraction > 0:
             raise LayoutError(FORWARD_ONLY_V)
-        return cls(model, spec, dims, mesh, schedule=p.pp_schedule,
-                   microbatches=p.pp_microbatches or cfg.training.grad_accum_steps,
+        microbatches = p.pp_microbatches or t.grad_accum_steps
+        costs = stage_costs(spec, model.cfg, cfg.data.seq_len)
+        if p.pp_activation_gib > 0 and not p.pp_split:
+            rows = -(-t.micro_batch_size * t.grad_accum_steps // microbatches)
+            costs = with_activation_memory(costs, spec, model.cfg, rows, cfg.data.seq_len // dims.cp, compute_dtype,
+                                           checkpointed=t.activation_checkpointing, shards=dims.tp)
+        return cls(model, spec, dims, mesh, schedule=p.pp_schedule, microbatches=microbatches,
                    virtual_stages=p.pp_virtual_stages, split=list(p.pp_split), seq_len=cfg.data.seq_len,
-                   autocast=autocast)
+                   autocast=autocast, costs=costs, activation_budget=p.pp_activation_gib * 2**30)
 
     def _tied_group(self, mesh: DeviceMesh, first_rank: int, last_rank: int):
         """The two-rank group (per position in the other mesh dimensions) of the embedding's and

@@ -174,6 +174,7 @@ class ParallelConfig:
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "zbv"] = opt("1f1b", help="pp > 1: the pipeline schedule (torch.distributed.pipelining): 1f1b, gpipe, interleaved_1f1b (pp_virtual_stages per rank), zero_bubble (interleaved, backward split into input and weight gradients), zbv (zero bubble in a V, 2 stages per rank); see docs/parallelism.md.")
     pp_microbatches: int = opt(0, help="pp > 1: pipeline micro-batches per step; the step's rows (grad_accum_steps x micro_batch_size) are split into this many (0: grad_accum_steps, one per loader micro-batch).")
     pp_virtual_stages: int = opt(1, help="pp > 1: stages per rank (interleaved_1f1b and zero_bubble: >= 1, each rank runs every pp-th stage; zbv: 2).")
+    pp_activation_gib: float = opt(0.0, help="pp > 1, automatic split: the most saved-activation memory (GiB) a stage may hold at its peak (its in-flight micro-batches x the bytes its layers keep for the backward, measured on the meta device at start-up); the compute-balanced split is chosen among those that fit. 0: balance compute only.")
     pp_split: list[int] = opt(factory=list, help="pp > 1: layers per stage, pp x pp_virtual_stages counts summing to the model's layers (empty: balanced by the family's per-layer cost, the embedding on the first stage and the LM head on the last counted).")
     cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
     dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
@@ -196,6 +197,8 @@ class ParallelConfig:
         elif self.pp_schedule in ("1f1b", "gpipe"):
             check(self.pp_virtual_stages == 1, "parallel.pp_virtual_stages", self.pp_virtual_stages,
                   f"1 with parallel.pp_schedule = {self.pp_schedule} (interleaved_1f1b or zero_bubble run more)")
+        check(isinstance(self.pp_activation_gib, (int, float)) and self.pp_activation_gib >= 0,
+              "parallel.pp_activation_gib", self.pp_activation_gib, "a number >= 0 (0: balance compute only)")
         check(all(isinstance(k, int) and k >= 1 for k in self.pp_split), "parallel.pp_split", self.pp_split,
               "layer counts >= 1, one per stage (or [] for the automatic split)")
         if self.pp_split:

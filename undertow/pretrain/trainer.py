@@ -115,8 +115,8 @@ class Trainer:
         model.init_weights()  # the same weights on every rank (same seed), whatever the layout
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         # pipeline parallel: the model keeps this rank's stages; a schedule runs forward and backward
-        self.pipeline = PipelineRunner.from_config(model, self.spec, self.dims, self.mesh, cfg, self._autocast) \
-            if self.dims.pp > 1 else None
+        self.pipeline = PipelineRunner.from_config(model, self.spec, self.dims, self.mesh, cfg, self._autocast,
+                                                   self.amp_dtype or torch.float32) if self.dims.pp > 1 else None
         self.model = parallelize(
             model, self.spec, self.dims, self.mesh,
             activation_checkpointing=cfg.training.activation_checkpointing, compile=cfg.training.compile,
