@@ -20,7 +20,8 @@ import torch
 import undertow.parallel.deepspeed
 import undertow.pretrain.trainer as trainer_mod
 from tests.distributed.harness import run_distributed
-from tests.distributed.test_data_parallel import global_batch, make_config
+from tests.distributed.test_data_parallel import FAMILIES, global_batch, make_config
+from undertow.cli import main
 from undertow.configtools import ConfigError
 from undertow.parallel.deepspeed import convert_from_deepspeed
 from undertow.pretrain.config import load_config
@@ -189,8 +190,15 @@ def test_deepspeed_format_converts(runs):
     from it (checkpoint.init_from, no step) gives the logits of the run that wrote it."""
     root, results = runs
     _, z3_logits = results[0]["hybrid", "zero3"]
-    cfg = make_config("hybrid", f"{root}/unused", [])
-    convert_from_deepspeed(f"{root}/hybrid/zero3-deepspeed", f"{root}/converted", cfg)
+    recipe, overrides = FAMILIES["hybrid"]
+    assert main(["convert", "from-deepspeed", f"{root}/hybrid/zero3-deepspeed", f"{root}/converted", recipe,
+                 *overrides]) == 0
+    # refusals are one line and exit 2: an existing output, weights that do not fit the recipe's model
+    assert main(["convert", "from-deepspeed", f"{root}/hybrid/zero3-deepspeed", f"{root}/converted", recipe,
+                 *overrides]) == 2
+    with pytest.raises(ValueError, match="do not fit the model"):
+        convert_from_deepspeed(f"{root}/hybrid/zero3-deepspeed", f"{root}/other", load_config(recipe, overrides + [
+            "--model.d_model", "48"]))
     run_dir = f"{root}/from_converted"
     cfg = make_config("hybrid", run_dir, ["--checkpoint.init_from", f"{root}/converted", "--training.steps", "1"])
     trainer = Trainer(cfg)

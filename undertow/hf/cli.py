@@ -1,4 +1,5 @@
-"""`undertow convert to-hf CHECKPOINT OUT_DIR` and `undertow convert from-hf HF_DIR OUT_DIR`."""
+"""`undertow convert to-hf CHECKPOINT OUT_DIR`, `undertow convert from-hf HF_DIR OUT_DIR` and
+`undertow convert from-deepspeed DS_DIR OUT_DIR RECIPE [--section.field VALUE ...]`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,32 @@ example:
 """
 
 
+_FROM_DEEPSPEED = """\
+Convert a checkpoint DeepSpeed wrote in its own format (engine.save_checkpoint: ZeRO-1/2/3
+shards, a `latest` file naming the tag) into an undertow checkpoint: the float32 weights
+(gathered by DeepSpeed's zero_to_fp32) as DCP model tensors and meta.json with step 0, for the
+model of RECIPE with the overrides given (the model must match the weights; model.vocab_size 0
+takes the embedding's rows). No optimizer state: start a run from it with
+--checkpoint.init_from OUT_DIR. Checkpoints that `undertow pretrain` writes under
+parallel.engine = deepspeed are in our format already and need no conversion. Needs DeepSpeed
+(pip install 'undertow[deepspeed]').
+
+example:
+  undertow convert from-deepspeed ds_run/checkpoints ckpt/from-ds tiny-hybrid --model.d_model 64
+  undertow pretrain tiny-hybrid --model.d_model 64 --checkpoint.init_from ckpt/from-ds
+"""
+
+
+def cmd_from_deepspeed(args: argparse.Namespace, overrides: list[str]) -> int:
+    from undertow.parallel.deepspeed import convert_from_deepspeed
+    from undertow.pretrain.config import load_config
+
+    cfg = load_config(args.recipe, overrides)
+    path = convert_from_deepspeed(args.ds_dir, args.out_dir, cfg, tag=args.tag, overwrite=args.overwrite)
+    print(f"wrote checkpoint {path}; train from it with --checkpoint.init_from {path}")
+    return 0
+
+
 def cmd_to_hf(args: argparse.Namespace) -> int:
     from undertow.hf.export import export_checkpoint
 
@@ -52,9 +79,9 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
 
 def _run(func):
     """Conversion errors (refusals, missing files) print one line and exit 2."""
-    def wrapped(args: argparse.Namespace) -> int:
+    def wrapped(args: argparse.Namespace, *rest) -> int:
         try:
-            return func(args)
+            return func(args, *rest)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -64,8 +91,9 @@ def _run(func):
 def add_convert_parser(subparsers) -> None:
     """Add `convert {to-hf,from-hf}` to the `undertow` command's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
-    convert = subparsers.add_parser("convert", help="convert checkpoints to and from Hugging Face",
-                                    description="Convert checkpoints to and from Hugging Face transformers.")
+    convert = subparsers.add_parser("convert", help="convert checkpoints to and from Hugging Face (and from DeepSpeed)",
+                                    description="Convert checkpoints to and from Hugging Face transformers, and "
+                                                "from DeepSpeed's own checkpoint format.")
     sub = convert.add_subparsers(dest="convert_command", required=True)
 
     to_hf = sub.add_parser("to-hf", help="undertow checkpoint -> Hugging Face directory", description=_TO_HF,
@@ -86,3 +114,12 @@ def add_convert_parser(subparsers) -> None:
     from_hf.add_argument("--name", help="run name stored in the checkpoint's config (default: HF_DIR's name)")
     from_hf.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     from_hf.set_defaults(func=_run(cmd_from_hf))
+
+    from_ds = sub.add_parser("from-deepspeed", help="DeepSpeed checkpoint -> undertow checkpoint",
+                             description=_FROM_DEEPSPEED, formatter_class=fmt)
+    from_ds.add_argument("ds_dir", help="the directory DeepSpeed's engine.save_checkpoint wrote (with `latest`)")
+    from_ds.add_argument("out_dir", help="the checkpoint directory to write")
+    from_ds.add_argument("recipe", help="recipe name or .toml path of the model (overrides: --section.field VALUE)")
+    from_ds.add_argument("--tag", help="the checkpoint tag to convert (default: the one in DS_DIR/latest)")
+    from_ds.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    from_ds.set_defaults(func=_run(cmd_from_deepspeed), takes_overrides=True)
