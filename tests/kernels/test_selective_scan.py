@@ -116,6 +116,41 @@ def test_long_decay_stays_finite():
     assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("A_scale,delta_shift", [(60.0, 0.0), (1.0, 30.0), (1.0, -8.0)], ids=["strong-A", "large-delta", "tiny-delta"])
+def test_chunked_decay_ranges(compare_with_reference, chunk, A_scale, delta_shift):
+    """Outputs, states and gradients where dt * A reaches log(TINY_DECAY) (strong A, large delta:
+    the chunked form's threshold path) and where dt is tiny (decays ~1: the path without it)."""
+    inputs = make_inputs(2, 45, 3, 8, torch.float32, seed=21)
+    inputs["A"] = inputs["A"] * A_scale
+    inputs["delta"] = inputs["delta"] + delta_shift
+    inputs["doc_ids"] = make_doc_ids(2, 45, seed=22)
+    compare_with_reference(IMPLEMENTATIONS["chunked"], selective_scan_reference, inputs, {}, TOL[("chunked", torch.float32)])
+
+
+def test_chunked_threshold_path_taken(monkeypatch):
+    """The decay-range check picks the threshold pass exactly when some dt * A can go under
+    log(TINY_DECAY), with dt of either sign (delta used as given)."""
+    seen = []
+    real_plan = chunked._Plan
+
+    def spy(*args):
+        plan = real_plan(*args)
+        seen.append(plan.tiny)
+        return plan
+
+    monkeypatch.setattr(chunked, "_Plan", spy)
+    inputs = make_inputs(1, 9, 2, 4, torch.float32, full=False, seed=23)
+    inputs["A"] = torch.full((2, 4), -1.0, device=DEVICE)
+    for delta, expected in [(0.5, False), (80.0, True), (-0.5, False), (-80.0, False)]:
+        inputs["delta"] = torch.full((1, 9, 2), delta, device=DEVICE)
+        selective_scan(**inputs, delta_softplus=False, backend="chunked")
+        assert seen[-1] is expected, (delta, seen)
+    inputs["A"] = torch.full((2, 4), 1.0, device=DEVICE)  # a growing state: positive dt * A, fine
+    inputs["delta"] = torch.full((1, 9, 2), -80.0, device=DEVICE)
+    selective_scan(**inputs, delta_softplus=False, backend="chunked")
+    assert seen[-1] is True
+
+
 def test_dispatch_forced_and_unknown(monkeypatch):
     inputs = make_inputs(1, 5, 2, 4, torch.float32)
     ref = selective_scan(**inputs, backend="reference")

@@ -2,18 +2,29 @@
 
 The recurrence h_t = a_t * h_{t-1} + b_t, with a_t = exp(dt_t * A) (0 where a document starts,
 which makes the reset exact) and b_t = dt_t * u_t * B_t, is cut into chunks of L steps. Per
-chunk, everything but the recurrence itself is a few large vectorized ops over (Bt, L, N, Dc):
+chunk, everything but the recurrence itself is a few large vectorized ops over (L, Bt, N, Dc):
 the decays and inputs, the contraction of the states with C, and in the backward every
 gradient contraction (batched matmuls). The recurrence is one fused multiply-add over
 (Bt, N, Dc) per step. Decays are only ever multiplied, never divided, so no exponent is positive
 when A <= 0 (Mamba's A = -exp(A_log)); decays under TINY_DECAY are 0.
 
+Where the time goes on CPU (one thread, T = 2048, Dc = 256, N = 16): the decays are T * N * Dc
+exponentials, the largest single cost, so they are taken as exp2 of a pre-scaled exponent
+(Sleef's exp2 runs twice as fast as its exp); tensors are time-major, so each step's state is
+contiguous; each chunk's (L, Bt, N, Dc) tensors live in buffers allocated once per call (a fresh
+megabyte per chunk cost page faults that took longer than the arithmetic); the threshold pass
+against subnormals runs only when some dt * A can reach log(TINY_DECAY), which one min/max over
+dt tells; resets are written into the few decays they touch.
+
 Why not a parallel form inside the chunk: every (state, channel) pair decays at its own rate, so
 the pairwise form with differences of cumulative log-decays needs (L, L, N, Dc) tensors, and a
 Hillis-Steele scan passes over the chunk log2(L) times; on CPU both lose to touching each state
-once (the Hillis-Steele form took twice as long at T = 2048, Dc = 256, N = 16).
+once (the Hillis-Steele form took twice as long at T = 2048, Dc = 256, N = 16). The form
+h_t = exp(c_t) (h_0 + sum_{s<=t} exp(-c_s) b_s) with c the cumulative log-decay needs a cumsum
+along time, which torch runs ~10x slower than the step loop (227 ms against ~20 ms for the
+whole sequence), and a second exponential (or reciprocal) pass.
 
-The (Bt, L, N, Dc) states exist for one chunk at a time: the forward keeps only each chunk's
+The (L, Bt, N, Dc) states exist for one chunk at a time: the forward keeps only each chunk's
 incoming state, and the backward recomputes a chunk's states from it, then runs the adjoint
 recurrence g_t = dh_t + a_{t+1} * g_{t+1} backwards through the chunk.
 
@@ -23,6 +34,7 @@ gate) go through ordinary autograd in `selective_scan_from_core`, which the Trit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -34,33 +46,61 @@ CHUNK = 32
 # Decays below this are taken as 0: their effect is ~1e-23 of a float32 ulp, and keeping them lets
 # products fall into subnormal floats, which x86 CPUs process several times slower.
 TINY_DECAY = 1e-30
+LOG2_E = 1.4426950408889634
 
 
-def _transition(dt, A_t, u, B, starts):
-    """dt, u: (Bt, L, Dc); A_t: (N, Dc), A transposed; B: (Bt, L, N); starts: (Bt, L) bool.
-    Returns a, b: (Bt, L, N, Dc): the decay (0 at document starts) and the input of each step."""
-    # exp(-inf) = 0 at document starts: the reset costs no pass of its own.
-    reset = torch.zeros_like(dt[:, :, :1]).masked_fill_(starts.unsqueeze(-1), float("-inf")).unsqueeze(-1)
-    a = F.threshold_(torch.addcmul(reset, dt.unsqueeze(2), A_t).exp_(), TINY_DECAY, 0.0)
-    b = B.unsqueeze(-1) * (dt * u).unsqueeze(2)
-    return a, b
+class _Plan:
+    """What every chunk of one call shares: the inputs time-major (T, Bt, ...), so that a step's
+    state (Bt, N, Dc) and a chunk's rows are contiguous; A^T * log2(e), since exp2 runs twice as
+    fast as exp on CPU (AVX2 Sleef) and exp2(x log2 e) = exp(x); where the resets fall; and
+    whether any decay can fall under TINY_DECAY (else the threshold pass is skipped)."""
 
+    def __init__(self, u, dt, A, B, C, starts, chunk):
+        self.Bt, self.T, self.Dc = u.shape
+        self.N = A.shape[1]
+        self.chunk = chunk
+        self.u, self.dt = u.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous()
+        self.du = self.dt * self.u
+        self.B, self.C = B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous()
+        self.A_t = A.t().contiguous()  # (N, Dc)
+        self.A2 = self.A_t * LOG2_E
+        # A lower bound of every exponent dt * A: the least product of the two ranges' ends. NaN
+        # propagates through amin and takes the threshold path too.
+        lowest = torch.outer(torch.stack(torch.aminmax(dt)), torch.stack(torch.aminmax(A))).amin() if dt.numel() else 0.0
+        self.tiny = not bool(lowest >= math.log(TINY_DECAY))
+        self.resets = {}  # chunk start -> (time index within the chunk, row) of its resets
+        for t, b in starts.t().nonzero().tolist():
+            c0 = t - t % chunk
+            self.resets.setdefault(c0, ([], []))
+            self.resets[c0][0].append(t - c0)
+            self.resets[c0][1].append(b)
 
-def _scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """States h_t = a_t * h_{t-1} + b_t along dim 1 from h_{-1} = h0, written into b and returned.
-    a, b: (Bt, L, N, Dc); h0: (Bt, N, Dc). One fused multiply-add over (Bt, N, Dc) per step."""
-    h = h0
-    for t in range(a.shape[1]):
-        h = b[:, t].addcmul_(a[:, t], h)
-    return b
+    def chunks(self):
+        """(start, length) of each chunk."""
+        return [(c0, min(self.chunk, self.T - c0)) for c0 in range(0, self.T, self.chunk)]
 
+    def buffer(self):
+        """One chunk's (L, Bt, N, Dc) float32 scratch; reused across chunks, since allocating a
+        fresh megabyte per chunk costs page faults that took longer than the arithmetic."""
+        return self.u.new_empty(self.chunk, self.Bt, self.N, self.Dc)
 
-def _adjoint_scan_(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Adjoints G_t = d_t + a_{t+1} G_{t+1} along dim 1, from the chunk's last step (G_{L-1} =
-    d_{L-1}, which already holds what flows in from later chunks); written into d and returned."""
-    for t in range(d.shape[1] - 2, -1, -1):
-        d[:, t].addcmul_(a[:, t + 1], d[:, t + 1])
-    return d
+    def decays_(self, out, c0, n):
+        """a_t = exp(dt_t A) for the chunk's n steps, written into out[:n]: 0 at resets and
+        under TINY_DECAY."""
+        a = torch.mul(self.dt[c0:c0 + n].unsqueeze(2), self.A2, out=out[:n]).exp2_()
+        if self.tiny:
+            F.threshold_(a, TINY_DECAY, 0.0)
+        if c0 in self.resets:
+            t_idx, b_idx = self.resets[c0]
+            a[t_idx, b_idx] = 0.0
+        return a
+
+    def states_(self, out, a, h, c0, n):
+        """States H_t = a_t H_{t-1} + dt_t u_t B_t of the chunk from H_{-1} = h, into out[:n]."""
+        H = torch.mul(self.B[c0:c0 + n].unsqueeze(-1), self.du[c0:c0 + n].unsqueeze(2), out=out[:n])
+        for H_t, a_t in zip(H.unbind(0), a.unbind(0)):
+            h = H_t.addcmul_(a_t, h)
+        return H
 
 
 class _ScanCore(torch.autograd.Function):
@@ -69,53 +109,58 @@ class _ScanCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, h0, starts, chunk):
-        Bt, T, Dc = u.shape
-        A_t = A.t().contiguous()
-        y = u.new_empty(Bt, T, Dc)
+        plan = _Plan(u, dt, A, B, C, starts, chunk)
+        Bt, N, Dc = plan.Bt, plan.N, plan.Dc
+        y = u.new_empty(plan.T, Bt, Dc)
+        a_buf, h_buf = plan.buffer(), plan.buffer()
         incoming = []
-        h = h0.transpose(1, 2)
-        for c0 in range(0, T, chunk):
-            sl = slice(c0, c0 + chunk)
+        h = h0.transpose(1, 2).contiguous()
+        for c0, n in plan.chunks():
             incoming.append(h)
-            a, b = _transition(dt[:, sl], A_t, u[:, sl], B[:, sl], starts[:, sl])
-            H = _scan_(a, b, h)
-            y[:, sl] = torch.matmul(C[:, sl].unsqueeze(2), H).squeeze(2)
-            h = H[:, -1]
-        ctx.save_for_backward(u, dt, A_t, B, C, starts, torch.stack(incoming, 1))
-        ctx.chunk = chunk
+            a = plan.decays_(a_buf, c0, n)
+            H = plan.states_(h_buf, a, h, c0, n)
+            torch.bmm(plan.C[c0:c0 + n].view(n * Bt, 1, N), H.view(n * Bt, N, Dc), out=y[c0:c0 + n].view(n * Bt, 1, Dc))
+            h = H[-1].clone()  # the buffer is overwritten by the next chunk
+        ctx.plan = plan
+        ctx.save_for_backward(torch.stack(incoming, 0) if incoming else h.unsqueeze(0))
         ctx.mark_non_differentiable(starts)
-        return y, h.transpose(1, 2).contiguous()
+        return y.transpose(0, 1), h.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, dy, dh_final):
-        u, dt, A_t, B, C, starts, incoming = ctx.saved_tensors
-        chunk = ctx.chunk
-        T = u.shape[1]
-        dy = torch.zeros_like(u) if dy is None else dy
-        du, ddt = torch.empty_like(u), torch.empty_like(dt)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
-        dA_t = torch.zeros_like(A_t)
-        g = torch.zeros_like(incoming[:, 0]) if dh_final is None else dh_final.transpose(1, 2).clone()
-        for i, c0 in reversed(list(enumerate(range(0, T, chunk)))):
-            sl = slice(c0, c0 + chunk)
-            h_in = incoming[:, i]
-            dts, us, Bs, dys = dt[:, sl], u[:, sl], B[:, sl], dy[:, sl]
-            a, b = _transition(dts, A_t, us, Bs, starts[:, sl])
-            H = _scan_(a, b, h_in)
-            dC[:, sl] = torch.matmul(H, dys.unsqueeze(-1)).squeeze(-1)
-            direct = C[:, sl].unsqueeze(-1) * dys.unsqueeze(2)
-            direct[:, -1] += g
-            G = _adjoint_scan_(a, direct)  # d loss / d h_t
-            dB[:, sl] = torch.matmul(G, (dts * us).unsqueeze(-1)).squeeze(-1)
-            GB = torch.matmul(Bs.unsqueeze(2), G).squeeze(2)
-            du[:, sl] = GB * dts
-            da = G * a  # times h_{t-1}: d loss / d(dt * A); zero at resets since a is
-            da[:, 1:] *= H[:, :-1]
-            da[:, 0] *= h_in
-            ddt[:, sl] = GB * us + (da * A_t).sum(2)
-            dA_t += (da * dts.unsqueeze(2)).flatten(0, 1).sum(0)
-            g = a[:, 0] * G[:, 0]
-        return du, ddt, dA_t.t(), dB, dC, g.transpose(1, 2), None, None
+        (incoming,) = ctx.saved_tensors
+        plan = ctx.plan
+        Bt, N, Dc = plan.Bt, plan.N, plan.Dc
+        dy = torch.zeros_like(plan.u) if dy is None else dy.transpose(0, 1).contiguous()
+        dB, dC = torch.empty_like(plan.B), torch.empty_like(plan.C)
+        GB = torch.empty_like(plan.u)  # sum_n B_t[n] G_t[n, d]
+        dtA_grad = torch.empty_like(plan.u)  # sum_n A[d, n] (d loss / d(dt_t A)[n, d])
+        dA_t = torch.zeros_like(plan.A_t)
+        a_buf, h_buf, g_buf, s_buf = plan.buffer(), plan.buffer(), plan.buffer(), plan.buffer()
+        g = torch.zeros_like(incoming[0]) if dh_final is None else dh_final.transpose(1, 2).contiguous()
+        for i, (c0, n) in reversed(list(enumerate(plan.chunks()))):
+            h_in, sl, nB = incoming[i], slice(c0, c0 + n), n * Bt
+            a = plan.decays_(a_buf, c0, n)
+            H = plan.states_(h_buf, a, h_in, c0, n)
+            torch.bmm(H.view(nB, N, Dc), dy[sl].view(nB, Dc, 1), out=dC[sl].view(nB, N, 1))
+            G = torch.mul(plan.C[sl].unsqueeze(-1), dy[sl].unsqueeze(2), out=g_buf[:n])
+            G[-1] += g
+            G_steps, a_steps = G.unbind(0), a.unbind(0)
+            for t in range(n - 2, -1, -1):  # G_t = d loss / d h_t
+                G_steps[t].addcmul_(a_steps[t + 1], G_steps[t + 1])
+            torch.bmm(G.view(nB, N, Dc), plan.du[sl].view(nB, Dc, 1), out=dB[sl].view(nB, N, 1))
+            torch.bmm(plan.B[sl].view(nB, 1, N), G.view(nB, N, Dc), out=GB[sl].view(nB, 1, Dc))
+            # d loss / d(dt A) = G_t a_t h_{t-1}; zero at resets and tiny decays since a is
+            S = torch.mul(G, a, out=s_buf[:n])
+            S[1:] *= H[:-1]
+            S[0] *= h_in
+            g = a[0] * G[0]
+            dA_t += torch.mul(S, plan.dt[sl].unsqueeze(2), out=g_buf[:n]).sum((0, 1))
+            torch.sum(S.mul_(plan.A_t), 2, out=dtA_grad[sl])
+        du = GB * plan.dt
+        ddt = GB.mul_(plan.u).add_(dtA_grad)
+        return (du.transpose(0, 1), ddt.transpose(0, 1), dA_t.t(), dB.transpose(0, 1), dC.transpose(0, 1),
+                g.transpose(1, 2), None, None)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, doc_ids):
