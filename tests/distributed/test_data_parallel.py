@@ -110,22 +110,24 @@ def _train_and_read(rank, world, run_dir, layout, steps):
     batch = global_batch(cfg.model.vocab_size)
     with torch.no_grad():
         logits = trainer.model(batch["input_ids"], doc_ids=batch["doc_ids"])
-    return result.steps, result.last_loss, logits
+    inherited = [len(slot.get("inherited", [])) for slot in trainer.train_loader.state_dict()["slots"]]
+    return result.steps, result.last_loss, logits, inherited
 
 
 def test_checkpoints_reshard_between_layouts(tmp_path):
     """fsdp2 writes step 2; one process resumes it to step 4; fsdp2 resumes that to step 6. The
     logits right after each resume equal those of the layout that wrote the checkpoint."""
     run_dir = str(tmp_path / "run")
-    [(s1, _, logits_a), _] = run_distributed(_train_and_read, 2, run_dir, ["--parallel.dp_shard", "2"], 2)
+    [(s1, _, logits_a, _), _] = run_distributed(_train_and_read, 2, run_dir, ["--parallel.dp_shard", "2"], 2)
     assert s1 == 2
-    # a run that resumes at its target step does no step: its logits are the checkpoint's
-    s, _, logits_b = _train_and_read(0, 1, run_dir, [], 2)
-    assert s == 2 and torch.allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5)
-    s, loss, logits_c = _train_and_read(0, 1, run_dir, [], 4)
+    # a run that resumes at its target step does no step: its logits are the checkpoint's; its one
+    # data stream carries on both saved ranks' streams (tests/pretrain/test_loader_reshard.py)
+    s, _, logits_b, inherited = _train_and_read(0, 1, run_dir, [], 2)
+    assert s == 2 and torch.allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5) and inherited == [2]
+    s, loss, logits_c, _ = _train_and_read(0, 1, run_dir, [], 4)
     assert s == 4 and loss == loss  # finite, trained on
     outs = run_distributed(_train_and_read, 2, run_dir, ["--parallel.dp_shard", "2"], 4)
-    for s, _, logits in outs:
+    for s, _, logits, _ in outs:
         assert s == 4 and torch.allclose(logits, logits_c, rtol=1e-5, atol=1e-5)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000002", "step_00000004"]
 

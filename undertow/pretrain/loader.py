@@ -39,6 +39,7 @@ from undertow.log import get_logger
 from undertow.pretrain.loader_checks import (
     STATE_FORMAT,
     STATE_VERSION,
+    check_reshard_states,
     check_state,
     common_tokenizer,
     validate_arguments,
@@ -51,6 +52,7 @@ from undertow.pretrain.loader_slot import (
     RankWorkers,
     fresh_slot_state,
     iterate_slot,
+    reshard_slots,
 )
 from undertow.pretrain.loader_sources import resolve_source
 
@@ -213,6 +215,28 @@ class PackedLoader:
         self._states, self._taken = copy.deepcopy(state["slots"]), state["taken"]
         self._resume_pending = True
         self._generation += 1
+
+    def resume_from(self, states: list[dict]) -> None:
+        """Continue from the states of every rank of a run (`state_dict()` of each, in rank order):
+        this rank's own when the run had the same world size and workers, otherwise resharded: each
+        old slot's stream goes on in one of this run's slots up to the first epoch no old slot had
+        started, and this run's own plans take over from that epoch (loader_streams.py), so no
+        document is skipped or read twice."""
+        configs = [s.get("config") or {} for s in states] if isinstance(states, list) else []
+        same = len(states) == self.world_size and all(
+            c.get("world_size") == self.world_size and c.get("num_workers") == self.num_workers for c in configs)
+        if same:
+            self.load_state_dict(states[self.rank])
+            return
+        old_slots = check_reshard_states(states, self._config())
+        self._states = reshard_slots(old_slots, self._spec, self.num_slots, self.rank, self.workers_per_rank)
+        self._taken = 0
+        self._resume_pending = True
+        self._generation += 1
+        if self.rank == 0:
+            log.info("data stream resharded: %d slot(s) of %d rank(s) -> %d slot(s) of %d rank(s); the old slots' "
+                     "streams finish their epochs in the new slots, no document is skipped or repeated",
+                     len(old_slots), len(states), self.num_slots, self.world_size)
 
     def vocab_info(self) -> dict | None:
         """The first source's manifest `tokenizer` entry (vocab_size, bos/eos/pad ids...), if it has one."""

@@ -17,6 +17,8 @@ STATE_FORMAT, STATE_VERSION = "undertow-packed-loader", 1
 # State fields that must match for an exact resume; the others may change (with a warning).
 _MUST_MATCH = ("world_size", "num_workers", "rank", "seed", "split", "val_fraction", "loop", "shuffle_documents")
 _MAY_CHANGE = ("seq_len", "batch_size", "weights")
+# What a resharded resume (another world size or number of workers) still needs to match.
+_RESHARD_MUST_MATCH = ("seed", "split", "val_fraction", "loop", "shuffle_documents")
 
 
 def check_state(state: dict, current: dict, rank: int, workers: int) -> None:
@@ -31,9 +33,33 @@ def check_state(state: dict, current: dict, rank: int, workers: int) -> None:
         raise ValueError(f"loader state 'taken'={taken!r}: expected an int >= 0")
 
 
-def _check_config(saved: dict, mine: dict) -> None:
+def check_reshard_states(states, current: dict) -> list[dict]:
+    """Check the loader states of every rank of a run with another world size or number of workers
+    (a list in rank order) against this loader's config entry; return all their slot states in
+    slot order. The settings that decide documents and order must match, as for a plain resume."""
+    if not isinstance(states, list) or not states:
+        raise ValueError(f"expected the loader states of every rank of the saved run, got {states!r:.200}")
+    for rank, state in enumerate(states):
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state of rank {rank} is not a PackedLoader state v{STATE_VERSION}")
+        config = state.get("config") or {}
+        _check_config(config, current, must_match=_RESHARD_MUST_MATCH)
+        layout = (config.get("world_size"), config.get("num_workers"))
+        if config.get("rank") != rank or layout != (len(states), states[0]["config"].get("num_workers")):
+            raise ValueError(f"loader state {rank} is rank {config.get('rank')!r} of world size {layout[0]!r} "
+                             f"({layout[1]!r} workers): expected rank {rank} of the {len(states)} states given")
+    workers = max(1, states[0]["config"]["num_workers"])
+    slots = []
+    for rank, state in enumerate(states):
+        _check_slots(state.get("slots"), rank, workers, len(current["sources"]))
+        slots.extend(state["slots"])
+    return slots
+
+
+def _check_config(saved: dict, mine: dict, must_match: tuple[str, ...] = ()) -> None:
     """Compare the saved loader settings with this loader's: refuse what breaks exactness, warn on the rest."""
-    problems = [f"{k}: saved {saved.get(k)!r}, this loader {mine[k]!r}" for k in _MUST_MATCH if saved.get(k) != mine[k]]
+    must_match = must_match or _MUST_MATCH
+    problems = [f"{k}: saved {saved.get(k)!r}, this loader {mine[k]!r}" for k in must_match if saved.get(k) != mine[k]]
     per_source = ("sources", "shards", "shard_fingerprints")
     saved_sources = list(zip(*(saved.get(k) or [] for k in per_source)))
     if len(saved_sources) != len(mine["sources"]):
@@ -150,3 +176,20 @@ def _check_slots(slots, rank: int, workers: int, num_sources: int) -> None:
             bad(
                 f"slot {expected}: 'cursors' must be {num_sources} lists [epoch, item, doc, offset] of ints >= 0, got {cursors!r:.200}"
             )
+        for entry in slot.get("inherited", []):
+            _check_inherited(entry, expected, num_sources, bad)
+
+
+def _check_inherited(entry, slot: int, num_sources: int, bad) -> None:
+    """An old slot's stream a slot inherited at a reshard: {"slot", "num_slots", "until", "cursors"}."""
+    def ints(value, n):
+        return isinstance(value, list) and len(value) == n and all(isinstance(v, int) and v >= 0 for v in value)
+
+    ok = (isinstance(entry, dict) and isinstance(entry.get("num_slots"), int) and entry["num_slots"] >= 1
+          and isinstance(entry.get("slot"), int) and 0 <= entry["slot"] < entry["num_slots"]
+          and ints(entry.get("until"), num_sources)
+          and isinstance(entry.get("cursors"), list) and len(entry["cursors"]) == num_sources
+          and all(ints(c, 4) for c in entry["cursors"]))
+    if not ok:
+        bad(f"slot {slot}: an 'inherited' entry must be {{slot, num_slots, until: {num_sources} epochs, cursors: "
+            f"{num_sources} [epoch, item, doc, offset]}}, got {entry!r:.200}")

@@ -7,19 +7,28 @@ In a one-pass run a row whose source runs out is continued from another source s
 documents (drawn again among those, `attempt` counting the draws) so padding only appears once every
 source is used up.
 
-Slot state (JSON): {"slot": int, "rows": int, "cursors": [[epoch, item, doc, offset] per source]}.
+Slot state (JSON): {"slot": int, "rows": int, "cursors": [[epoch, item, doc, offset] per source]},
+plus, after a reshard until the inherited streams are read, "inherited": [{"slot": old slot,
+"num_slots": its number of slots, "until": [end epoch per source], "cursors": [... per source]}]
+(see loader_streams.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from undertow.pretrain.loader_packing import Row, pack_rows
 from undertow.pretrain.loader_sources import ShardSet
-from undertow.pretrain.loader_streams import FRESH_CURSOR, DocumentStream, StreamSettings, unit_hash
+from undertow.pretrain.loader_streams import (
+    FRESH_CURSOR,
+    ChainedStream,
+    DocumentStream,
+    StreamSettings,
+    unit_hash,
+)
 
 # Private keys a worker adds to each batch; the main process strips them.
 SLOT_KEY, STATE_KEY, EXHAUSTED_KEY = "_slot", "_state", "_exhausted"
@@ -46,14 +55,34 @@ class SlotProducer:
     def __init__(self, spec: LoaderSpec, slot: int, state: dict | None = None):
         state = state if state is not None else fresh_slot_state(slot, len(spec.sources))
         self.spec, self.slot, self.rows = spec, slot, int(state["rows"])
+        self.inherited = [dict(e) for e in state.get("inherited", [])]
         self.streams = [
-            DocumentStream(shards, i, slot, spec, cursor)
-            for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
+            self._stream(i, shards, cursor) for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
         ]
         self._blended = [i for i, w in enumerate(spec.weights) if w > 0]
 
+    def _stream(self, i: int, shards: ShardSet, cursor) -> DocumentStream | ChainedStream:
+        own = DocumentStream(shards, i, self.slot, self.spec, cursor)
+        if not self.inherited:
+            return own
+        old = [DocumentStream(shards, i, e["slot"], replace(self.spec, num_slots=e["num_slots"]), e["cursors"][i],
+                              until=e["until"][i]) for e in self.inherited]
+        return ChainedStream(old, own)
+
     def state(self) -> dict:
-        return {"slot": self.slot, "rows": self.rows, "cursors": [s.cursor() for s in self.streams]}
+        state = {"slot": self.slot, "rows": self.rows, "cursors": [self._own(s).cursor() for s in self.streams]}
+        inherited = []
+        for k, entry in enumerate(self.inherited):
+            streams = [s.inherited[k] for s in self.streams]
+            if not all(s.done for s in streams):  # read entries drop out of the state
+                inherited.append({**entry, "cursors": [s.cursor() for s in streams]})
+        if inherited:
+            state["inherited"] = inherited
+        return state
+
+    @staticmethod
+    def _own(stream: DocumentStream | ChainedStream) -> DocumentStream:
+        return stream.own if isinstance(stream, ChainedStream) else stream
 
     def next_batch(self) -> dict | None:
         """The next batch, or None once a one-pass run is over (the last batch is padded)."""
@@ -95,6 +124,33 @@ class SlotProducer:
             if target < 0:
                 return i
         return active[-1]  # float rounding at the top end
+
+
+def reshard_slots(old_slots: list[dict], spec: LoaderSpec, num_slots: int, rank: int, workers: int) -> list[dict]:
+    """The slot states of `rank` (its `workers` slots of `num_slots`) continuing `old_slots` (every
+    slot state of a run with another number of slots, in slot order): old slot k's streams and
+    those it had inherited itself go to new slot k % num_slots, bounded per source by the first
+    epoch none of them had started, where every new slot's own streams begin."""
+    entries = []
+    for old in old_slots:
+        entries.append({"slot": old["slot"], "num_slots": len(old_slots), "until": None, "cursors": old["cursors"]})
+        entries.extend(old.get("inherited", []))
+    num_sources = len(spec.sources)
+    start = []  # per source: the first epoch no old stream has started (each one-pass stream ends at 1)
+    for i in range(num_sources):
+        epochs = [c[0] + (0 if tuple(c[1:]) == (0, 0, 0) else 1) for c in (e["cursors"][i] for e in entries)]
+        start.append(max(epochs) if spec.loop else 1)
+    for entry in entries:
+        if entry["until"] is None:
+            entry["until"] = list(start)
+    states = []
+    for slot in range(rank * workers, (rank + 1) * workers):
+        state = {"slot": slot, "rows": 0, "cursors": [[start[i], 0, 0, 0] for i in range(num_sources)]}
+        mine = [e for k, e in enumerate(entries) if k % num_slots == slot]
+        if mine:
+            state["inherited"] = mine
+        states.append(state)
+    return states
 
 
 def iterate_slot(spec: LoaderSpec, slot: int, state: dict | None = None) -> Iterator[tuple[dict | None, dict]]:

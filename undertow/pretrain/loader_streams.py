@@ -20,6 +20,14 @@ so they are the same on every platform and NumPy version: a run resumes exactly 
 The cursor `[epoch, item, doc, offset]` says where the next unread token is: token `offset` of the
 `doc`-th document the slot reads from the `item`-th shard of its epoch plan. It is all a stream needs
 to restart exactly: plans and orders are recomputed from the seed.
+
+Resharding (a run resumed with another number of slots: other world size or workers): plans depend
+on the number of slots, so the old slots' streams cannot be re-dealt mid-epoch. Instead each old
+slot's stream is *inherited* by one new slot and read to the end of epoch E, the first epoch no old
+stream had started; the new slots' own streams (new plans) begin at epoch E. Every document of
+every epoch is still read exactly once: before E by the old plans (partly before the reshard,
+the rest after it), from E on by the new ones. `ChainedStream` is a new slot's stream of one source:
+its inherited streams in turn, then its own.
 """
 
 from __future__ import annotations
@@ -93,9 +101,12 @@ class DocumentStream:
     `cursor()` to save the position.
     """
 
-    def __init__(self, shards: ShardSet, source_index: int, slot: int, settings: StreamSettings, cursor=FRESH_CURSOR):
+    def __init__(self, shards: ShardSet, source_index: int, slot: int, settings: StreamSettings, cursor=FRESH_CURSOR,
+                 until: int | None = None):
         self.shards, self.source_index, self.slot, self.settings = shards, source_index, slot, settings
         self.epoch, self.item, self.doc, self.offset = (int(c) for c in cursor)
+        # the epoch at which the stream ends: an inherited stream's `until`; 1 for a one-pass stream
+        self.end_epoch = until if until is not None else (None if settings.loop else 1)
         self._plan: list[PlanItem] = []
         self._plan_epoch = -1
         self._docs: Iterator[np.ndarray] | None = None  # the current shard's documents, from self.doc on
@@ -105,8 +116,8 @@ class DocumentStream:
 
     @property
     def done(self) -> bool:
-        """True once a one-pass stream has read everything."""
-        return not self.settings.loop and self.epoch >= 1
+        """True once a one-pass (or inherited) stream has read everything."""
+        return self.end_epoch is not None and self.epoch >= self.end_epoch
 
     def cursor(self) -> list[int]:
         return [self.epoch, self.item, self.doc, self.offset]
@@ -177,6 +188,37 @@ class DocumentStream:
         s = self.settings
         order_key = ("documents", s.seed, self.source_index, self.epoch, item.shard) if s.shuffle_documents else None
         return _owned_documents(self.shards, item, s.split, s.val_fraction, order_key, skip=self.doc)
+
+
+class ChainedStream:
+    """One source's stream of a slot that inherited old slots' streams at a reshard (see the module
+    docstring): the inherited streams in turn, each to its end epoch, then the slot's own. Offers
+    DocumentStream's reading interface; `inherited` and `own` hold the parts (for their cursors)."""
+
+    def __init__(self, inherited: list[DocumentStream], own: DocumentStream):
+        self.inherited, self.own = inherited, own
+        self._current: DocumentStream = own
+
+    @property
+    def done(self) -> bool:
+        return self.own.done and all(s.done for s in self.inherited)
+
+    def remaining(self) -> np.ndarray | None:
+        for stream in (*self.inherited, self.own):
+            if (unread := stream.remaining()) is not None:
+                self._current = stream
+                return unread
+        return None
+
+    def consume(self, n: int) -> None:
+        self._current.consume(n)
+
+    def peek(self) -> int | None:
+        return self._current.peek()
+
+    def close(self) -> None:
+        for stream in (*self.inherited, self.own):
+            stream.close()
 
 
 def _owned_documents(

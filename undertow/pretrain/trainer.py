@@ -197,15 +197,9 @@ class Trainer:
         self.skipped_total = meta["skipped_total"]
         self.consecutive_bad = meta["consecutive_bad"]
         self.last_val_loss = meta.get("last_val_loss")
-        loaders = meta.get("loaders", [meta["loader"]])
-        if len(loaders) == self.dims.dp:
-            self.train_loader.load_state_dict(loaders[self.dp_rank])
-        else:
-            log.warning(
-                "checkpoint %s was written by %d data-parallel rank(s), this run has %d: the model and optimizer "
-                "are resharded, but the data loader's position cannot be, so its stream starts over", path,
-                len(loaders), self.dims.dp,
-            )
+        # this rank's loader state, or, after a change of data-parallel degree, every saved rank's
+        # streams dealt over this run's ranks (no document skipped or repeated; see PackedLoader.resume_from)
+        self.train_loader.resume_from(meta.get("loaders", [meta["loader"]]))
         ckpt.set_rng_state(meta["rng"])
         log.info("resumed from %s at step %d", path, self.step)
         return path
