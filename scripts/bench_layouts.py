@@ -37,13 +37,17 @@ LAYOUTS = {
     "fsdp2xtp2": ["--parallel.dp_shard", "2", "--parallel.tp", "2"],
     "fsdp2xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2"],
     "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
+    "pp2": ["--parallel.pp", "2", "--parallel.pp_microbatches", "2"],
+    "fsdp2xpp2": ["--parallel.dp_shard", "2", "--parallel.pp", "2", "--parallel.pp_microbatches", "2"],
+    "tp2xpp2": ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.pp_microbatches", "2"],
 }
+DIMS = ("--parallel.pp", "--parallel.dp_replicate", "--parallel.dp_shard", "--parallel.cp", "--parallel.tp")
 
 
 def world_of(layout: list[str]) -> int:
     world = 1
-    for value in layout[1::2]:
-        world *= int(value)
+    for name, value in zip(layout[::2], layout[1::2]):
+        world *= int(value) if name in DIMS else 1
     return world
 
 

@@ -7,6 +7,9 @@ with (torch.distributed._functional_collectives). Each call adds the bytes of th
 puts in (its payload: the local shard for an all-gather, the full input for an all-reduce or
 reduce-scatter) under the collective's name. Payload, not wire traffic: a ring all-reduce of P
 bytes sends about 2 (n-1)/n x P per rank; multiply by the algorithm's factor for wire bytes.
+Point-to-point sends through `batch_isend_irecv` (how torch's pipeline schedules send activations
+and gradients) count as "p2p_send", the bytes this rank sends. Plain `isend`/`send` are not
+patched: `P2POp` checks its op by identity.
 Benchmarks only (scripts/bench_layouts.py); nothing in training depends on it.
 """
 
@@ -65,6 +68,18 @@ def _counted(fn, name: str, counts: CollectiveCounts, input_arg: int):
     return run
 
 
+def _counted_batch_p2p(fn, counts: CollectiveCounts):
+    @functools.wraps(fn)
+    def run(ops, *args, **kwargs):
+        for op in ops:
+            if getattr(op.op, "__name__", "") in ("isend", "send"):
+                counts.calls["p2p_send"] += 1
+                counts.bytes["p2p_send"] += _nbytes(op.tensor)
+        return fn(ops, *args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def count_collectives():
     counts = CollectiveCounts()
@@ -77,6 +92,8 @@ def count_collectives():
             arg = 0 if module is funcol else _INPUT_ARG.get(name, 0)
             saved.append((module, name, fn))
             setattr(module, name, _counted(fn, prefix + name, counts, arg))
+    saved.append((dist, "batch_isend_irecv", dist.batch_isend_irecv))
+    dist.batch_isend_irecv = _counted_batch_p2p(dist.batch_isend_irecv, counts)
     try:
         yield counts
     finally:
