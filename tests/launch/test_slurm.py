@@ -104,9 +104,12 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_losses(slurm, r
         return slurm.job_info(job_id).get("JobState")
 
     def release_after_requeue(restarts: int):
-        """A requeued job waits ~2 minutes (Slurm's BeginTime); let it start now."""
+        """A requeued job waits ~2 minutes (Slurm's BeginTime); let it start now. Not in the second
+        its last run was killed: slurmd revokes the job's credential at the kill, with one-second
+        resolution, and refuses a relaunch in that second ("Job credential revoked": the job FAILS)."""
         wait_for(lambda: state() == "PENDING" and slurm.job_info(job_id).get("Restarts") == str(restarts),
                  f"job {job_id} requeued ({restarts})")
+        time.sleep(2.0)
         slurm.scontrol("update", f"jobid={job_id}", "StartTime=now")
 
     # 1. Slurm requeues the running job (as preemption does): SIGTERM to every process of the job. The rank
