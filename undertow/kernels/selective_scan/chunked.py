@@ -66,10 +66,16 @@ class _Plan:
         self.A2 = self.A_t * LOG2_E
         # A lower bound of every exponent dt * A: the least product of the two ranges' ends. NaN
         # propagates through amin and takes the threshold path too.
-        lowest = torch.outer(torch.stack(torch.aminmax(dt)), torch.stack(torch.aminmax(A))).amin() if dt.numel() else 0.0
-        self.tiny = not bool(lowest >= math.log(TINY_DECAY))
+        # On the meta device (the planner's memory profile) values are unknown: take the threshold
+        # path and no resets (they change no tensor's size).
+        meta = u.device.type == "meta"
+        if meta or not dt.numel():
+            self.tiny = meta
+        else:
+            lowest = torch.outer(torch.stack(torch.aminmax(dt)), torch.stack(torch.aminmax(A))).amin()
+            self.tiny = not bool(lowest >= math.log(TINY_DECAY))
         self.resets = {}  # chunk start -> (time index within the chunk, row) of its resets
-        for t, b in starts.t().nonzero().tolist():
+        for t, b in ([] if meta else starts.t().nonzero().tolist()):
             c0 = t - t % chunk
             self.resets.setdefault(c0, ([], []))
             self.resets[c0][0].append(t - c0)
