@@ -82,8 +82,8 @@ def pipeline_step(world, cfg, schedule, virtual, microbatches) -> tuple[float, f
     micro = [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
     loss, grad_norm = runner.train_step(micro, n_labels(b))
     grads = {n: p.grad.clone() for n, p in runner.model.named_parameters()}
-    # forward only (validation); torch's runtime cannot run V-shaped schedules forward-only
-    loss_sum = None if schedule == "zbv" else float(runner.loss_sum(b))
+    # forward only (validation); under zbv through the runner's own send/recv chain
+    loss_sum = float(runner.loss_sum(b))
     return float(loss), grad_norm, grads, loss_sum
 
 
@@ -156,11 +156,13 @@ def train_steps(run_dir: str, layout: list[str], steps: int, save_at: int | None
 
 
 PP_TRAINER = ["--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble", "--parallel.pp_virtual_stages", "2"]
+PP_TRAINER_ZBV = ["--parallel.pp", "2", "--parallel.pp_schedule", "zbv", "--parallel.pp_virtual_stages", "2"]
 
 
 def _everything(rank, world, run_dir):
     """All pipelined runs of this file in one pair of processes (starting them is the slow part)."""
-    out = {"steps": {}, "trainer": trainer_step(f"{run_dir}/step", PP_TRAINER)}
+    out = {"steps": {}, "trainer": trainer_step(f"{run_dir}/step", PP_TRAINER),
+           "trainer_zbv": trainer_step(f"{run_dir}/step_zbv", PP_TRAINER_ZBV)}
     # checkpoints: one process wrote step 1 to single/, pp loads it; pp writes step 1 to pp/
     out["loaded_from_single"] = train_steps(f"{run_dir}/single", ["--parallel.pp", "2"], 1)
     out["saved"] = train_steps(f"{run_dir}/pp", ["--parallel.pp", "2"], 1, save_at=1)
@@ -211,10 +213,12 @@ def test_checkpoints_reshard_between_pp_and_one_process(runs, run_dir, single_sa
     assert not torch.equal(trained["embed.weight"][0], loaded["embed.weight"][0])
 
 
-def test_trainer_step_equals_single_process(runs, tmp_path):
+@pytest.mark.parametrize("key", ["trainer", "trainer_zbv"])
+def test_trainer_step_equals_single_process(runs, tmp_path, key):
+    """zero_bubble, and zbv (validation through the runner's forward chain)."""
     loss, grad_norm, labels, grads, val_loss = trainer_step(str(tmp_path), [])
     seen = set()
-    for pp_loss, pp_norm, pp_labels, pp_grads, pp_val in (r["trainer"] for r in runs):
+    for pp_loss, pp_norm, pp_labels, pp_grads, pp_val in (r[key] for r in runs):
         assert pp_labels == labels and pp_loss == pytest.approx(loss, rel=1e-5)
         assert pp_norm == pytest.approx(grad_norm, rel=1e-4)
         assert pp_val == pytest.approx(val_loss, rel=1e-5)
@@ -231,7 +235,7 @@ def check_against_single(cfg, results, tie: bool):
     seen = set()
     for loss, grad_norm, grads, loss_sum in results:
         assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert loss_sum is None or loss_sum == pytest.approx(ref_loss_sum, rel=1e-5)
+        assert loss_sum == pytest.approx(ref_loss_sum, rel=1e-5)
         assert grad_norm == pytest.approx(ref_norm, rel=1e-4)
         for name, g in grads.items():
             ref_name = "embed.weight" if tie and name == "lm_head.weight" else name

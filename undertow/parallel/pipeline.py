@@ -26,7 +26,9 @@ parallel/apply.py, which shards them (each an FSDP root) after this pruning; see
 Schedules (`SCHEDULES`): gpipe, 1f1b (one stage per rank); interleaved_1f1b, zero_bubble
 (ScheduleInterleavedZeroBubble: the backward split into input and weight gradients),
 both with `virtual_stages` stages per rank in a loop; zbv (ScheduleZBVZeroBubble: two stages per
-rank in a V). Stage sizes: `parallel.pp_split` by hand, or balanced by layer cost (pipeline_split.py).
+rank in a V; validation under it goes through `_forward_chain`, since torch's V runtime runs
+backward actions in eval()). Stage sizes: `parallel.pp_split` by hand, or balanced by layer cost
+(pipeline_split.py).
 """
 
 from __future__ import annotations
@@ -73,9 +75,7 @@ _SCHEDULE_CLASSES = {
 }
 # the schedules the installed torch offers
 SCHEDULES = {name: entry for name, entry in _SCHEDULE_CLASSES.items() if hasattr(schedules, entry[0])}
-SIDE_INPUTS = ("position_ids", "doc_ids")
-FORWARD_ONLY_V = ("torch's pipeline runtime cannot run a V-shaped schedule (zbv) forward only, so validation does "
-                  "not run under it; set training.val_every = 0 or use another parallel.pp_schedule")  # per-token inputs every stage reads, split with the rows
+SIDE_INPUTS = ("position_ids", "doc_ids")  # per-token inputs every stage reads, split with the rows
 
 
 class LayerSlice(nn.ModuleList):
@@ -260,9 +260,6 @@ class PipelineRunner:
         layers' activation memory is measured for the run's micro-batch (rows, tokens per cp rank,
         compute dtype, activation checkpointing)."""
         p, t = cfg.parallel, cfg.training
-        if p.pp_schedule in SCHEDULES and SCHEDULES[p.pp_schedule][1] == "v" and t.val_every \
-                and cfg.data.val_fraction > 0:
-            raise LayoutError(FORWARD_ONLY_V)
         microbatches = p.pp_microbatches or t.grad_accum_steps
         costs = stage_costs(spec, model.cfg, cfg.data.seq_len)
         if p.pp_activation_gib > 0 and not p.pp_split:
@@ -321,12 +318,46 @@ class PipelineRunner:
     @torch.no_grad()
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Forward only: the summed cross-entropy of `batch`, on every pp rank (for validation)."""
-        if self.style == "v":
-            raise LayoutError(FORWARD_ONLY_V)
         self._loss_scale = 1.0
         losses: list[torch.Tensor] = []
-        self._run(merge_micro_batches([batch]), losses, forward_only=True)
+        if self.style == "v":  # torch 2.13 runs backward actions in a V schedule's eval(): a chain of our own
+            with self.autocast(), loss_context(self.tp):
+                self._forward_chain(merge_micro_batches([batch]), losses)
+        else:
+            self._run(merge_micro_batches([batch]), losses, forward_only=True)
         return self._from_last_stage(losses)
+
+    def _forward_chain(self, batch: dict, losses: list) -> None:
+        """The whole batch through the stages in order, forward only: each rank runs its stages as
+        they come; a stage's carried activations go to the next stage's rank by send/recv (tensor
+        count, shapes and dtypes first) or stay here when this rank holds it too. Every rank walks
+        the stages in the same order, so each send meets its receive."""
+        kwargs = {k: batch[k].to(self.device) for k in SIDE_INPUTS if k in batch}
+        carried: tuple = (batch["input_ids"].to(self.device),)
+        modules = dict(zip(self.stage_ids, self.stage_modules))
+
+        def peer(stage: int) -> int:
+            return dist.get_global_rank(self.group, rank_of_stage(stage, self.pp, self.style))
+
+        for stage in range(self.n_stages):
+            if stage not in modules:
+                continue
+            if stage > 0 and stage - 1 not in modules:
+                meta = [None]
+                dist.recv_object_list(meta, src=peer(stage - 1), group=self.group)
+                carried = tuple(torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in meta[0])
+                for tensor in carried:
+                    dist.recv(tensor, src=peer(stage - 1), group=self.group)
+            out = modules[stage](*carried, **kwargs)
+            if stage == self.n_stages - 1:
+                losses.append(self._loss(out, batch["labels"].to(self.device)))
+                return
+            carried = out if isinstance(out, tuple) else (out,)
+            if stage + 1 not in modules:
+                meta = [[(tuple(t.shape), t.dtype) for t in carried]]
+                dist.send_object_list(meta, dst=peer(stage + 1), group=self.group)
+                for tensor in carried:
+                    dist.send(tensor.contiguous(), dst=peer(stage + 1), group=self.group)
 
     def sync_tied_grads(self) -> None:
         if self.tied_group is None:
