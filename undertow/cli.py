@@ -63,6 +63,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     except Preempted as e:  # SIGTERM/SIGUSR1: checkpointed; the exit code asks for a restart or requeue
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_REQUEUE
+    if trainer.rank != 0:  # one summary for the job, not one per process
+        return 0
     val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
     print(
         f"done: {result.steps} steps, last loss {result.last_loss:.4f}{val}, "
