@@ -79,8 +79,6 @@ def _save_model(model, out_dir: str) -> None:
 
 def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: bool = False) -> str:
     """Write the undertow checkpoint OUT_DIR from HF_DIR; returns OUT_DIR."""
-    import torch
-
     from undertow.models import registry
     from undertow.pretrain.checkpoint import replacing_directory, write_meta
     from undertow.pretrain.config import build_config
@@ -90,14 +88,10 @@ def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: 
     config = read_hf_config(hf_dir)
     family, adapter = adapter_for_model_type(config.get("model_type"))
     model_cfg, state = adapter.from_hf(config, read_hf_tensors(hf_dir))
-    with torch.device("meta"):
-        model = registry.build_model(model_cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()  # ties shared weights again after to_empty; every tensor is then overwritten
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise HFConversionError(f"{hf_dir}: the weights do not fit the imported config: {e}") from None
+        model = registry.build_model_from_state(model_cfg, state)
+    except ValueError as e:
+        raise HFConversionError(f"{hf_dir} (imported config): {e}") from None
 
     run_name = name or os.path.basename(os.path.normpath(hf_dir)) or "imported"
     experiment = build_config({"name": run_name, "model": {"family": family, **dataclasses.asdict(model_cfg)}})

@@ -79,6 +79,22 @@ def build_model(config: Any):
     return get(family_of(config)).model_cls(config)
 
 
+def build_model_from_state(config: Any, state: dict):
+    """The family's model on the CPU holding `state` (parameter name -> tensor, cast to float32)
+    exactly, for converters; ValueError when names or shapes do not fit `config`."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(config)
+    model.to_empty(device="cpu")
+    model.init_weights()  # ties shared weights again after to_empty; every tensor is then overwritten
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights do not fit the model of the config: {e}") from None
+    return model
+
+
 _BUILTIN_DONE = False
 
 

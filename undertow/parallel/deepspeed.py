@@ -349,14 +349,10 @@ def convert_from_deepspeed(ds_dir: str, out_dir: str, cfg, *, tag: str | None = 
     state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
     if cfg.model.vocab_size == 0 and "embed.weight" in state:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=state["embed.weight"].shape[0])
-    with torch.device("meta"):
-        model = registry.get(cfg.family).model_cls(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights()  # ties shared weights again after to_empty; every tensor is then overwritten
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{ds_dir}: the weights do not fit the model of the config: {e}") from None
+        model = registry.build_model_from_state(cfg.model, state)
+    except ValueError as e:
+        raise ValueError(f"{ds_dir}: {e}") from None
     with replacing_directory(out_dir, ".ds-convert-") as tmp:
         _dcp_save(dcp, {"model": get_state_dict(model, [])[0]}, tmp)
         write_meta(tmp, {"step": 0, "config": cfg.to_dict(), "tokenizer": None,

@@ -56,9 +56,8 @@ def check_reshard_states(states, current: dict) -> list[dict]:
     return slots
 
 
-def _check_config(saved: dict, mine: dict, must_match: tuple[str, ...] = ()) -> None:
+def _check_config(saved: dict, mine: dict, must_match: tuple[str, ...] = _MUST_MATCH) -> None:
     """Compare the saved loader settings with this loader's: refuse what breaks exactness, warn on the rest."""
-    must_match = must_match or _MUST_MATCH
     problems = [f"{k}: saved {saved.get(k)!r}, this loader {mine[k]!r}" for k in must_match if saved.get(k) != mine[k]]
     per_source = ("sources", "shards", "shard_fingerprints")
     saved_sources = list(zip(*(saved.get(k) or [] for k in per_source)))
