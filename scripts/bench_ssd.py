@@ -13,7 +13,7 @@
         Where our forward+backward (B=8, T=2048, as above) spends its time: each kernel's device time
         per call (torch.profiler), the wall time per call and the host time to issue one.
     python scripts/bench_ssd.py gpu --sweep [--only "NAME;NAME"] [--out DIR] [--reps 20]
-        Our Triton SSD at B=8,T=2048 under each setting of SWEEP (UNDERTOW_SSD_DOT / UNDERTOW_SSD_TILES,
+        Our Triton SSD at B=8,T=2048 under each setting of SWEEP (UNDERTOW_SSD_DOT / _TILES / _BWD,
         see undertow/kernels/ssd/triton.py): forward and forward+backward ms, and the relative error
         of y and of every gradient against the exact float32 chunked PyTorch form (tf32 off; no Triton
         float32 compile, which takes minutes at these tiles) on float32 copies of the same
@@ -280,6 +280,9 @@ def run_profile(args, device: str = "cuda", shape=(8, 2048, 32, 64, 128, 256)) -
 
 SWEEP = [  # (name, environment): the knobs of undertow/kernels/ssd/triton.py
     ("tf32 (default)", {}),
+    ("fused bwd", {"UNDERTOW_SSD_BWD": "fused"}),
+    ("fused bwd m=32", {"UNDERTOW_SSD_BWD": "fused", "UNDERTOW_SSD_TILES": "m=32"}),
+    ("forward heads=8", {"UNDERTOW_SSD_DOT": "forward", "UNDERTOW_SSD_TILES": "heads=8"}),
     ("tf32 warps=8", {"UNDERTOW_SSD_TILES": "warps=8"}),
     ("forward", {"UNDERTOW_SSD_DOT": "forward"}),
     ("forward warps=8", {"UNDERTOW_SSD_DOT": "forward", "UNDERTOW_SSD_TILES": "warps=8"}),
@@ -327,7 +330,7 @@ def run_sweep(args) -> list[str]:
     exact = outputs_and_grads(chunked, exact_inputs, dy.float())
     torch.cuda.empty_cache()
     results = []
-    saved = {k: os.environ.get(k) for k in ("UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES")}
+    saved = {k: os.environ.get(k) for k in ("UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES", "UNDERTOW_SSD_BWD")}
     for name, env in [item for item in SWEEP if not args.only or item[0] in args.only]:
         for k in saved:
             os.environ.pop(k, None)

@@ -17,7 +17,8 @@
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
-#      promising settings of its knobs, speed and error against exact float32;              SWEEP_LIMIT 60
+#      promising settings of its knobs (default = split backward, against the fused one), speed and
+#      error against exact float32;                                                          SWEEP_LIMIT 60
 #  (5) a summary of the key tables, printed last (the device tool returns the output's tail).
 # Every python runs with -u (unbuffered) and the benchmarks print each row as it is measured: a part
 # killed by its limit still leaves the rows it finished in its log.
@@ -62,7 +63,7 @@ fi
 
 echo "== SSD settings sweep" | tee "$OUT/sweep.log"
 PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-60} python3 -u scripts/bench_ssd.py gpu --sweep --reps 20 \
-  --only "${SWEEP_ONLY:-tf32 heads=8;tf32 m=32;forward}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
+  --only "${SWEEP_ONLY:-tf32 (default);fused bwd;tf32 m=32;fused bwd m=32;forward}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
 
 echo
 echo "================ summary (status so far: $status)"

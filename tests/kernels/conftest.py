@@ -25,8 +25,10 @@ def _run(fn, inputs: dict, kwargs: dict, cotangents: dict | None):
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) if v is not None else None
               for k, v in inputs.items()}
     y, final = fn(**leaves, **kwargs, return_final_state=True)
-    if cotangents is None:
-        cotangents = {"y": torch.randn_like(y, dtype=torch.float32), "final": torch.randn_like(final)}
+    if cotangents is None:  # drawn on the CPU from a fixed seed: the same values on every run and device
+        gen = torch.Generator().manual_seed(0)
+        cotangents = {"y": torch.randn(y.shape, generator=gen).to(y.device),
+                      "final": torch.randn(final.shape, generator=gen).to(final.device, final.dtype)}
     loss = (y.float() * cotangents["y"]).sum() + (final.float() * cotangents["final"]).sum()
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None and v.is_floating_point()}

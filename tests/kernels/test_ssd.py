@@ -115,12 +115,17 @@ def test_triton_matches_reference_fp32(compare_with_reference, T, G, docs, init,
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # the interpreter's bf16 dot is wrong
 
 
+BACKWARD_FORMS = ["split", "fused"]  # UNDERTOW_SSD_BWD: the default three scan kernels, the earlier two
+
+
 @needs_triton
+@pytest.mark.parametrize("form", BACKWARD_FORMS)
 @pytest.mark.parametrize("z", [True, False], ids=["z", "no_z"])
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
-def test_triton_matches_reference_low_precision(compare_with_reference, dtype, z):
+def test_triton_matches_reference_low_precision(compare_with_reference, monkeypatch, dtype, z, form):
     """With z the scan's y and dy are float32; without it dy has x's dtype and the backward multiplies
     dy by x in that dtype, and dt is 16-bit too."""
+    monkeypatch.setenv("UNDERTOW_SSD_BWD", form)
     inputs = make_inputs(2, 37, 2, 8, 2, 6, dtype, seed=17 + z, z=z)
     if not z:  # dt in the 16-bit dtype too, as a bf16 model passes it: its gradient comes back in that dtype
         inputs["dt"] = inputs["dt"].to(dtype)
@@ -150,11 +155,13 @@ def test_triton_dt_limit(compare_with_reference, softplus, bias):
 
 
 @needs_triton
+@pytest.mark.parametrize("form", BACKWARD_FORMS)
 @pytest.mark.parametrize("G,heads", [(1, 2), (2, 8)])
-def test_triton_several_heads_per_program(compare_with_reference, monkeypatch, G, heads):
+def test_triton_several_heads_per_program(compare_with_reference, monkeypatch, G, heads, form):
     """Backward programs over several heads of one group: 4 heads, G=1, 2 a program (two partial dB / dC
     sums per group, added in PyTorch); G=2 with up to 8 a program (a whole group per program)."""
     monkeypatch.setenv("UNDERTOW_SSD_TILES", f"heads={heads}")
+    monkeypatch.setenv("UNDERTOW_SSD_BWD", form)
     inputs = make_inputs(2, 37, 4, 8, G, 6, torch.float32, seed=53 + G)
     inputs["doc_ids"] = doc_ids_for("edges", 2, 37, 16)
     check(compare_with_reference, "triton", inputs, TRITON_TOL[torch.float32], 16)
@@ -220,3 +227,16 @@ def test_strided_views_as_a_mamba2_layer_passes_them(backend):
     dt, A = torch.randn(2, 32, 4, generator=gen).to(DEVICE), -torch.rand(4, generator=gen).to(DEVICE) - 0.5
     y = IMPLEMENTATIONS[backend](x, dt, A, B, C, chunk_size=16)
     torch.testing.assert_close(y, ssd_reference(x, dt, A, B, C), rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("env,value", [("UNDERTOW_SSD_BWD", "fast"), ("UNDERTOW_SSD_DOT", "fp8"),
+                                       ("UNDERTOW_SSD_TILES", "m=48"), ("UNDERTOW_SSD_TILES", "blocks=2")])
+def test_triton_bad_knobs_are_refused(monkeypatch, env, value):
+    """A mistyped knob fails with its name and value, not silently with the default (16-bit inputs:
+    float32 ones never read the dot knob)."""
+    monkeypatch.setenv(env, value)
+    inputs = make_inputs(1, 9, 2, 8, 1, 4, torch.float16, seed=5)
+    with pytest.raises(ValueError, match=env):
+        leaves = {k: v.requires_grad_() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+        ssd(**leaves, chunk_size=8, backend="triton").float().sum().backward()

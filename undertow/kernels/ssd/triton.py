@@ -5,7 +5,7 @@ with the outgoing-state term of each chunk's last token folded in); only the z g
 States are float32; x, B, C may be float32, float16 or bfloat16. Without z, y is written once by the
 scan kernel in x's dtype. See docs/ssd_kernel_notes.md for the costs and the floors.
 
-Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep times them):
+Three knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep times them):
   UNDERTOW_SSD_DOT    16-bit inputs: "tf32" (default: derived operands of the matrix products in
                       tf32), "input" (rounded to the inputs' bf16/fp16: the tensor cores' full rate)
                       or "forward" (rounded in the forward kernels, tf32 in the backward ones)
@@ -14,6 +14,9 @@ Two knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep time
                       heads of one group a backward scan program takes (the largest divisor of H / G
                       up to `heads`, default 1); `bwarps` sets num_warps of the two backward scan
                       kernels alone (they hold the most accumulators)
+  UNDERTOW_SSD_BWD    "split" (default: three backward scan kernels for dC, dx and dB, one accumulator
+                      each, no register spills in sm_90 compiles) or "fused" (two kernels, the source
+                      one holding dx's and dB's accumulators: it spills)
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from undertow.kernels.ssd.triton_bwd import (
     chunk_scan_bwd_source_kernel,
     chunk_scan_bwd_target_kernel,
     dt_prep_bwd_kernel,
+    scan_bwd_db_kernel,
+    scan_bwd_dc_kernel,
+    scan_bwd_dx_kernel,
     state_pass_bwd_kernel,
 )
 from undertow.kernels.ssd.triton_fwd import (
@@ -45,7 +51,7 @@ from undertow.kernels.ssd.triton_fwd import (
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DOT_ENV, TILES_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES"
+DOT_ENV, TILES_ENV, BWD_ENV = "UNDERTOW_SSD_DOT", "UNDERTOW_SSD_TILES", "UNDERTOW_SSD_BWD"
 TILE_KEYS = ("m", "warps", "stages", "heads", "bwarps")
 # Backward scan programs: heads of one group per program, their dB / dC summed in registers. 1 by
 # default: compiled for sm_90 (Triton 3.9, 4 warps, bf16, P=64, N=128) the loop over heads raises the
@@ -53,6 +59,16 @@ TILE_KEYS = ("m", "warps", "stages", "heads", "bwarps")
 # kernels' register spills ~2x (docs/ssd_kernel_notes.md); `heads=8` is swept on the GPU.
 HEADS_PER_PROGRAM = 1
 DOT_CHOICES = ("tf32", "input", "forward")
+BWD_CHOICES = ("split", "fused")
+
+
+def _backward_form() -> str:
+    """UNDERTOW_SSD_BWD: "split" (default: dC, dx and dB scan kernels, one accumulator each) or "fused"
+    (the earlier target / source pair, two or three accumulators a program)."""
+    choice = os.environ.get(BWD_ENV, "split")
+    if choice not in BWD_CHOICES:
+        raise ValueError(f"{BWD_ENV}={choice!r}: choose one of {BWD_CHOICES}")
+    return choice
 
 
 @functools.cache
@@ -209,17 +225,22 @@ class _ChunkScan(torch.autograd.Function):
         hp = _heads_per_program(H, G)
         grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * (H // hp))
         dc = torch.empty(Bt, T, H // hp, N, **f32)
-        da = torch.empty(Bt, H, Tp, **f32)  # written at every t < T by the target kernel; never read past T
-        chunk_scan_bwd_target_kernel[grid](
-            dy, x, step, a, seg, B, C, states, dc, da, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk, **blk,
-            PREC=prec, DY_RAW=dy.dtype == x.dtype, **_launch(backward_scan=True))
+        da = torch.empty(Bt, H, Tp, **f32)  # written at every t < T by the target / dC kernel; never read past T
         dx = torch.empty_like(x)
         dstep = torch.empty(Bt, T, H, **f32)
         db = torch.empty(Bt, T, H // hp, N, **f32)
         dd = torch.empty(Bt * H, grid[0], P, **f32) if D is not None else dstep
-        chunk_scan_bwd_source_kernel[grid](
-            dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, **dims, G=G, P=P, N=N, nc=nc, HP=hp, L=chunk,
-            **blk, PREC=prec, **skip, DY_RAW=dy.dtype == x.dtype, **_launch(backward_scan=True))
+        scan = {**dims, "G": G, "P": P, "N": N, "nc": nc, "L": chunk, **blk, "PREC": prec,
+                **_launch(backward_scan=True)}
+        raw = dy.dtype == x.dtype
+        if _backward_form() == "split":
+            scan_bwd_dc_kernel[grid](dy, x, step, a, seg, B, C, states, dc, da, HP=hp, **scan, DY_RAW=raw)
+            scan_bwd_dx_kernel[(grid[0], Bt * H)](dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, da, dd, **scan, **skip)
+            scan_bwd_db_kernel[grid](dy, x, step, a, seg, C, ds, db, HP=hp, **scan, DY_RAW=raw)
+        else:
+            chunk_scan_bwd_target_kernel[grid](dy, x, step, a, seg, B, C, states, dc, da, HP=hp, **scan, DY_RAW=raw)
+            chunk_scan_bwd_source_kernel[grid](dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, db, da, dd, HP=hp,
+                                               **scan, **skip, DY_RAW=raw)
 
         ddt = torch.empty_like(dt)
         dA_part = torch.empty(Bt * nc, H, **f32)

@@ -190,6 +190,180 @@ def chunk_scan_bwd_source_kernel(
     tl.store(DB + ((b * T + s[:, None]) * HB + hb) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
 
 
+# The split backward (default, UNDERTOW_SSD_BWD=split): three scan kernels, each holding one big
+# accumulator, where the two fused ones above hold two or three and spill at the 255-register cap.
+# Two identities remove the dA sums over score tiles: with M[t, s] = (dy_t . dt_s x_s) exp(a_t - a_s) C_t.B_s
+# (same segment, s <= t), the readers' part of da_t is sum_s M[t, s] + head_t dy_t . (S_in C_t) = C_t . dC_t
+# (per head), and the sources' part of da_s is -sum_t M[t, s] - (outgoing-state term) = -u_s . du_s.
+
+
+@triton.jit
+def scan_bwd_dc_kernel(
+    DY, X, DT, A, SEG, B, C, STATES, DC, DA, T, Tp, H, G, P, N, nc, HP,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, DY_RAW: tl.constexpr,
+):
+    """Tokens t as readers: DC[t] (summed over the HP heads of one group a program, partials
+    (Bt, T, H // HP, N)) and DA[t] = C_t . dC_t of each head (stored: the first of the two DA terms).
+    The loop over s tiles holds one (BLOCK_M, BLOCK_N) accumulator. Grid (nc * cdiv(L, BLOCK_M), Bt * (H // HP))."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    HB = H // HP
+    bhb = tl.program_id(1).to(tl.int64)
+    b, hb = bhb // HB, bhb % HB
+    g = (hb * HP) // (H // G)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    seg_ref = tl.load(SEG + b * Tp + tl.maximum(c * L - 1, 0))
+    t = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = (t < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-1)
+    c_ptr = C + ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    c_ok = t_ok[:, None] & (n[None, :] < N)
+    dc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for hh in range(HP):
+        h = hb * HP + hh
+        a_t = tl.load(A + (b * H + h) * Tp + t, mask=t_ok, other=0.0)
+        dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
+                       other=0.0)
+        s_in = tl.load(STATES + ((b * (nc + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                       mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        head = tl.where(t_ok & (seg_t == seg_ref), tl.exp(a_t), 0.0)
+        dc_h = mm(dy_t * head[:, None], s_in, PREC)
+        for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
+            s_loc = s0 + tl.arange(0, BLOCK_K)
+            s = c * L + s_loc
+            s_ok = (s < T) & (s_loc < L)
+            a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
+            seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+            dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+            x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P),
+                          other=0.0)
+            same = (s[None, :] <= t[:, None]) & (seg_s[None, :] == seg_t[:, None]) & s_ok[None, :] & t_ok[:, None]
+            decay = tl.exp(tl.where(same, a_t[:, None] - a_s[None, :], float("-inf")))
+            d_scores = raw_mm(dy_t, tl.trans(x_s), PREC, DY_RAW) * (dt_s[None, :] * decay)  # dy . (dt x)^T
+            b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N),
+                          other=0.0)
+            dc_h += mm(d_scores, b_s, PREC)
+        c_t = tl.load(c_ptr, mask=c_ok, other=0.0).to(tl.float32)  # read here: not live across the loop
+        tl.store(DA + (b * H + h) * Tp + t, tl.sum(c_t * dc_h, axis=1), mask=t_ok)
+        dc += dc_h
+    tl.store(DC + ((b * T + t[:, None]) * HB + hb) * N + n[None, :], dc, mask=c_ok)
+
+
+@triton.jit
+def scan_bwd_dx_kernel(
+    DY, X, DT, A, SEG, B, C, DS, D, DX, DDT, DA, DD, T, Tp, H, G, P, N, nc,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+):
+    """Tokens s as sources, per head: du_s = tail_s E_c B_s + sum_{t >= s, same segment}
+    exp(a_t - a_s) (B_s.C_t) dy_t, then DX = du dt (+ D dy, in x's dtype), DDT = du . x, DA -= u . du
+    (added to the dC kernel's term) and DD[b * H + h, program, p] = sum_s dy_s x_s. One (BLOCK_M,
+    BLOCK_P) accumulator. Grid (nc * cdiv(L, BLOCK_M), Bt * H)."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    end = tl.minimum(c * L + L, T) - 1
+    seg_end = tl.load(SEG + b * Tp + end)
+    a_end = tl.load(A + bh * Tp + end)
+    s = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = (s < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-1)
+    a_s = tl.load(A + bh * Tp + s, mask=s_ok, other=0.0)
+    b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
+    e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+    tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
+    du = mm(b_s, tl.trans(e), PREC) * tail[:, None]  # (BLOCK_M, BLOCK_P)
+    for t0 in range(mb * BLOCK_M, L, BLOCK_K):
+        t_loc = t0 + tl.arange(0, BLOCK_K)
+        t = c * L + t_loc
+        t_ok = (t < T) & (t_loc < L)
+        a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
+        seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+        c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N),
+                      other=0.0)
+        same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
+        decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+        dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
+                       other=0.0)
+        du += mm(mm_inputs(b_s, tl.trans(c_t), PREC) * decay, dy_t, PREC)
+    x_ptr = ((b * T + s[:, None]) * H + h) * P + p[None, :]
+    x_ok = s_ok[:, None] & (p[None, :] < P)
+    x_s = tl.load(X + x_ptr, mask=x_ok, other=0.0).to(tl.float32)
+    dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+    dx = du * dt_s[:, None]
+    if HAS_D:
+        dy_s = tl.load(DY + x_ptr, mask=x_ok, other=0.0).to(tl.float32)
+        if D_PER_P:
+            dx += tl.load(D + h * P + p, mask=p < P, other=0.0)[None, :] * dy_s
+        else:
+            dx += tl.load(D + h) * dy_s
+        tl.store(DD + (bh * tl.num_programs(0) + tl.program_id(0)) * P + p, tl.sum(dy_s * x_s, axis=0), mask=p < P)
+    tl.store(DX + x_ptr, dx.to(DX.dtype.element_ty), mask=x_ok)
+    du_x = tl.sum(du * x_s, axis=1)
+    tl.store(DDT + (b * T + s) * H + h, du_x, mask=s_ok)
+    da_ptr = DA + bh * Tp + s
+    tl.store(da_ptr, tl.load(da_ptr, mask=s_ok, other=0.0) - dt_s * du_x, mask=s_ok)
+
+
+@triton.jit
+def scan_bwd_db_kernel(
+    DY, X, DT, A, SEG, C, DS, DB, T, Tp, H, G, P, N, nc, HP,
+    L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, DY_RAW: tl.constexpr,
+):
+    """Tokens s as sources: DB[s] = sum over the HP heads of one group of tail_s u_s E_c + sum_{t >= s,
+    same segment} (dt_s x_s . dy_t) exp(a_t - a_s) C_t; partials (Bt, T, H // HP, N). One (BLOCK_M,
+    BLOCK_N) accumulator. Grid (nc * cdiv(L, BLOCK_M), Bt * (H // HP))."""
+    n_mb = tl.cdiv(L, BLOCK_M)
+    c, mb = tl.program_id(0) // n_mb, tl.program_id(0) % n_mb
+    HB = H // HP
+    bhb = tl.program_id(1).to(tl.int64)
+    b, hb = bhb // HB, bhb % HB
+    g = (hb * HP) // (H // G)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    end = tl.minimum(c * L + L, T) - 1
+    seg_end = tl.load(SEG + b * Tp + end)
+    s = c * L + mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_ok = (s < T) & (mb * BLOCK_M + tl.arange(0, BLOCK_M) < L)
+    seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-1)
+    x_ok = s_ok[:, None] & (p[None, :] < P)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for hh in range(HP):
+        h = hb * HP + hh
+        bh = b * H + h
+        a_end = tl.load(A + bh * Tp + end)
+        a_s = tl.load(A + bh * Tp + s, mask=s_ok, other=0.0)
+        dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
+        x_in = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=x_ok, other=0.0)
+        e = tl.load(DS + ((b * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
+        db += mm(x_in.to(tl.float32) * (dt_s * tail)[:, None], e, PREC)
+        for t0 in range(mb * BLOCK_M, L, BLOCK_K):
+            t_loc = t0 + tl.arange(0, BLOCK_K)
+            t = c * L + t_loc
+            t_ok = (t < T) & (t_loc < L)
+            a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
+            seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+            dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
+                           other=0.0)
+            same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
+            decay = tl.exp(tl.where(same, a_t[None, :] - a_s[:, None], float("-inf")))  # (BLOCK_M, BLOCK_K)
+            d_scores = raw_mm(x_in, tl.trans(dy_t), PREC, DY_RAW) * (dt_s[:, None] * decay)  # (dt x) . dy^T
+            c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N),
+                          other=0.0)
+            db += mm(d_scores, c_t, PREC)
+    tl.store(DB + ((b * T + s[:, None]) * HB + hb) * N + n[None, :], db, mask=s_ok[:, None] & (n[None, :] < N))
+
+
 @triton.jit
 def dt_prep_bwd_kernel(
     DT, DT_BIAS, A, DSTEP, DACUM, DEND, DDT, DA_PART, DBIAS_PART, T, Tp, H, nc, NB, lo, hi,
