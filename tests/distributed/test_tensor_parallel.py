@@ -1,6 +1,7 @@
 """Tensor + sequence parallelism against the single-process model, on gloo CPU process groups.
 
-For every family (transformer, Mamba-1, Mamba-2, a hybrid with `*` attention and `-` MLP layers),
+For every family (transformer, Mamba-1, Mamba-2, a hybrid with `*` attention and `-` MLP layers, and
+that hybrid as NVIDIA's Mamba-2-Hybrid has it: GELU MLP, attention without positional encoding),
 at tp=2 and tp=4 with sequence parallelism (and the hybrid at tp=2 without): the loss and every
 parameter gradient after one step, with document boundaries inside the rows, equal the
 single-process run's; also with FSDP2 applied after TP (dp_shard=2 x tp=2). Every case runs in
@@ -31,7 +32,7 @@ from undertow.parallel.tensor import (
 )
 
 V, B, T = 61, 2, 16  # an odd vocabulary: uneven vocab shards
-FAMILIES = ("transformer", "mamba1", "mamba2", "hybrid")
+FAMILIES = ("transformer", "mamba1", "mamba2", "hybrid", "hybrid-gelu-nopos")
 TOLERANCE = 1e-5  # ||tp - ref|| / ||ref|| in float32 (measured: <= 5e-6, Mamba-1 at tp=4)
 
 
@@ -46,7 +47,10 @@ def config(family: str, tp: int):
         return MambaConfig(**mamba, layer_pattern="mm", falcon_norm=True, proj_bias=True, tie_embeddings=False)
     if family == "mamba2":  # 8 heads in 4 groups: 2 groups (gated-norm groups) per rank at tp=2
         return MambaConfig(**mamba, layer_pattern="MM", proj_bias=True)
-    return MambaConfig(**mamba, layer_pattern="M*-m", n_heads=4, n_kv_heads=kv, ffn_hidden=32)
+    hybrid = dict(layer_pattern="M*-m", n_heads=4, n_kv_heads=kv)
+    if family == "hybrid-gelu-nopos":  # fc1/fc2 of the default 4 * d_model = 64 hidden units
+        return MambaConfig(**mamba, **hybrid, mlp="gelu", position_embedding="none")
+    return MambaConfig(**mamba, **hybrid, ffn_hidden=32)
 
 
 def batch(seq_len: int = T) -> dict:
@@ -227,6 +231,8 @@ def test_weights_are_sharded_where_the_plan_says(runs):
     # Replicated: the norms and Mamba-2's small conv (each rank convolves its channels' rows).
     assert not {"norm.weight", "layers.0.norm.weight", "layers.0.mixer.conv_weight"} & set(hybrid)
     assert "lm_head.weight" in runs[0][("mamba1", 2, True)]["sharded"]
+    gelu = runs[0][("hybrid-gelu-nopos", 2, True)]["sharded"]
+    assert {"layers.2.mixer.fc1.weight", "layers.2.mixer.fc2.weight"} <= set(gelu)
 
 
 def test_meta_built_model_initializes_under_tp(runs):

@@ -128,6 +128,24 @@ def test_patterns_without_a_transformers_class_are_refused(tmp_path, spm_path, c
     assert not os.path.exists(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("extra, reason", [
+    (dict(mlp="gelu"), "mlp = 'gelu': BambaForCausalLM's MLP is gated"),
+    (dict(position_embedding="none"), "position_embedding = 'none': BambaForCausalLM always rotates"),
+])
+def test_hybrids_bamba_cannot_compute_are_refused(tmp_path, spm_path, capsys, extra, reason):
+    ckpt = make_checkpoint(tmp_path / "ckpt", spm_path, "M-*-", **extra)
+    assert main(["convert", "to-hf", ckpt, str(tmp_path / "hf")]) == 2
+    assert reason in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_settings_of_absent_layer_kinds_do_not_block_export():
+    from undertow.models.mamba.hf import hf_architecture
+
+    assert hf_architecture(MambaConfig(layer_pattern="MM", mlp="gelu", position_embedding="none")) == "Mamba2ForCausalLM"
+    assert hf_architecture(MambaConfig(layer_pattern="M-M-", position_embedding="none")) == "BambaForCausalLM"
+
+
 def test_ngroups_refused_when_transformers_ignores_groups(tmp_path, spm_path, capsys, monkeypatch):
     from undertow.models.mamba import hf
 

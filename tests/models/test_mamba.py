@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from undertow.models import registry
 from undertow.models.common.gated_norm import GatedRMSNorm, rms_normalize
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.spec import flops_per_token, layer_matmul_params
+from undertow.pretrain.config import build_config
 
 V = 61
 
@@ -152,6 +155,8 @@ def test_gated_rms_norm_normalizes_each_group():
         (dict(layer_pattern="M", ngroups=3), "ngroups"),
         (dict(layer_pattern="m*", n_heads=3), "n_heads"),
         (dict(dt_max=1e-4), "dt_max"),
+        (dict(mlp="relu"), "mlp"),
+        (dict(position_embedding="alibi"), "position_embedding"),
     ],
 )
 def test_config_errors_name_the_field(kw, field):
@@ -160,13 +165,14 @@ def test_config_errors_name_the_field(kw, field):
 
 
 def test_config_error_lists_valid_letters():
-    with pytest.raises(ConfigError, match=r"'m' Mamba-1 mixer, 'M' Mamba-2 mixer, '\*' attention, '-' SwiGLU MLP"):
+    with pytest.raises(ConfigError, match=r"'m' Mamba-1 mixer, 'M' Mamba-2 mixer, '\*' attention, '-' MLP"):
         tiny_cfg("m+").validate()
     tiny_cfg("mm", n_heads=3, headdim=7).validate()  # fields of absent layer kinds are not checked
 
 
-def test_flops_count_every_projection_once():
-    cfg = tiny_cfg("mM*-", tie_embeddings=False)
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_flops_count_every_projection_once(mlp):
+    cfg = tiny_cfg("mM*-", tie_embeddings=False, mlp=mlp)
     model = build(cfg)
     linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
     assert sum(layer_matmul_params(cfg, k) for k in cfg.layer_pattern) == linear
@@ -175,3 +181,65 @@ def test_flops_count_every_projection_once():
     attn = tiny_cfg("*")
     assert flops_per_token(attn, 200) - flops_per_token(attn, 100) == 3 * 4 * 100 * 16
     assert registry.get("mamba").flops_per_token is flops_per_token
+
+
+def test_config_errors_list_the_mlp_and_position_embedding_choices():
+    with pytest.raises(ConfigError, match=r"model.mlp = 'relu' is invalid: choose one of 'swiglu' .*, 'gelu'"):
+        tiny_cfg("M-", mlp="relu").validate()
+    with pytest.raises(ConfigError, match=r"model.position_embedding = 'alibi' is invalid: choose one of 'rope' .*, 'none'"):
+        tiny_cfg("M*", position_embedding="alibi").validate()
+    with pytest.raises(ConfigError, match=r"model.mlp = 'relu' is not allowed; choose one of \['swiglu', 'gelu'\]"):
+        build_config({"name": "t", "model": {"family": "mamba", "mlp": "relu"}})
+
+
+def test_mlp_width_defaults_per_kind():
+    assert tiny_cfg("-", d_model=48).hidden == 128  # SwiGLU: 8/3 * 48 rounded up to multiple_of 8
+    assert tiny_cfg("-", d_model=48, mlp="gelu").hidden == 4 * 48  # Megatron-LM's 4 * hidden
+    assert tiny_cfg("-", mlp="gelu", ffn_hidden=40).hidden == 40
+
+
+def megatron_hybrid(**kw):
+    """A tiny Mamba-2-Hybrid as NVIDIA released it: GELU MLP, attention without positional encoding."""
+    return tiny_cfg("M-*-M-", mlp="gelu", position_embedding="none", tie_embeddings=False, **kw)
+
+
+def test_gelu_hybrid_without_position_embedding_trains():
+    model = build(megatron_hybrid())
+    params = dict(model.named_parameters())
+    assert params["layers.1.mixer.fc1.weight"].shape == (64, 16)  # 4 * d_model hidden units, no biases
+    assert params["layers.1.mixer.fc2.weight"].shape == (16, 64)
+    assert {name for name in params if name.startswith("layers.3.")} == {
+        "layers.3.norm.weight", "layers.3.mixer.fc1.weight", "layers.3.mixer.fc2.weight"}  # no biases, no gate
+    model(torch.randint(0, V, (2, 9))).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gelu_mlp_is_fc2_of_exact_gelu_of_fc1():
+    model = build(megatron_hybrid())
+    mlp = model.layers[1].mixer
+    x = torch.randn(2, 5, 16)
+    h = x @ mlp.fc1.weight.T
+    expected = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ mlp.fc2.weight.T  # erf GELU, not tanh
+    assert rel_err(mlp(x), expected) < 1e-6
+    assert mlp.fc2.weight.std() < mlp.fc1.weight.std() / 2  # output projection scaled by depth like SwiGLU's
+
+
+@pytest.mark.parametrize("position_embedding", ["none", "rope"])
+def test_attention_position_dependence(position_embedding):
+    """Without a positional encoding attention ignores position_ids; RoPE is relative (a uniform shift
+    changes nothing) but depends on the gaps between positions."""
+    model = build(tiny_cfg("M*-", position_embedding=position_embedding, init_std=0.5))
+    attn = model.layers[1].mixer
+    h = torch.randn(2, 10, 16)
+    positions = torch.arange(10).expand(2, 10)
+    ref = attn(h, *model.rope(positions))
+    assert rel_err(attn(h, *model.rope(positions + 7)), ref) < 1e-5
+    spread = attn(h, *model.rope(3 * positions))
+    if position_embedding == "none":
+        assert model.rope(positions) == (None, None)  # no tables computed
+        assert torch.equal(spread, ref)
+        ids = torch.randint(0, V, (2, 10))
+        assert torch.equal(model(ids, position_ids=3 * positions + 7), model(ids))
+    else:
+        assert rel_err(spread, ref) > 1e-2

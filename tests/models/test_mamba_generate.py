@@ -5,9 +5,14 @@ from undertow.models.mamba.generate import prefill, step
 from tests.models.test_mamba import V, build, rel_err, tiny_cfg
 
 
-@pytest.mark.parametrize("pattern", ["mm", "MM", "M*-m"])
-def test_step_by_step_logits_match_the_full_forward(pattern):
-    model = build(tiny_cfg(pattern, falcon_norm=pattern == "mm"))
+@pytest.mark.parametrize("pattern, extra", [
+    ("mm", dict(falcon_norm=True)),
+    ("MM", {}),
+    ("M*-m", {}),
+    ("M*-m", dict(mlp="gelu", position_embedding="none")),  # NVIDIA's Mamba-2-Hybrid layers
+], ids=["mm", "MM", "M*-m", "M*-m-gelu-nopos"])
+def test_step_by_step_logits_match_the_full_forward(pattern, extra):
+    model = build(tiny_cfg(pattern, **extra))
     ids = torch.randint(0, V, (2, 13))
     full = model(ids)
     prompt = 4
@@ -19,8 +24,9 @@ def test_step_by_step_logits_match_the_full_forward(pattern):
             assert rel_err(logits, full[:, t]) <= 1e-5, t
 
 
-def test_greedy_generation_equals_argmax_of_repeated_full_forwards():
-    model = build(tiny_cfg("mM*-"))
+@pytest.mark.parametrize("extra", [{}, dict(mlp="gelu", position_embedding="none")], ids=["swiglu-rope", "gelu-nopos"])
+def test_greedy_generation_equals_argmax_of_repeated_full_forwards(extra):
+    model = build(tiny_cfg("mM*-", **extra))
     prompt = torch.randint(0, V, (2, 5))
     generated = model.generate(prompt, max_new_tokens=6)
     expected = prompt

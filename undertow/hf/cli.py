@@ -14,8 +14,10 @@ SentencePiece model and checked to encode exactly like it) and tokenizer.model.
 Mamba family layer patterns and their transformers classes:
   all m                      MambaForCausalLM (FalconMambaForCausalLM with model.falcon_norm)
   all M                      Mamba2ForCausalLM
-  pairs of (M or *) and -    BambaForCausalLM, e.g. M-M-*-M-
-Other patterns are refused with the reason.
+  pairs of (M or *) and -    BambaForCausalLM, e.g. M-M-*-M- (with model.mlp swiglu and
+                             model.position_embedding rope: Bamba's MLP is gated, its attention
+                             always rotary)
+Other patterns and settings are refused with the reason.
 
 example:
   undertow convert to-hf runs/tiny-mamba2/checkpoints/step_00000300 hf/tiny-mamba2

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward block."""
+"""Feed-forward blocks: SwiGLU (Llama) and the 2-matrix GELU MLP (GPT-2, Megatron-LM's default)."""
 
 import math
 
@@ -32,3 +32,20 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """fc2(gelu(fc1(x))) with the exact (erf) GELU and no biases: Megatron-LM's default MLP
+    (linear_fc1, linear_fc2 under --disable-bias-linear). x: (..., d_model) -> (..., d_model)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.fc1.weight, std=std)
+        nn.init.normal_(self.fc2.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="none"))

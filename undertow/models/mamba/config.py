@@ -1,27 +1,33 @@
 """Hyper-parameters of Mamba-1, Falcon-Mamba, Mamba-2 and hybrid stacks (one config for all).
 
 The stack is spelled by `layer_pattern`, one letter per layer (Megatron-LM's hybrid notation):
-`m` Mamba-1 mixer, `M` Mamba-2 mixer, `*` attention, `-` SwiGLU MLP. Every layer is a
-pre-norm residual block around its mixer.
+`m` Mamba-1 mixer, `M` Mamba-2 mixer, `*` attention, `-` MLP. Every layer is a pre-norm residual
+block around its mixer. `mlp` picks the `-` layers' MLP (SwiGLU, or Megatron-LM's default
+fc1 -> exact GELU -> fc2) and `position_embedding` whether `*` layers rotate queries and keys (RoPE)
+or use no positional encoding (Megatron-LM's `--position-embedding-type none`: the recurrent layers
+carry the order).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from undertow.configtools import check, opt
 from undertow.models.common.mlp import swiglu_hidden
 from undertow.models.transformer.config import TransformerConfig
 
-LAYER_KINDS = {"m": "Mamba-1 mixer", "M": "Mamba-2 mixer", "*": "attention", "-": "SwiGLU MLP"}
+LAYER_KINDS = {"m": "Mamba-1 mixer", "M": "Mamba-2 mixer", "*": "attention", "-": "MLP"}
+MLP_KINDS = {"swiglu": "down(silu(gate x) * up x)", "gelu": "fc2(gelu(fc1 x)), Megatron-LM's default"}
+POSITION_EMBEDDINGS = {"rope": "rotary embeddings on queries and keys", "none": "no positional encoding"}
 
 
 @dataclass
 class MambaConfig:
     vocab_size: int = opt(0, help="0: take the vocabulary size of the data's tokenizer.")
     d_model: int = opt(256, help="Width of the residual stream.")
-    layer_pattern: str = opt("mmmm", help="One letter per layer: m Mamba-1, M Mamba-2, * attention, - SwiGLU MLP.")
+    layer_pattern: str = opt("mmmm", help="One letter per layer: m Mamba-1, M Mamba-2, * attention, - MLP (kind: `mlp`).")
     d_state: int = opt(16, help="SSM state size N (per channel for Mamba-1, per head for Mamba-2).")
     d_conv: int = opt(4, help="Causal depthwise convolution width (2..4).")
     expand: int = opt(2, help="Inner width d_inner = expand * d_model.")
@@ -37,8 +43,15 @@ class MambaConfig:
     chunk_size: int = opt(64, help="Mamba-2 SSD chunk length (chunked and Triton kernels).")
     n_heads: int = opt(4, help="Attention query heads (head dim = d_model / n_heads, even).")
     n_kv_heads: int = opt(0, help="Attention key/value heads (0: same as n_heads).")
-    rope_theta: float = opt(10000.0, help="Attention RoPE base.")
-    ffn_hidden: int = opt(0, help="SwiGLU width of `-` layers (0: 8/3 * d_model rounded up to multiple_of).")
+    position_embedding: Literal["rope", "none"] = opt(
+        "rope", help="Positions in `*` layers: rope (rotary, base rope_theta) or none (no positional encoding, "
+                     "Megatron-LM's --position-embedding-type none).")
+    rope_theta: float = opt(10000.0, help="Attention RoPE base (position_embedding = rope).")
+    mlp: Literal["swiglu", "gelu"] = opt(
+        "swiglu", help="MLP of `-` layers: swiglu (gate, up, down) or gelu (fc1 -> exact GELU -> fc2, no biases; "
+                       "Megatron-LM's default MLP).")
+    ffn_hidden: int = opt(0, help="Hidden width of the `-` layers' MLP (0: swiglu 8/3 * d_model rounded up to "
+                                  "multiple_of; gelu 4 * d_model).")
     multiple_of: int = opt(64, help="Rounding of the automatic SwiGLU width.")
     norm_eps: float = opt(1e-5, help="RMSNorm epsilon (block, final and Mamba-2 gated norms).")
     mixer_norm_eps: float = opt(1e-6, help="Epsilon of the weightless RMSNorm on dt, B, C (falcon_norm; Falcon-Mamba's mixer_rms_eps).")
@@ -66,7 +79,10 @@ class MambaConfig:
 
     @property
     def hidden(self) -> int:
-        return self.ffn_hidden or swiglu_hidden(self.d_model, self.multiple_of)
+        """Hidden width of the `-` layers' MLP."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 4 * self.d_model if self.mlp == "gelu" else swiglu_hidden(self.d_model, self.multiple_of)
 
     def attention_config(self) -> TransformerConfig:
         """The transformer config that `*` layers (transformer `Attention`) are built from."""
@@ -96,6 +112,10 @@ class MambaConfig:
             self._validate_mamba2()
         if "*" in self.layer_pattern:
             self.attention_config().validate()
+        check(self.mlp in MLP_KINDS, "model.mlp", self.mlp,
+              "choose one of " + ", ".join(f"{k!r} ({v})" for k, v in MLP_KINDS.items()))
+        check(self.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", self.position_embedding,
+              "choose one of " + ", ".join(f"{k!r} ({v})" for k, v in POSITION_EMBEDDINGS.items()))
         check(self.ffn_hidden >= 0, "model.ffn_hidden", self.ffn_hidden, "must be >= 0")
         check(self.multiple_of >= 1, "model.multiple_of", self.multiple_of, "must be >= 1")
 

@@ -3,7 +3,7 @@
 Prefill runs the prompt through each mixer's full forward (the kernels' `return_final_state`
 seeds the per-layer states). Each later token takes a single-token step per layer:
   m, M  the recurrence itself: conv window (last d_conv - 1 inputs) and SSM state, float32
-  *     a key/value cache (keys after RoPE) that grows by one position per token
+  *     a key/value cache (keys after RoPE, when used) that grows by one position per token
   -     stateless
 The steps restate the kernels' recurrences (see kernels/*/reference.py) for one time step, so the
 tests comparing them with the full forward also check that the two agree.
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from undertow.models.common.attention import causal_attention
-from undertow.models.common.rope import apply_rope
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
 from undertow.models.transformer.model import Attention
@@ -25,7 +24,7 @@ from undertow.models.transformer.model import Attention
 
 @dataclass
 class KVCache:
-    """Keys (after RoPE) and values of the positions so far: (B, L, n_kv_heads, head_dim) each."""
+    """Keys (after RoPE, when used) and values of the positions so far: (B, L, n_kv_heads, head_dim) each."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -72,13 +71,11 @@ def mamba2_step(mixer: Mamba2Mixer, u: torch.Tensor, state):
 
 
 def attention_with_cache(attn: Attention, h: torch.Tensor, cos, sin, cache: KVCache | None):
-    """h: (B, T, d_model); cos/sin: (B, T, head_dim) of these positions. Without a cache: causal
-    attention over the T positions (prefill); with one: T must be 1 and the token attends to every
-    cached position and itself. Returns (B, T, d_model), the cache including these positions."""
+    """h: (B, T, d_model); cos/sin: (B, T, head_dim) of these positions (None without RoPE). Without a
+    cache: causal attention over the T positions (prefill); with one: T must be 1 and the token attends
+    to every cached position and itself. Returns (B, T, d_model), the cache including these positions."""
     B, T, _ = h.shape
-    q = apply_rope(attn.q_proj(h).view(B, T, -1, attn.head_dim), cos, sin)
-    k = apply_rope(attn.k_proj(h).view(B, T, -1, attn.head_dim), cos, sin)
-    v = attn.v_proj(h).view(B, T, -1, attn.head_dim)
+    q, k, v = attn.project(h, cos, sin)
     if cache is None:
         out = causal_attention(q, k, v)
     else:

@@ -6,10 +6,12 @@ Which transformers class a `layer_pattern` exports to (all load without trust_re
     M...M            Mamba2ForCausalLM
     (M-|*-)...       BambaForCausalLM        every Bamba layer is one mixer (Mamba-2 or attention)
                                              followed by one SwiGLU MLP, so the pattern must be
-                                             pairs of `M` or `*` and a `-`
+                                             pairs of `M` or `*` and a `-`, with mlp = "swiglu"
+                                             and (with `*` layers) position_embedding = "rope"
 
-Anything else (Mamba-1 mixed with other layers, a mixer without its MLP, two MLPs in a row)
-has no transformers class computing the same function and is refused with the reason.
+Anything else (Mamba-1 mixed with other layers, a mixer without its MLP, two MLPs in a row, a
+GELU MLP, attention without RoPE) has no transformers class computing the same function and is
+refused with the reason.
 
 Layouts: our mixers keep their input projections separate (tensor parallelism shards them by
 head); transformers fuses them. Mamba-1: in_proj = [x; z]. Mamba-2 and Bamba: in_proj =
@@ -59,6 +61,16 @@ def _model_type(cfg: MambaConfig) -> str:
             f"layer_pattern {pattern!r} has no transformers equivalent: the hybrid class, BambaForCausalLM, "
             "builds every layer as one mixer (`M` Mamba-2 or `*` attention) followed by one SwiGLU MLP (`-`), "
             "so the pattern must be pairs like 'M-M-*-M-'")
+    if cfg.mlp != "swiglu":
+        raise HFConversionError(
+            f"mlp = {cfg.mlp!r}: BambaForCausalLM's MLP is gated (down(act(gate x) * up x), SwiGLU); the "
+            "2-matrix GELU MLP (fc2(gelu(fc1 x))) has no transformers hybrid class, so only mlp = 'swiglu' "
+            "hybrids export")
+    if "*" in pattern and cfg.position_embedding != "rope":
+        raise HFConversionError(
+            f"position_embedding = {cfg.position_embedding!r}: BambaForCausalLM always rotates its attention's "
+            "queries and keys (RoPE), so attention without a positional encoding would compute different "
+            "outputs there; only position_embedding = 'rope' hybrids export")
     return "bamba"
 
 

@@ -1,7 +1,8 @@
 """Mamba / Mamba-2 / hybrid language model: a stack of pre-norm residual blocks, one mixer each.
 
 A plain single-device module: parallelism is applied from outside (parallel/). Attention layers
-reuse the transformer's `Attention` (with RoPE from position_ids) and MLP layers the common SwiGLU.
+reuse the transformer's `Attention` (with RoPE from position_ids, or no positional encoding under
+position_embedding = "none") and MLP layers the common SwiGLU or GELU MLP (cfg.mlp).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import nn
 
 from undertow.models.common.documents import doc_ids_from_cu_seqlens
 from undertow.models.common.lm import CausalLMShell
-from undertow.models.common.mlp import SwiGLU
+from undertow.models.common.mlp import GeluMLP, SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import rope_cos_sin
 from undertow.models.mamba import generate as decoding
@@ -28,9 +29,9 @@ def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
     if kind == "M":
         return Mamba2Mixer(cfg)
     if kind == "*":
-        return Attention(cfg.attention_config())
+        return Attention(cfg.attention_config(), rope=cfg.position_embedding == "rope")
     if kind == "-":
-        return SwiGLU(cfg.d_model, cfg.hidden)
+        return (GeluMLP if cfg.mlp == "gelu" else SwiGLU)(cfg.d_model, cfg.hidden)
     raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
 
 
@@ -75,8 +76,9 @@ class MambaLM(CausalLMShell):
         super().__init__(cfg, (Block(kind, cfg) for kind in cfg.layer_pattern))
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none."""
-        if "*" not in self.cfg.layer_pattern:
+        """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none or
+        they use no positional encoding (position_embedding = "none"): no tables are computed."""
+        if "*" not in self.cfg.layer_pattern or self.cfg.position_embedding == "none":
             return None, None
         return rope_cos_sin(position_ids, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
 
@@ -89,8 +91,8 @@ class MambaLM(CausalLMShell):
 
     def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
                       max_seqlen=None) -> dict:
-        """RoPE cos/sin for the attention layers, and the documents (doc_ids from cu_seqlens when only
-        those are given: the recurrences reset where doc_ids change)."""
+        """RoPE cos/sin for the attention layers (None without RoPE), and the documents (doc_ids from
+        cu_seqlens when only those are given: the recurrences reset where doc_ids change)."""
         B, T = input_shape
         if doc_ids is None and cu_seqlens is not None:
             doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)

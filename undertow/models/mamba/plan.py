@@ -1,7 +1,8 @@
 """Tensor (+ sequence) parallel plan of the Mamba family; parallel/tensor.py applies it.
 
 Each block is `x + mixer(norm(x))`; the norm and the residual stream follow the transformer's
-sequence-parallel layout and `*` / `-` layers the transformer's attention / SwiGLU styles.
+sequence-parallel layout and `*` / `-` layers the transformer's attention / MLP styles (SwiGLU's
+gate, up or the GELU MLP's fc1 column-wise, down or fc2 row-wise).
 
 Mamba-1 (`m`) is split by channels of d_inner: in_proj_x/z column-wise, the conv, dt_proj, A_log
 and D per channel. x_proj reduces over the channels, so it is row-wise with its output (dt, B, C)
@@ -28,9 +29,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from undertow.models.transformer.plan import (
     attention_styles,
     mixer_input,
+    mlp_styles,
     norm_styles,
     output_projection,
-    swiglu_styles,
 )
 
 
@@ -77,7 +78,7 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
         "m": _mamba1_styles,
         "M": _mamba2_styles,
         "*": lambda sp: attention_styles("mixer", sp),
-        "-": lambda sp: swiglu_styles("mixer", sp),
+        "-": lambda sp: mlp_styles("mixer", block.mixer, sp),
     }[block.kind](sequence_parallel)
     return {**norm_styles(["norm"], sequence_parallel), **mixer}
 

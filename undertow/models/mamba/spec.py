@@ -1,7 +1,8 @@
 """Registry entry of the Mamba family: training FLOPs per token and per-layer costs.
 
 Training FLOPs are 3x the forward (backward = 2x forward). Forward FLOPs per token of one layer:
-  matmuls   2 per weight of every projection (a multiply and an add)
+  matmuls   2 per weight of every projection (a multiply and an add); the MLPs' elementwise
+            activations (SiLU and product, GELU) are not counted
   conv      2 * d_conv per convolved channel
   m scan    6 * d_inner * d_state (decay, input outer product, state update, readout)
   M SSD     the chunked form: 4 * d_inner * d_state (chunk states and their readout)
@@ -30,8 +31,8 @@ def layer_matmul_params(cfg: MambaConfig, kind: str) -> int:
         head_dim = d // cfg.n_heads
         kv_heads = cfg.n_kv_heads or cfg.n_heads
         return d * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
-    if kind == "-":
-        return 3 * d * cfg.hidden
+    if kind == "-":  # SwiGLU: gate, up, down; GELU MLP: fc1, fc2
+        return (2 if cfg.mlp == "gelu" else 3) * d * cfg.hidden
     raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
 
 
@@ -62,7 +63,7 @@ def flops_per_token(cfg: MambaConfig, seq_len: int) -> float:
 
 def shape_limits(cfg: MambaConfig) -> list[tuple[str, str, int]]:
     """What tensor parallelism splits in each layer kind present: Mamba-1 channels, Mamba-2 heads
-    and the groups sharing B/C, attention query and key/value heads, SwiGLU hidden units."""
+    and the groups sharing B/C, attention query and key/value heads, the MLP's hidden units."""
     kinds = set(cfg.layer_pattern)
     limits = [("tp", "d_inner", cfg.d_inner)] if "m" in kinds else []
     if "M" in kinds:

@@ -19,11 +19,17 @@ from undertow.models.transformer.config import TransformerConfig
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention. x: (B, T, d_model) -> (B, T, d_model)."""
+    """Grouped-query self-attention. x: (B, T, d_model) -> (B, T, d_model).
 
-    def __init__(self, cfg: TransformerConfig):
+    rope=False: queries and keys are not rotated (no positional encoding, Megatron-LM's
+    `--position-embedding-type none`, for hybrids whose recurrent layers carry the order); the
+    layer is then called with cos = sin = None.
+    """
+
+    def __init__(self, cfg: TransformerConfig, rope: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.rope = rope
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -34,13 +40,21 @@ class Attention(nn.Module):
             nn.init.normal_(proj.weight, std=std)
         nn.init.normal_(self.o_proj.weight, std=out_std)
 
-    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model), cos/sin (B, T, head_dim) or None (rope=False) -> q (B, T, H, head_dim),
+        k, v (B, T, Hkv, head_dim); q and k rotated when the layer uses RoPE."""
         B, T, _ = x.shape
         # Shapes come from the weights so a tensor-parallel shard sees its local head count.
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         out = causal_attention(q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(B, T, -1))
 

@@ -1,12 +1,13 @@
 """Tensor (+ sequence) parallel plan of the transformer; parallel/tensor.py applies it.
 
 Attention is split by heads (q/k/v column-wise, o row-wise; grouped-query attention needs tp to
-divide the key/value heads too), SwiGLU column-wise (gate, up) then row-wise (down). With sequence
-parallelism (Megatron-LM's) the residual stream and the RMSNorms are sharded on the sequence between
-blocks: each mixer's input is all-gathered to the whole sequence (so attention, its document mask and
-RoPE see every position), and its output projection reduce-scatters back to sequence shards.
+divide the key/value heads too), MLPs column-wise (SwiGLU's gate and up, the GELU MLP's fc1) then
+row-wise (down, fc2), so each rank holds a slice of the hidden units. With sequence parallelism
+(Megatron-LM's) the residual stream and the RMSNorms are sharded on the sequence between blocks:
+each mixer's input is all-gathered to the whole sequence (so attention, its document mask and RoPE
+see every position), and its output projection reduce-scatters back to sequence shards.
 
-The styles for attention, SwiGLU and a mixer's input are shared with the families that contain
+The styles for attention, the MLPs and a mixer's input are shared with the families that contain
 these layers (the Mamba hybrids' `*` and `-`).
 
 A plan module offers (duck-typed, see parallel/tensor.py):
@@ -26,6 +27,8 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     SequenceParallel,
 )
+
+from undertow.models.common.mlp import GeluMLP, SwiGLU
 
 
 def residual_layout(sequence_parallel: bool) -> Placement:
@@ -65,13 +68,21 @@ def attention_styles(prefix: str, sequence_parallel: bool) -> dict[str, Parallel
     }
 
 
-def swiglu_styles(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """`SwiGLU` at `prefix`, called as mlp(x)."""
+# Per MLP class: its input projections (split by hidden unit) and its output projection.
+_MLP_PROJECTIONS = {SwiGLU: (("gate_proj", "up_proj"), "down_proj"), GeluMLP: (("fc1",), "fc2")}
+
+
+def mlp_styles(prefix: str, mlp: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The MLP `mlp` (SwiGLU or GeluMLP) at `prefix`, called as mlp(x): input projections column-wise,
+    the elementwise activation on each rank's hidden units, the output projection row-wise."""
+    if type(mlp) not in _MLP_PROJECTIONS:
+        raise TypeError(f"no tensor-parallel styles for the MLP {type(mlp).__name__}; known: "
+                        f"{[cls.__name__ for cls in _MLP_PROJECTIONS]}")
+    inputs, output = _MLP_PROJECTIONS[type(mlp)]
     return {
         prefix: mixer_input(1, sequence_parallel),
-        f"{prefix}.gate_proj": ColwiseParallel(),
-        f"{prefix}.up_proj": ColwiseParallel(),
-        f"{prefix}.down_proj": output_projection(sequence_parallel),
+        **{f"{prefix}.{name}": ColwiseParallel() for name in inputs},
+        f"{prefix}.{output}": output_projection(sequence_parallel),
     }
 
 
@@ -79,7 +90,7 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
     return {
         **norm_styles(["attn_norm", "mlp_norm"], sequence_parallel),
         **attention_styles("attn", sequence_parallel),
-        **swiglu_styles("mlp", sequence_parallel),
+        **mlp_styles("mlp", block.mlp, sequence_parallel),
     }
 
 
