@@ -17,7 +17,9 @@ PUBLISHED = {
     # retrievable when this was written). Cross-check from the published Megatron-LM 8B config
     # (examples/mamba/run_text_gen_server_8b.sh, defaults of megatron.core's Mamba-2 layer):
     # 24 Mamba-2 layers x 109,640,064 + 4 GQA attention x 41,947,136 + 28 GELU MLPs (4096 -> 16384
-    # -> 4096) x 134,221,824 + untied 256000 x 4096 embedding and head + final norm = 8,654,517,248.
+    # -> 4096) x 134,221,824 + untied 256000 x 4096 embedding and head + final norm = 8,654,517,248,
+    # which the recipe (mlp = "gelu", ffn_hidden = 16384, as released) counts exactly; see
+    # test_hybrid_8b_counts_megatrons_parameters_exactly.
     "mamba2-hybrid-8b": 8.66e9,
 }
 
@@ -26,6 +28,12 @@ PUBLISHED = {
 def test_large_recipes_match_published_sizes(recipe):
     plan = make_plan(recipe)
     assert abs(plan.parameters - PUBLISHED[recipe]) / PUBLISHED[recipe] < 0.01, plan.parameters
+
+
+def test_hybrid_8b_counts_megatrons_parameters_exactly():
+    cfg = load_config("mamba2-hybrid-8b").model
+    assert (cfg.mlp, cfg.hidden, cfg.position_embedding, cfg.tie_embeddings) == ("gelu", 16384, "none", False)
+    assert make_plan("mamba2-hybrid-8b").parameters == 8_654_517_248
 
 
 def test_hybrid_8b_has_the_published_layer_mix():
