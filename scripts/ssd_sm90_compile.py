@@ -45,7 +45,9 @@ print("SHARED", out.metadata.shared)
 PTR_TYPES = {  # bf16 inputs, as the benchmark: x, dy, B, C, y, dx in bf16; the rest float32 / int32
     "X": "*{io}", "DY": "*{io}", "B": "*{io}", "C": "*{io}", "K": "*{io}", "Y": "*{io}", "DX": "*{io}",
     "DT": "*fp32", "A": "*fp32", "SEG": "*i32", "STATES": "*fp32", "DS": "*fp32", "DC": "*fp32", "DA": "*fp32",
-    "DB": "*fp32", "DDT": "*fp32", "D": "*fp32", "DD": "*fp32", "OUT": "*fp32",
+    "DB": "*fp32", "DDT": "*fp32", "DW": "*fp32", "DFINAL": "*fp32", "DINIT": "*fp32", "DEND": "*fp32",
+    "DT_BIAS": "*fp32", "DSTEP": "*fp32", "DACUM": "*fp32", "DA_PART": "*fp32", "DBIAS_PART": "*fp32",
+    "lo": "fp32", "hi": "fp32", "D": "*fp32", "DD": "*fp32", "OUT": "*fp32",
 }
 
 
@@ -63,6 +65,9 @@ def kernels(args) -> dict[str, dict]:
         "scan_bwd_dc_kernel": {**blk, **raw},
         "scan_bwd_dx_kernel": {**blk, **skip},
         "scan_bwd_db_kernel": {**blk, **raw},
+        "state_pass_bwd_kernel": {"L": args.L, "BLOCK": 1024, "CARRY_ONLY": True},
+        "dt_prep_bwd_kernel": {"L": args.L, "BLOCK_L": args.L, "BLOCK_H": 16, "BLOCK_NB": 8, "HAS_BIAS": True,
+                               "SOFTPLUS": True, "HAS_LIMIT": False, "HAS_W": True},
     }
 
 
@@ -72,6 +77,7 @@ def compile_one(name: str, constexprs: dict, args) -> dict:
     io = "bf16" if args.prec in (1, 2) else "fp16" if args.prec == 3 else "fp32"
     types = {k: v.format(io=io) for k, v in PTR_TYPES.items()}
     warps = args.bwarps if name.startswith(("scan_bwd", "chunk_scan_bwd")) and args.bwarps else args.warps
+    warps = 8 if name.startswith("dt_prep") else warps  # as triton.py launches them
     # the benchmark's sizes: ints equal to 1 are constants of the launch (Triton specializes them)
     values = {"T": 2048, "Tp": 2048, "H": 32, "G": args.G, "P": args.P, "N": args.N, "nc": 2048 // args.L,
               "HP": args.heads, "PN": args.P * args.N}

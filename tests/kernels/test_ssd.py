@@ -89,6 +89,19 @@ def test_chunked_large_head_and_state(compare_with_reference, P, N):
     check(compare_with_reference, "chunked", inputs, TOL[torch.float32], 8)
 
 
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("seed", [2, 3])
+def test_strong_decays(compare_with_reference, backend, seed):
+    """A x 40 (decays down to ~e^-28 a step, where A's gradient is small beside the terms it is made
+    of): A's gradient stays within 1e-4 of the float32 reference. The decay matrix's diagonal carries
+    no gradient and the outgoing-state term's gradient is a prefix sum, not a total minus a suffix;
+    before, the cancelling pairs left 1e-3 (chunked) to 5e-2 (Triton) of A's gradient."""
+    inputs = make_inputs(2, 37, 2, 8, 2, 6, torch.float32, seed=seed)
+    inputs["A"] = inputs["A"] * 40
+    inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)
+    check(compare_with_reference, backend, inputs, 1e-4, 16)
+
+
 def test_chunked_bf16(compare_with_reference):
     inputs = make_inputs(2, 37, 4, 8, 2, 6, torch.bfloat16, seed=5)
     inputs["doc_ids"] = doc_ids_for("inside", 2, 37, 16)

@@ -48,13 +48,18 @@ def check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, doc_ids, chunk_si
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def chunk_decays(step: torch.Tensor, A: torch.Tensor, chunk: int) -> torch.Tensor:
-    """step: (Bt, T, H) float32 -> a: (Bt, H, nc * chunk) float32, the inclusive cumsum of step * A
-    restarted at every chunk; positions past T continue the last value (they are masked anyway)."""
+def chunk_decays(step: torch.Tensor, A: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """step: (Bt, T, H) float32 -> (a, rest), both (Bt, H, nc * chunk) float32: a the inclusive cumsum
+    of step * A restarted at every chunk (positions past T continue the last value; they are masked
+    anyway), rest_s = sum_{k > s in the chunk} step_k A = a_end - a_s, summed directly: its gradient is
+    then a prefix sum, not the difference of two large totals (which lost A's gradient under strong
+    decays)."""
     Bt, T, H = step.shape
     nc = math.ceil(T / chunk)
-    dA = F.pad(step * A.float(), (0, 0, 0, nc * chunk - T))  # (Bt, nc*L, H)
-    return dA.view(Bt, nc, chunk, H).cumsum(2).permute(0, 3, 1, 2).reshape(Bt, H, nc * chunk)
+    dA = F.pad(step * A.float(), (0, 0, 0, nc * chunk - T)).view(Bt, nc, chunk, H)  # (Bt, nc, L, H)
+    a = dA.cumsum(2)
+    rest = dA.flip(2).cumsum(2).flip(2) - dA
+    return tuple(v.permute(0, 3, 1, 2).reshape(Bt, H, nc * chunk) for v in (a, rest))
 
 
 def chunk_segments(doc_ids: torch.Tensor | None, Bt: int, T: int, chunk: int, device):
@@ -86,9 +91,10 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
 
 
-def _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk):
-    """The three chunk terms. x: (Bt, T, H, P); step: (Bt, T, H); a: (Bt, H, nc*L), the cumulative
-    decays in log2 units (from A * log2(e)); B, C: (Bt, T, G, N).
+def _scan(x, step, a, rest, B, C, seg, seg_ref, ends, initial_state, chunk):
+    """The three chunk terms. x: (Bt, T, H, P); step: (Bt, T, H); a, rest: (Bt, H, nc*L), the
+    cumulative decays from each chunk's start and to its end in log2 units (from A * log2(e), see
+    chunk_decays); B, C: (Bt, T, G, N).
     Returns y (Bt, T, H, P) float32 and the final state (Bt, H, P, N) float32."""
     Bt, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -106,12 +112,16 @@ def _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk):
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     same = (segc[:, :, :, None] == segc[:, :, None, :]) & causal  # (Bt, nc, L, L)
     diff = a[..., :, None] - a[..., None, :]  # (Bt, G, Hg, nc, L, L)
+    # The diagonal is a_t - a_t = 0: a constant, so that autograd does not send its two cancelling
+    # gradients (+ into row t's sum, - into column t's) through different reductions. Those are the
+    # largest terms (decay 1); their float32 residue dominated A's gradient under strong decays.
+    diff.diagonal(dim1=-2, dim2=-1).zero_()
     decay = diff.masked_fill_(~same[:, None, None], float("-inf")).exp2_()  # in place: fewer passes over L x L
     scores = torch.einsum("bctgn,bcsgn->bgcts", Cc, Bc)[:, :, None] * decay
     y = torch.einsum("bghcts,bcsghp->bctghp", scores, u)
 
     tail = (segc == seg_end[:, :, None])[:, None, None]  # tokens of the chunk's last segment
-    to_end = (a_end[..., None] - a).masked_fill_(~tail, float("-inf")).exp2_()  # (Bt, G, Hg, nc, L)
+    to_end = rest.view(Bt, G, Hg, nc, L).masked_fill(~tail, float("-inf")).exp2_()  # (Bt, G, Hg, nc, L)
     chunk_states = torch.einsum("bcsghp,bcsgn->bcghpn", u * to_end.permute(0, 3, 4, 1, 2)[..., None], Bc)
     carry = torch.where(seg_end == seg_ref, 1.0, 0.0)[:, None, None] * a_end.exp2()  # g_c: (Bt, G, Hg, nc)
 
@@ -151,8 +161,8 @@ def ssd_chunked(
     Bt, T = x.shape[:2]
     step = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
     # Cumulative decays in log2 units: exp2 runs about twice as fast as exp on CPU (Sleef, AVX2).
-    a = chunk_decays(step, A.float() * LOG2_E, chunk_size)
+    a, rest = chunk_decays(step, A.float() * LOG2_E, chunk_size)
     seg, seg_ref, ends = chunk_segments(doc_ids, Bt, T, chunk_size, x.device)
-    y, final = _scan(x, step, a, B, C, seg, seg_ref, ends, initial_state, chunk_size)
+    y, final = _scan(x, step, a, rest, B, C, seg, seg_ref, ends, initial_state, chunk_size)
     y = finish(y, x, D, z)
     return (y, final) if return_final_state else y

@@ -219,8 +219,9 @@ class _ChunkScan(torch.autograd.Function):
         n_blocks = triton.cdiv(P * N, block)
         dend = torch.empty(Bt * H, nc, n_blocks, **f32)
         dinit = torch.empty(Bt, H, P, N, **f32)
+        split = _backward_form() == "split"
         state_pass_bwd_kernel[(Bt * H, n_blocks)](
-            ds, dfinal, a, seg, states, dend, dinit, **dims, PN=P * N, nc=nc, L=chunk, BLOCK=block)
+            ds, dfinal, a, seg, states, dend, dinit, **dims, PN=P * N, nc=nc, L=chunk, BLOCK=block, CARRY_ONLY=split)
 
         hp = _heads_per_program(H, G)
         grid = (nc * triton.cdiv(chunk, blk["BLOCK_M"]), Bt * (H // hp))
@@ -233,9 +234,11 @@ class _ChunkScan(torch.autograd.Function):
         scan = {**dims, "G": G, "P": P, "N": N, "nc": nc, "L": chunk, **blk, "PREC": prec,
                 **_launch(backward_scan=True)}
         raw = dy.dtype == x.dtype
-        if _backward_form() == "split":
+        dw = torch.empty(Bt, H, Tp, **f32) if split else da  # the outgoing-state terms of dA (split)
+        if split:
             scan_bwd_dc_kernel[grid](dy, x, step, a, seg, B, C, states, dc, da, HP=hp, **scan, DY_RAW=raw)
-            scan_bwd_dx_kernel[(grid[0], Bt * H)](dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, da, dd, **scan, **skip)
+            scan_bwd_dx_kernel[(grid[0], Bt * H)](dy, x, step, a, seg, B, C, ds, Dv, dx, dstep, da, dw, dd, **scan,
+                                                  **skip)
             scan_bwd_db_kernel[grid](dy, x, step, a, seg, C, ds, db, HP=hp, **scan, DY_RAW=raw)
         else:
             chunk_scan_bwd_target_kernel[grid](dy, x, step, a, seg, B, C, states, dc, da, HP=hp, **scan, DY_RAW=raw)
@@ -246,9 +249,9 @@ class _ChunkScan(torch.autograd.Function):
         dA_part = torch.empty(Bt * nc, H, **f32)
         dbias_part = torch.empty(Bt * nc, H, **f32) if dt_bias is not None else dA_part
         dt_prep_bwd_kernel[(Bt * nc, triton.cdiv(H, DT_BLOCK_H))](
-            dt, dt_bias.contiguous() if dt_bias is not None else A32, A32, dstep, da, dend, ddt, dA_part, dbias_part, T, Tp, H, nc,
-            n_blocks, **ctx.dt_args, L=chunk, BLOCK_L=max(16, triton.next_power_of_2(chunk)), BLOCK_H=DT_BLOCK_H,
-            BLOCK_NB=max(2, triton.next_power_of_2(n_blocks)), num_warps=8)
+            dt, dt_bias.contiguous() if dt_bias is not None else A32, A32, dstep, da, dend, dw, ddt, dA_part, dbias_part,
+            T, Tp, H, nc, n_blocks, **ctx.dt_args, L=chunk, BLOCK_L=max(16, triton.next_power_of_2(chunk)),
+            BLOCK_H=DT_BLOCK_H, BLOCK_NB=max(2, triton.next_power_of_2(n_blocks)), HAS_W=split, num_warps=8)
         dA = dA_part.sum(0).to(ctx.A_dtype)
         dbias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
         dB = _group_sum(db, G, B.dtype)

@@ -186,7 +186,7 @@ def dt_prep_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
 ):
     """The scan's elementwise prologue in one pass: STEP (Bt, T, H) float32 = reference.ssd_dt(dt) and
-    ACUM (Bt, H, Tp) = chunked.chunk_decays: the inclusive cumsum of step * A restarted at every chunk
+    ACUM (Bt, H, Tp) = chunked.chunk_decays(...)[0]: the inclusive cumsum of step * A restarted at every chunk
     (past T the last value repeats). Grid (Bt * nc, cdiv(H, BLOCK_H))."""
     pid = tl.program_id(0).to(tl.int64)
     b, c = pid // nc, pid % nc
