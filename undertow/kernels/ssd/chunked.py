@@ -8,12 +8,17 @@ u_t = dt_t * x_t, per head and chunk c:
 with g_c = exp(a_end) if no document starts inside chunk c, else 0 (the carried state stops).
 Every exponent is a difference a_t - a_s with s <= t (<= 0 for A < 0): no overflow.
 
+The intra term is one autograd.Function (`_Intra`) with a hand-written backward, its (L, L) tensors
+laid out so each product is a batched matmul without a layout copy; the rest is plain autograd.
+Gradient pairs that cancel exactly are kept out of A's gradient (see `_Intra` and `chunk_decays`).
+
 The helpers `check_inputs`, `chunk_decays`, `chunk_segments` and `finish` are shared with the
 Triton form, which computes the same three terms in kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,6 +96,70 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
 
 
+LN2 = math.log(2.0)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off on devices that have it (the planner's meta device has none)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _Intra(torch.autograd.Function):
+    """The intra-chunk term y_t = sum_{s <= t, same segment} (C_t . B_s) exp2(a_t - a_s) u_s with a
+    hand-written backward: its (L, L) tensors per head, laid out (Bt, nc, G, Hg, L, L) so every
+    product is a batched matmul without a layout copy, pass through memory a few times fewer than
+    under autograd of the same expression (no masked_fill / exp2 / subtraction backward, dA's row
+    and column sums from one tensor). Cc, Bc: (Bt, nc, L, G, N); u: (Bt, nc, L, G, Hg, P);
+    a: (Bt, nc, G, Hg, L) in log2 units; same: (Bt, nc, L, L) bool (s <= t, one segment).
+
+    dA's gradient: with Q = dscores * scores, a_t gets sum_s Q[t, s] - sum_s Q[s, t] (times ln 2).
+    The diagonal (a_t - a_t = 0, decay 1, the largest terms) enters both sums and cancels exactly;
+    it is zeroed first, so its float32 residue cannot swamp A's gradient under strong decays."""
+
+    @staticmethod
+    def forward(ctx, Cc, Bc, u, a, same):
+        with _no_autocast(u.device):  # float32 throughout, as the rest of this form
+            return _Intra._forward(ctx, Cc, Bc, u, a, same)
+
+    @staticmethod
+    def backward(ctx, dy):
+        with _no_autocast(dy.device):
+            return _Intra._backward(ctx, dy.float())
+
+    @staticmethod
+    def _forward(ctx, Cc, Bc, u, a, same):
+        Bt, nc, L, G, Hg, P = u.shape
+        a = a.contiguous()  # the (L, L) tensors below take its layout: batch dims in (Bt, nc, G, Hg) order
+        diff = a[..., :, None] - a[..., None, :]  # (Bt, nc, G, Hg, L, L)
+        decay = diff.masked_fill_(~same[:, :, None, None], float("-inf")).exp2_()
+        CB = torch.matmul(Cc.permute(0, 1, 3, 2, 4), Bc.permute(0, 1, 3, 4, 2))  # (Bt, nc, G, L, L)
+        scores = decay * CB[:, :, :, None]
+        u_h = u.permute(0, 1, 3, 4, 2, 5).contiguous()  # (Bt, nc, G, Hg, L, P), also for the backward
+        y = torch.matmul(scores, u_h)  # (Bt, nc, G, Hg, L, P)
+        ctx.save_for_backward(Cc, Bc, u_h, decay, CB)
+        return y.permute(0, 1, 4, 2, 3, 5)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        Cc, Bc, u_h, decay, CB = ctx.saved_tensors
+        dy_h = dy.permute(0, 1, 3, 4, 2, 5)  # (Bt, nc, G, Hg, L, P)
+        Bt, nc, G, Hg, L, P = dy_h.shape
+        scores = (decay * CB[:, :, :, None]).view(-1, L, L)
+        dy3 = dy_h.reshape(-1, L, P)
+        du = torch.bmm(scores.transpose(1, 2), dy3).view(Bt, nc, G, Hg, L, P).permute(0, 1, 4, 2, 3, 5)
+        dscores = torch.bmm(dy3, u_h.view(-1, L, P).transpose(1, 2)).view(Bt, nc, G, Hg, L, L)
+        D = dscores.mul_(decay)
+        dCB = D.sum(3)  # (Bt, nc, G, L, L)
+        Q = D.mul_(CB[:, :, :, None])
+        Q.diagonal(dim1=-2, dim2=-1).zero_()
+        da = (Q.sum(-1) - Q.sum(-2)).mul_(LN2)  # (Bt, nc, G, Hg, L)
+        dC = torch.matmul(dCB, Bc.permute(0, 1, 3, 2, 4)).permute(0, 1, 3, 2, 4)  # (Bt, nc, L, G, N)
+        dB = torch.matmul(dCB.transpose(-1, -2), Cc.permute(0, 1, 3, 2, 4)).permute(0, 1, 3, 2, 4)
+        return dC, dB, du, da, None
+
+
 def _scan(x, step, a, rest, B, C, seg, seg_ref, ends, initial_state, chunk):
     """The three chunk terms. x: (Bt, T, H, P); step: (Bt, T, H); a, rest: (Bt, H, nc*L), the
     cumulative decays from each chunk's start and to its end in log2 units (from A * log2(e), see
@@ -111,14 +180,7 @@ def _scan(x, step, a, rest, B, C, seg, seg_ref, ends, initial_state, chunk):
 
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     same = (segc[:, :, :, None] == segc[:, :, None, :]) & causal  # (Bt, nc, L, L)
-    diff = a[..., :, None] - a[..., None, :]  # (Bt, G, Hg, nc, L, L)
-    # The diagonal is a_t - a_t = 0: a constant, so that autograd does not send its two cancelling
-    # gradients (+ into row t's sum, - into column t's) through different reductions. Those are the
-    # largest terms (decay 1); their float32 residue dominated A's gradient under strong decays.
-    diff.diagonal(dim1=-2, dim2=-1).zero_()
-    decay = diff.masked_fill_(~same[:, None, None], float("-inf")).exp2_()  # in place: fewer passes over L x L
-    scores = torch.einsum("bctgn,bcsgn->bgcts", Cc, Bc)[:, :, None] * decay
-    y = torch.einsum("bghcts,bcsghp->bctghp", scores, u)
+    y = _Intra.apply(Cc, Bc, u, a.permute(0, 3, 1, 2, 4), same)  # (Bt, nc, L, G, Hg, P)
 
     tail = (segc == seg_end[:, :, None])[:, None, None]  # tokens of the chunk's last segment
     to_end = rest.view(Bt, G, Hg, nc, L).masked_fill(~tail, float("-inf")).exp2_()  # (Bt, G, Hg, nc, L)
@@ -128,14 +190,16 @@ def _scan(x, step, a, rest, B, C, seg, seg_ref, ends, initial_state, chunk):
     S = (initial_state.float().view(Bt, G, Hg, P, N) if initial_state is not None
          else x.new_zeros(Bt, G, Hg, P, N, dtype=torch.float32))
     states_in = []
-    for c in range(nc):
+    # unbind, not chunk_states[:, c]: autograd's backward of unbind is one stack, of each index a
+    # zero-filled full-size gradient
+    for cs, g in zip(chunk_states.unbind(1), carry[..., None, None].unbind(3)):
         states_in.append(S)
-        S = torch.addcmul(chunk_states[:, c], carry[..., c, None, None], S)
+        S = torch.addcmul(cs, g, S)
     S_in = torch.stack(states_in, dim=1)  # (Bt, nc, G, Hg, P, N)
 
     head = (segc == seg_ref[:, :, None])[:, None, None]  # tokens still in the carried segment
     from_start = a.masked_fill(~head, float("-inf")).exp2_()  # (Bt, G, Hg, nc, L)
-    y = y.addcmul_(torch.einsum("bctgn,bcghpn->bctghp", Cc, S_in), from_start.permute(0, 3, 4, 1, 2)[..., None])
+    y = torch.addcmul(y, torch.einsum("bctgn,bcghpn->bctghp", Cc, S_in), from_start.permute(0, 3, 4, 1, 2)[..., None])
     return y.reshape(Bt, nc * L, H, P)[:, :T], S.reshape(Bt, H, P, N)
 
 
