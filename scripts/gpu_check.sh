@@ -3,7 +3,7 @@
 #
 # Before the run, once, in the repository root of the machine that sends the copy:
 #   echo /.anchors/ >> .git/info/exclude && cp -r /work/shared/anchors .anchors
-# then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~360 s.
+# then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~440 s.
 #
 # Order (most wanted results first; each part has its own time limit so a slow part cannot starve the
 # others; sum of the limits 90 + 130 + 40 + 90 + 60 = 410 s, expected about 50 + 100 + 15 + 60 + 60 = 285 s):
