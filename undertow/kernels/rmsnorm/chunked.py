@@ -67,27 +67,33 @@ class _RMSNormFunction(torch.autograd.Function):
         dw = torch.zeros(dim, dtype=torch.float32, device=x.device)
         w = weight.float()
         step = max(1, CHUNK_ELEMENTS // dim)
-        for r0 in range(0, R, step):
+        for r0 in range(0, R, step):  # fresh temporaries only where needed; the rest in place
             rows = slice(r0, r0 + step)
-            zc = z2[rows].float() if z2 is not None else None
-            g = _gated(x2[rows], zc).view(-1, groups, group)
+            xc = x2[rows].float()  # x itself when x is float32: never written to
             r = rstd[rows, :, None]
-            g_hat = g * r
+            if z2 is not None:
+                zc = z2[rows].float()
+                sig = torch.sigmoid(zc)
+                silu = zc * sig
+                g_hat = (xc * silu).view(-1, groups, group).mul_(r)
+            else:
+                g_hat = xc.view(-1, groups, group) * r
             dc = d2[rows].float().view(-1, groups, group)
+            prod = dc * g_hat  # dout * g_hat: dweight's terms, then (times weight) the mean's
             if need_w:
-                dw += (dc * g_hat).sum(0).view(dim)
+                dw += prod.sum(0).view(dim)
             if not (need_x or need_z):
                 continue
-            dg_hat = dc * w.view(groups, group)
-            dg = (r * (dg_hat - g_hat * (dg_hat * g_hat).mean(-1, keepdim=True))).view(-1, dim)
-            if zc is None:
+            wv = w.view(groups, group)
+            mean = prod.mul_(wv).mean(-1, keepdim=True)
+            dg = (dc * wv).sub_(g_hat.mul_(mean)).mul_(r).view(-1, dim)  # r (dg_hat - g_hat mean)
+            if z2 is None:
                 dx[rows] = dg
                 continue
-            sig = torch.sigmoid(zc)
             if need_x:
-                dx[rows] = dg * zc * sig
-            if need_z:
-                dz[rows] = dg * x2[rows].float() * sig * (1 + zc * (1 - sig))
+                dx[rows] = dg * silu
+            if need_z:  # d silu(z) / dz = sig (1 + z - silu)
+                dz[rows] = silu.neg_().add_(zc).add_(1.0).mul_(sig).mul_(xc).mul_(dg)
         dx = dx.view(x.shape) if need_x else None
         dz = dz.view(z.shape) if need_z else None
         return dx, dz, dw.to(weight.dtype) if need_w else None, None, None, None
