@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from undertow.kernels.ssd.triton_fwd import chunk_bounds, dt_step, mm, mm_inputs
+from undertow.kernels.ssd.triton_fwd import chunk_bounds, dt_step, mm, mm_inputs, token_tile
 
 STATE_SLICE = tl.constexpr(32)  # state columns a step when a kernel contracts a float32 (P, N) tile in slices
 
@@ -99,11 +99,7 @@ def chunk_scan_bwd_target_kernel(
         dc += dc_head
 
         for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
-            s_loc = s0 + tl.arange(0, BLOCK_K)
-            s = c * L + s_loc
-            s_ok = (s < T) & (s_loc < L)
-            a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
-            seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+            s, s_ok, a_s, seg_s = token_tile(A + (b * H + h) * Tp, SEG + b * Tp, c, s0, T, L, BLOCK_K)
             b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N),
                           other=0.0)
             dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
@@ -166,11 +162,7 @@ def chunk_scan_bwd_source_kernel(
         da = -tl.sum(u_s * du, axis=1)
 
         for t0 in range(mb * BLOCK_M, L, BLOCK_K):
-            t_loc = t0 + tl.arange(0, BLOCK_K)
-            t = c * L + t_loc
-            t_ok = (t < T) & (t_loc < L)
-            a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
-            seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+            t, t_ok, a_t, seg_t = token_tile(A + bh * Tp, SEG + b * Tp, c, t0, T, L, BLOCK_K)
             c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N),
                           other=0.0)
             dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
@@ -246,11 +238,7 @@ def scan_bwd_dc_kernel(
                       other=0.0).to(tl.float32)
         diag = tl.sum(dy_t.to(tl.float32) * x_t, axis=1) * tl.load(DT + (b * T + t) * H + h, mask=t_ok, other=0.0)
         for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
-            s_loc = s0 + tl.arange(0, BLOCK_K)
-            s = c * L + s_loc
-            s_ok = (s < T) & (s_loc < L)
-            a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
-            seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+            s, s_ok, a_s, seg_s = token_tile(A + (b * H + h) * Tp, SEG + b * Tp, c, s0, T, L, BLOCK_K)
             dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
             x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P),
                           other=0.0)
@@ -298,11 +286,7 @@ def scan_bwd_dx_kernel(
     cb_diag = tl.sum(b_s.to(tl.float32) * c_s.to(tl.float32), axis=1)
     du = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for t0 in range(mb * BLOCK_M, L, BLOCK_K):
-        t_loc = t0 + tl.arange(0, BLOCK_K)
-        t = c * L + t_loc
-        t_ok = (t < T) & (t_loc < L)
-        a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
-        seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+        t, t_ok, a_t, seg_t = token_tile(A + bh * Tp, SEG + b * Tp, c, t0, T, L, BLOCK_K)
         c_t = tl.load(C + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=t_ok[:, None] & (n[None, :] < N),
                       other=0.0)
         same = (t[None, :] > s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]
@@ -379,11 +363,7 @@ def scan_bwd_db_kernel(
         tail = tl.where(s_ok & (seg_s == seg_end), tl.exp(tl.where(s_ok, a_end - a_s, 0.0)), 0.0)
         db += mm(x_in.to(tl.float32) * (dt_s * tail)[:, None], e, PREC)
         for t0 in range(mb * BLOCK_M, L, BLOCK_K):
-            t_loc = t0 + tl.arange(0, BLOCK_K)
-            t = c * L + t_loc
-            t_ok = (t < T) & (t_loc < L)
-            a_t = tl.load(A + bh * Tp + t, mask=t_ok, other=0.0)
-            seg_t = tl.load(SEG + b * Tp + t, mask=t_ok, other=-2)
+            t, t_ok, a_t, seg_t = token_tile(A + bh * Tp, SEG + b * Tp, c, t0, T, L, BLOCK_K)
             dy_t = tl.load(DY + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=t_ok[:, None] & (p[None, :] < P),
                            other=0.0)
             same = (t[None, :] >= s[:, None]) & (seg_t[None, :] == seg_s[:, None]) & t_ok[None, :] & s_ok[:, None]

@@ -50,6 +50,17 @@ def chunk_bounds(A, SEG, b, h, c, T, Tp, H, L: tl.constexpr):
 
 
 @triton.jit
+def token_tile(A_ROW, SEG_ROW, c, start, T, L: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK tokens of chunk c from position `start` within it, as a scan kernel's inner loop reads
+    them: their indices, which are real (< T and inside the chunk), and their a and segment numbers
+    (A_ROW, SEG_ROW: the row's pointers; -2 past the ends, a segment no real token has)."""
+    loc = start + tl.arange(0, BLOCK)
+    idx = c * L + loc
+    ok = (idx < T) & (loc < L)
+    return idx, ok, tl.load(A_ROW + idx, mask=ok, other=0.0), tl.load(SEG_ROW + idx, mask=ok, other=-2)
+
+
+@triton.jit
 def chunk_outer_kernel(
     X, DT, A, SEG, K, OUT, T, Tp, H, G, P, N, nc,
     FROM_END: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -138,11 +149,7 @@ def chunk_scan_fwd_kernel(
     acc = mm(c_t, s_in, PREC) * head[:, None]
 
     for s0 in range(0, (mb + 1) * BLOCK_M, BLOCK_K):
-        s_loc = s0 + tl.arange(0, BLOCK_K)
-        s = c * L + s_loc
-        s_ok = (s < T) & (s_loc < L)
-        a_s = tl.load(A + (b * H + h) * Tp + s, mask=s_ok, other=0.0)
-        seg_s = tl.load(SEG + b * Tp + s, mask=s_ok, other=-2)
+        s, s_ok, a_s, seg_s = token_tile(A + (b * H + h) * Tp, SEG + b * Tp, c, s0, T, L, BLOCK_K)
         b_s = tl.load(B + ((b * T + s[:, None]) * G + g) * N + n[None, :], mask=s_ok[:, None] & (n[None, :] < N), other=0.0)
         dt_s = tl.load(DT + (b * T + s) * H + h, mask=s_ok, other=0.0)
         x_s = tl.load(X + ((b * T + s[:, None]) * H + h) * P + p[None, :], mask=s_ok[:, None] & (p[None, :] < P), other=0.0)
