@@ -12,7 +12,7 @@ Three knobs for the GPU, read at every call (scripts/bench_ssd.py gpu --sweep ti
   UNDERTOW_SSD_TILES  e.g. "m=64,warps=4,stages=2,heads=8": token tile of the scan kernels, num_warps /
                       num_stages of every matrix kernel (Triton's defaults when absent), and the most
                       heads of one group a backward scan program takes (the largest divisor of H / G
-                      up to `heads`, default 1); `bwarps` sets num_warps of the two backward scan
+                      up to `heads`, default 1); `bwarps` sets num_warps of the backward scan
                       kernels alone (they hold the most accumulators)
   UNDERTOW_SSD_BWD    "split" (default: three backward scan kernels for dC, dx and dB, one accumulator
                       each, no register spills in sm_90 compiles) or "fused" (two kernels, the source
