@@ -49,16 +49,14 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 def _remove_crossing_taps(y, xpad, w, segpad, seg, K):
     """y minus, at each output t, the taps k whose input lies before t's document (B, T, D)."""
-    B, T = seg.shape
-    offsets = torch.arange(K, device=seg.device)
-    # (B, T, K) whether tap k of output t crosses into an earlier document; small (no D)
-    crossing = segpad.unfold(1, K, 1) != seg.unsqueeze(-1)
     if y.device.type == "meta":  # the planner's memory profile: values unknown, nothing to gather
         return y
+    # (B, T, K) whether tap k of output t crosses into an earlier document; small (no D)
+    crossing = segpad.unfold(1, K, 1) != seg.unsqueeze(-1)
     rows, cols = crossing.any(-1).nonzero(as_tuple=True)  # ~(K-1) outputs per document start
     if rows.numel() == 0:
         return y
-    taps = xpad[rows[:, None], cols[:, None] + offsets]  # (n, K, D)
+    taps = xpad[rows[:, None], cols[:, None] + torch.arange(K, device=y.device)]  # (n, K, D)
     removed = (taps * w * crossing[rows, cols].unsqueeze(-1)).sum(1)  # (n, D)
     return y.index_put_((rows, cols), -removed, accumulate=True)
 
