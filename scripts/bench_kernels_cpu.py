@@ -4,7 +4,8 @@
 
 For causal_conv1d (D channels, K = 4) and selective_scan (Dc channels, N states), each with
 document boundaries and a carried-in state, times the forward and the forward + backward of
-the reference and chunked backends; the median of `--trials` runs is reported, after one
+the reference and chunked backends (selective_scan's chunked forward both as its native CPU
+loop, the default where a C++ compiler is, and as its PyTorch loop); the median of `--trials` runs is reported, after one
 warm-up. One torch thread by default: on a busy machine, the reference loops' thousands of tiny
 ops slow down several-fold with two threads waiting on each other. Prints a markdown table (with the command, machine and date) for docs/benchmarks.md.
 """
@@ -24,6 +25,7 @@ import torch
 
 from undertow.kernels.causal_conv1d import IMPLEMENTATIONS as CONV
 from undertow.kernels.selective_scan import IMPLEMENTATIONS as SCAN
+from undertow.kernels.selective_scan import native as scan_native
 
 
 def _median_seconds(step, trials: int) -> float:
@@ -82,7 +84,15 @@ def bench_selective_scan(T: int, batch: int, trials: int, Dc: int = 256, N: int 
         "initial_state": torch.randn(batch, Dc, N), "doc_ids": _doc_ids(batch, T),
     }
     shape = f"Bt={batch} T={T} Dc={Dc} N={N}"
-    return [("selective_scan", shape, name, *_fwd_and_fwd_bwd(SCAN[name], inputs, trials)) for name in ("reference", "chunked")]
+    rows = [("selective_scan", shape, name, *_fwd_and_fwd_bwd(SCAN[name], inputs, trials)) for name in ("reference", "chunked")]
+    if scan_native._library() is not None:  # the chunked form's forward as a native loop (the default here)
+        rows[-1] = ("selective_scan", shape, "chunked (native loop)", *rows[-1][3:])
+        scan_native.ENABLED = False
+        try:
+            rows.append(("selective_scan", shape, "chunked (PyTorch loop)", *_fwd_and_fwd_bwd(SCAN["chunked"], inputs, trials)))
+        finally:
+            scan_native.ENABLED = True
+    return rows
 
 
 def main() -> int:

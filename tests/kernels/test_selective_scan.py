@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from tests.kernels.conftest import relative_error
 from tests.kernels.test_causal_conv1d import DEVICE, make_doc_ids, triton_runnable
+from undertow.kernels import native
 from undertow.kernels.selective_scan import IMPLEMENTATIONS, chunked, selective_scan
+from undertow.kernels.selective_scan import native as scan_native
 from undertow.kernels.selective_scan.reference import selective_scan_reference
 
 if "triton" in IMPLEMENTATIONS:
@@ -36,6 +39,20 @@ def chunk(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["native", "torch"])
+def cpu_forward(request, monkeypatch):
+    """The chunked form's forward: the native CPU loop (which must build where a compiler is) or
+    the PyTorch loop."""
+    if request.param == "native":
+        if DEVICE != "cpu":
+            pytest.skip("the native loop runs on CPU tensors only")
+        if native.find_compiler() is None:
+            pytest.skip("no C++ compiler: the native loop cannot be built here")
+        assert scan_native._library() is not None, native.unavailable_reason(scan_native.NAME)
+    monkeypatch.setattr(scan_native, "ENABLED", request.param == "native")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def short_triton_chunks(monkeypatch):
     """Triton's checkpoint interval cut to 8 so the short interpreter runs cross several chunks."""
@@ -51,7 +68,7 @@ TRITON_GRID = [(4, 1, False, True), (16, 7, True, False), (4, 17, True, True), (
 
 
 @pytest.mark.parametrize("N,T,with_docs,with_init", FULL_GRID)
-def test_chunked_matches_reference(compare_with_reference, chunk, N, T, with_docs, with_init):
+def test_chunked_matches_reference(compare_with_reference, chunk, cpu_forward, N, T, with_docs, with_init):
     _compare_fp32(compare_with_reference, "chunked", N, T, with_docs, with_init)
 
 
@@ -105,7 +122,7 @@ def test_split_sequence_carries_state(backend, split):
     assert torch.allclose(end, final, rtol=1e-5, atol=1e-5)
 
 
-def test_long_decay_stays_finite():
+def test_long_decay_stays_finite(cpu_forward):
     """Strong decays over a long chunk: nothing overflows (no exp of a positive exponent)."""
     inputs = make_inputs(1, 200, 2, 4, torch.float32, full=False, seed=9)
     inputs["A"] = inputs["A"] * 50
@@ -117,7 +134,7 @@ def test_long_decay_stays_finite():
 
 
 @pytest.mark.parametrize("A_scale,delta_shift", [(60.0, 0.0), (1.0, 30.0), (1.0, -8.0)], ids=["strong-A", "large-delta", "tiny-delta"])
-def test_chunked_decay_ranges(compare_with_reference, chunk, A_scale, delta_shift):
+def test_chunked_decay_ranges(compare_with_reference, chunk, cpu_forward, A_scale, delta_shift):
     """Outputs, states and gradients where dt * A reaches log(TINY_DECAY) (strong A, large delta:
     the chunked form's threshold path) and where dt is tiny (decays ~1: the path without it)."""
     inputs = make_inputs(2, 45, 3, 8, torch.float32, seed=21)
@@ -129,7 +146,9 @@ def test_chunked_decay_ranges(compare_with_reference, chunk, A_scale, delta_shif
 
 def test_chunked_threshold_path_taken(monkeypatch):
     """The decay-range check picks the threshold pass exactly when some dt * A can go under
-    log(TINY_DECAY), with dt of either sign (delta used as given)."""
+    log(TINY_DECAY), with dt of either sign (delta used as given). The PyTorch forward: the
+    native one makes no plan."""
+    monkeypatch.setattr(scan_native, "ENABLED", False)
     seen = []
     real_plan = chunked._Plan
 
@@ -186,3 +205,91 @@ def test_chunked_bf16(compare_with_reference):
     inputs = make_inputs(2, 40, 4, 8, torch.bfloat16, seed=12)
     inputs["doc_ids"] = make_doc_ids(2, 40, seed=12)
     compare_with_reference(IMPLEMENTATIONS["chunked"], selective_scan_reference, inputs, {}, 1e-2, reference_in_float32=True)
+
+
+@pytest.mark.parametrize("Bt,T,Dc,N", [(3, 70, 37, 5), (1, 20, 16, 256), (2, 33, 40, 1)], ids=["partial-block", "d_state-256", "d_state-1"])
+def test_chunked_wide_channels(compare_with_reference, chunk, cpu_forward, Bt, T, Dc, N):
+    """Channel counts that fill, span and end partway through the native loop's 16-channel rows;
+    odd, single and the largest d_state."""
+    inputs = make_inputs(Bt, T, Dc, N, torch.float32, seed=Dc + N)
+    inputs["doc_ids"] = make_doc_ids(Bt, T, seed=N)
+    compare_with_reference(IMPLEMENTATIONS["chunked"], selective_scan_reference, inputs, {}, TOL[("chunked", torch.float32)])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_chunked_nan_propagates(cpu_forward, grad):
+    """A NaN input reaches the output and the state (never hidden by a clamp)."""
+    inputs = make_inputs(1, 10, 17, 4, torch.float32, full=False, seed=31)
+    inputs["delta"][0, 3, 16] = float("nan")
+    inputs["u"].requires_grad_(grad)
+    y, h = selective_scan(**inputs, backend="chunked", return_final_state=True)
+    assert torch.isnan(y[0, 3:, 16]).all() and torch.isnan(h[0, 16]).all()
+    assert torch.isfinite(y[0, :, :16]).all() and torch.isfinite(y[0, :3]).all()
+
+
+def test_native_and_torch_forwards_agree(monkeypatch):
+    """The two CPU forwards of the chunked form: outputs, every chunk's incoming state and the
+    final state, to float32 rounding, with resets and strong decays (the TINY_DECAY threshold)."""
+    if native.find_compiler() is None:
+        pytest.skip("no C++ compiler")
+    gen = torch.Generator().manual_seed(3)
+    Bt, T, Dc, N = 2, 75, 21, 6
+    u, B, C = torch.randn(Bt, T, Dc, generator=gen), torch.randn(Bt, T, N, generator=gen), torch.randn(Bt, T, N, generator=gen)
+    dt = torch.rand(Bt, T, Dc, generator=gen) * 3
+    A = -torch.exp(2 * torch.randn(Dc, N, generator=gen))
+    h0 = torch.randn(Bt, N, Dc, generator=gen)
+    starts = torch.rand(Bt, T, generator=gen) < 0.05
+    y, incoming, final = scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY)
+    monkeypatch.setattr(scan_native, "ENABLED", False)
+    assert scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY) is None
+    plan = chunked._Plan(u, dt, A, B, C, starts, 16)
+    assert plan.tiny  # the threshold is exercised
+    h, a_buf, h_buf = h0, plan.buffer(), plan.buffer()
+    for i, (c0, n) in enumerate(plan.chunks()):
+        torch.testing.assert_close(incoming[i], h, rtol=2e-6, atol=1e-6)
+        H = plan.states_(h_buf, plan.decays_(a_buf, c0, n), h, c0, n)
+        torch.testing.assert_close(y[:, c0:c0 + n], torch.einsum("tbn,tbnd->btd", plan.C[c0:c0 + n], H[:n]), rtol=2e-6, atol=1e-5)
+        h = H[n - 1].clone()
+    torch.testing.assert_close(final, h, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("full,softplus,with_docs,with_init", [
+    (True, True, True, True), (False, True, False, False), (True, False, True, False), (False, False, True, True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_inference_matches_reference(cpu_forward, full, softplus, with_docs, with_init, dtype):
+    """Calls without gradients: on CPU the native loop runs the whole op (softplus, D, z inside)."""
+    Bt, T, Dc, N = 2, 45, 19, 6
+    inputs = make_inputs(Bt, T, Dc, N, dtype, with_init=with_init, full=full, seed=40 + full + 2 * softplus)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()
+    inputs["doc_ids"] = make_doc_ids(Bt, T, seed=41) if with_docs else None
+    reference = {k: v.float() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+    y_ref, h_ref = selective_scan_reference(**reference, delta_softplus=softplus, return_final_state=True)
+    with torch.no_grad():
+        y, h = selective_scan(**inputs, delta_softplus=softplus, backend="chunked", return_final_state=True)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    assert relative_error(y.float(), y_ref) <= tol and relative_error(h, h_ref) <= 1e-5
+    leaf = {k: v.clone().requires_grad_(True) if k == "u" else v for k, v in inputs.items()}
+    y_grad = selective_scan(**leaf, delta_softplus=softplus, backend="chunked")  # the autograd path
+    assert relative_error(y_grad.detach().float(), y.float()) <= tol
+
+
+def test_chunked_inference_softplus_range(cpu_forward):
+    """softplus over its whole range (log1p's small end, the threshold at 20, NaN) and a z gate
+    far out on both sides, without gradients, against the reference."""
+    Bt, T, Dc, N = 1, 12, 16, 3
+    inputs = make_inputs(Bt, T, Dc, N, torch.float32, seed=50)
+    inputs["delta"] = torch.linspace(-40, 40, T * Dc).view(Bt, T, Dc)
+    inputs["delta_bias"] = None
+    inputs["z"] = torch.linspace(-100, 100, T * Dc).view(Bt, T, Dc)
+    inputs["A"] = -torch.rand(Dc, N) * 0.1  # keeps dt = 40 from wiping out every state
+    y_ref, h_ref = selective_scan_reference(**inputs, return_final_state=True)
+    with torch.no_grad():
+        y, h = selective_scan(**inputs, backend="chunked", return_final_state=True)
+    assert relative_error(y, y_ref) <= 1e-5 and relative_error(h, h_ref) <= 1e-5
+    inputs["delta"][0, 5, 3] = float("nan")
+    with torch.no_grad():
+        y = selective_scan(**inputs, backend="chunked")
+    assert torch.isnan(y[0, 5:, 3]).all() and torch.isfinite(y[0, :5]).all() and torch.isfinite(y[0, :, 4:]).all()

@@ -1,0 +1,116 @@
+"""kernels/native.py: building, caching and loading native loops, and its refusals."""
+
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from undertow.kernels import native
+
+SOURCE = 'extern "C" int add_one(int x) { return x + 1; }\n'
+needs_compiler = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A private cache directory, and a library name the process has not loaded."""
+    monkeypatch.setenv("UNDERTOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(native.ENV, raising=False)
+    name = f"test_{tmp_path.name}"
+    yield name
+    native.forget(name)
+
+
+def _write(tmp_path, text, file="lib.cpp"):
+    path = tmp_path / file
+    path.write_text(text)
+    return path
+
+
+@needs_compiler
+def test_builds_once_then_loads_from_the_cache(tmp_path, fresh, monkeypatch):
+    compiles = []
+    real_run = subprocess.run
+
+    def counting_run(cmd, *args, **kwargs):
+        if "-shared" in cmd:
+            compiles.append(cmd)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", counting_run)
+    source = _write(tmp_path, SOURCE)
+    library = native.load(fresh, source)
+    assert library is not None and library.add_one(41) == 42
+    assert native.load(fresh, source) is library  # once per process
+    built = list((tmp_path / "cache" / "native").glob(f"{fresh}-*.so"))
+    assert len(built) == 1 and len(compiles) == 1
+    native.forget(fresh)  # a new process: the cached file is loaded, not rebuilt
+    assert native.load(fresh, source).add_one(1) == 2
+    assert len(compiles) == 1
+    native.forget(fresh)  # a changed source gets a new file
+    source.write_text(SOURCE.replace("x + 1", "x + 2"))
+    assert native.load(fresh, source).add_one(1) == 3
+    assert len(compiles) == 2 and len(list((tmp_path / "cache" / "native").glob(f"{fresh}-*.so"))) == 2
+    assert not list((tmp_path / "cache" / "native").glob("tmp*"))  # no temporary file left behind
+
+
+@needs_compiler
+def test_a_compile_error_is_reported(tmp_path, fresh):
+    library = native.load(fresh, _write(tmp_path, "this is not C++;\n"))
+    assert library is None
+    reason = native.unavailable_reason(fresh)
+    assert "failed" in reason and "error" in reason
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))
+
+
+def test_turned_off_by_the_environment(tmp_path, fresh, monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.load(fresh, _write(tmp_path, SOURCE)) is None
+    assert native.ENV in native.unavailable_reason(fresh)
+
+
+def test_no_compiler(tmp_path, fresh, monkeypatch):
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
+    assert native.load(fresh, _write(tmp_path, SOURCE)) is None
+    assert "no C++ compiler" in native.unavailable_reason(fresh)
+
+
+def test_compiler_from_cxx(monkeypatch, tmp_path):
+    fake = tmp_path / "my-cxx"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert native.find_compiler() == str(fake)
+
+
+@pytest.mark.parametrize("threads,rows", [(1, 5), (2, 1), (2, 7), (3, 2)])
+def test_run_rows_covers_every_row_once(threads, rows):
+    seen, lock = [], threading.Lock()
+
+    def call(begin, end):
+        with lock:
+            seen.extend(range(begin, end))
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native.run_rows(call, rows)
+    finally:
+        torch.set_num_threads(previous)
+    assert sorted(seen) == list(range(rows))
+
+
+def test_run_rows_raises_a_worker_error():
+    def call(begin, end):
+        if begin > 0:
+            raise ValueError("row trouble")
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="row trouble"):
+            native.run_rows(call, 4)
+    finally:
+        torch.set_num_threads(previous)
+

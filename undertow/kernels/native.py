@@ -1,0 +1,169 @@
+"""Native CPU loops: C++ sources shipped in the package, compiled on first use and loaded with ctypes.
+
+Some recurrences cannot be made fast on CPU from PyTorch ops: a step of Mamba-1's selective scan
+touches a few thousand floats, so a loop of per-step ops spends its time in op overhead, and the
+vectorized alternatives materialize (T, N, D) tensors and run at memory speed. A plain C++ loop
+keeps the state in registers and cache. These loops are an accelerator of the chunked form's
+CPU path, never a separate backend: where they cannot be built, the PyTorch loop runs (and the
+log says why, once).
+
+Build: `$CXX` (else c++, g++ or clang++) with -O3 and -march=native (retried with -mcpu=native,
+then neither, if the compiler refuses), into `$UNDERTOW_CACHE_DIR` (else `$XDG_CACHE_HOME/undertow`, else
+`~/.cache/undertow`) under native/. The file name carries a hash of the source, the compiler's
+version, the flags and this CPU's feature flags, so a cache shared between different machines
+(a home directory on a cluster) never loads a library built for another CPU. A build writes a
+temporary file and renames it, so concurrent ranks never load a half-written library.
+`UNDERTOW_NATIVE=0` turns the native loops off.
+
+Parallelism: the loops take a range of independent rows; `run_rows` splits the rows over
+torch.get_num_threads() Python threads (ctypes releases the GIL during the call). No OpenMP in
+the library, so it never meets a second OpenMP runtime beside torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from undertow.log import get_logger
+
+ENV = "UNDERTOW_NATIVE"
+BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-exceptions"]
+ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # tried in order (x86 and most; some ARM compilers)
+
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL | None] = {}
+_reasons: dict[str, str] = {}
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("UNDERTOW_CACHE_DIR"):
+        return Path(os.environ["UNDERTOW_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "undertow"
+
+
+def find_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The machine and its CPU feature flags (Linux), which -march=native compiles for."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.system()} {flags}"
+
+
+def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
+    compiler = find_compiler()
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    try:
+        version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"{compiler} --version failed: {err}"
+    text = source.read_bytes()
+    out_dir = cache_dir() / "native"
+    errors = []
+    for arch in ARCH_FLAGS:
+        flags = BASE_FLAGS + arch
+        key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]))
+        target = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+                os.close(fd)
+            except OSError as err:
+                return None, f"cannot write the library to {out_dir}: {err}"
+            try:
+                done = subprocess.run([compiler, *flags, "-o", tmp, str(source)],
+                                      check=False, capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    os.replace(tmp, target)
+            except (OSError, subprocess.SubprocessError) as err:
+                return None, f"{compiler} could not run: {err}"
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            if done.returncode != 0:
+                errors.append(f"{' '.join(arch) or 'no -march'}: {done.stderr.strip()[-400:]}")
+                continue
+        try:
+            return ctypes.CDLL(str(target)), f"{target}"
+        except OSError as err:
+            errors.append(f"loading {target}: {err}")
+    return None, f"{compiler} failed: " + " | ".join(errors)
+
+
+def load(name: str, source: Path) -> ctypes.CDLL | None:
+    """The library built from `source` (cached by name for the process), or None with the reason
+    in `unavailable_reason(name)`; the outcome is logged once."""
+    with _lock:
+        if name in _libraries:
+            return _libraries[name]
+        log = get_logger("undertow.kernels")
+        if os.environ.get(ENV, "1") == "0":
+            library, reason = None, f"turned off by {ENV}=0"
+        else:
+            start = time.perf_counter()
+            library, reason = _build(name, source)
+            if library is not None:
+                log.info("native %s: %s (%.1f s)", name, reason, time.perf_counter() - start)
+        if library is None:
+            log.warning("native %s unavailable (%s); the PyTorch loop runs instead", name, reason)
+            _reasons[name] = reason
+        _libraries[name] = library
+        return library
+
+
+def unavailable_reason(name: str) -> str | None:
+    return _reasons.get(name)
+
+
+def forget(name: str) -> None:
+    """Drop the process's cached outcome for `name` (tests; a changed environment)."""
+    with _lock:
+        _libraries.pop(name, None)
+        _reasons.pop(name, None)
+
+
+def run_rows(call, rows: int) -> None:
+    """call(begin, end) over [0, rows) split into contiguous parts, one per torch thread; the
+    calls run concurrently (ctypes releases the GIL) and any exception is raised here."""
+    global _pool
+    workers = max(1, min(torch.get_num_threads(), rows))
+    if workers == 1:
+        call(0, rows)
+        return
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="undertow-native"))
+        pool = _pool[2]
+    parts = [(rows * i // workers, rows * (i + 1) // workers) for i in range(workers)]
+    futures = [pool.submit(call, begin, end) for begin, end in parts[1:]]
+    call(*parts[0])  # the calling thread takes the first part
+    for future in futures:
+        future.result()
