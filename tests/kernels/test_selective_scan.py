@@ -293,3 +293,25 @@ def test_chunked_inference_softplus_range(cpu_forward):
     with torch.no_grad():
         y = selective_scan(**inputs, backend="chunked")
     assert torch.isnan(y[0, 5:, 3]).all() and torch.isfinite(y[0, :5]).all() and torch.isfinite(y[0, :, 4:]).all()
+
+
+def test_chunked_under_torch_compile(cpu_forward):
+    """torch.compile around the op (trainer's `compile`): the native loop runs eagerly inside the
+    compiled function (never traced with fake tensors), with and without gradients."""
+    inputs = make_inputs(2, 20, 18, 4, torch.float32, seed=60)
+    inputs["doc_ids"] = make_doc_ids(2, 20, seed=61)
+    u = inputs.pop("u")
+
+    def loss(u):
+        return selective_scan(u, **inputs, backend="chunked").square().sum()
+
+    leaf = u.clone().requires_grad_(True)
+    expected = loss(leaf)
+    expected.backward()
+    compiled_leaf = u.clone().requires_grad_(True)
+    got = torch.compile(loss, backend="eager")(compiled_leaf)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(compiled_leaf.grad, leaf.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(loss, backend="eager")(u), expected)

@@ -41,6 +41,7 @@ def applies(u: torch.Tensor, A: torch.Tensor) -> bool:
     return ENABLED and u.device.type == "cpu" and u.numel() > 0 and 0 < A.shape[1] <= MAX_N
 
 
+@torch.compiler.disable  # raw pointers: torch.compile must run this eagerly, never trace it
 def _run(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: int | None, tiny_decay: float):
     """One call of the library over every row; float32 copies where needed. Returns
     (y, incoming or None, final) or None without a library."""
