@@ -170,6 +170,16 @@ def test_config_error_lists_valid_letters():
     tiny_cfg("mm", n_heads=3, headdim=7).validate()  # fields of absent layer kinds are not checked
 
 
+def test_odd_head_dim_needs_no_rope():
+    """RoPE pairs the head dim's halves: an odd head dim is refused with it and runs without."""
+    with pytest.raises(ConfigError, match="even head dim"):
+        tiny_cfg("m*", d_model=18, n_heads=2, n_kv_heads=2).validate()
+    cfg = tiny_cfg("m*", d_model=18, n_heads=2, n_kv_heads=2, position_embedding="none")
+    cfg.validate()
+    logits = build(cfg)(torch.randint(0, V, (2, 5)))
+    assert logits.shape == (2, 5, V) and torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
 def test_flops_count_every_projection_once(mlp):
     cfg = tiny_cfg("mM*-", tie_embeddings=False, mlp=mlp)

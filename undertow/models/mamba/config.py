@@ -41,7 +41,7 @@ class MambaConfig:
     headdim: int = opt(64, help="Mamba-2 head dim P (heads = d_inner / headdim).")
     ngroups: int = opt(1, help="Mamba-2 groups sharing B and C (and the gated norm's groups).")
     chunk_size: int = opt(64, help="Mamba-2 SSD chunk length (chunked and Triton kernels).")
-    n_heads: int = opt(4, help="Attention query heads (head dim = d_model / n_heads, even).")
+    n_heads: int = opt(4, help="Attention query heads (head dim = d_model / n_heads; even with RoPE).")
     n_kv_heads: int = opt(0, help="Attention key/value heads (0: same as n_heads).")
     position_embedding: Literal["rope", "none"] = opt(
         "rope", help="Positions in `*` layers: rope (rotary, base rope_theta) or none (no positional encoding, "
@@ -111,7 +111,7 @@ class MambaConfig:
         if "M" in self.layer_pattern:
             self._validate_mamba2()
         if "*" in self.layer_pattern:
-            self.attention_config().validate()
+            self.attention_config().validate(rope=self.position_embedding == "rope")
         check(self.mlp in MLP_KINDS, "model.mlp", self.mlp,
               "choose one of " + ", ".join(f"{k!r} ({v})" for k, v in MLP_KINDS.items()))
         check(self.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", self.position_embedding,

@@ -32,17 +32,20 @@ class TransformerConfig:
     def hidden(self) -> int:
         return self.ffn_hidden or swiglu_hidden(self.d_model, self.multiple_of)
 
-    def validate(self) -> None:
+    def validate(self, rope: bool = True) -> None:
+        """`rope`: whether queries and keys are rotated (RoPE pairs the head dim's halves, so it must
+        be even); hybrids' attention without position embedding passes False."""
         check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0 (0: from the tokenizer)")
         check(self.d_model >= 1, "model.d_model", self.d_model, "must be >= 1")
         check(self.n_layers >= 1, "model.n_layers", self.n_layers, "must be >= 1")
         check(self.n_heads >= 1, "model.n_heads", self.n_heads, "must be >= 1")
-        divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
+        even = 2 if rope else 1
+        divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % even == 0]
         check(
-            self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
+            self.d_model % self.n_heads == 0 and self.head_dim % even == 0,
             "model.n_heads",
             self.n_heads,
-            f"must divide d_model={self.d_model} into an even head dim; valid: {divisors[:12]}",
+            f"must divide d_model={self.d_model} into {'an even' if rope else 'a whole'} head dim; valid: {divisors[:12]}",
         )
         valid_kv = [h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]
         check(
