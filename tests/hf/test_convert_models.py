@@ -237,3 +237,19 @@ def test_tokenizer_found_beside_the_checkpoint_or_in_a_data_source(tmp_path, spm
     assert find_tokenizer(str(ckpt), meta) == str(ckpt / "tokenizer.model")  # as from-hf writes it
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         find_tokenizer(str(ckpt), {"tokenizer": None, "config": {}})
+
+
+def test_stored_undertow_config_used_only_when_it_matches():
+    """config.json's undertow entry gives back fields transformers has no place for; a hand-edited
+    one that no longer matches (or cannot export at all, e.g. mlp = 'gelu') is ignored."""
+    from undertow.hf import UNDERTOW_KEY
+    from undertow.models.mamba.hf import config_from_hf, hf_config
+
+    cfg = MambaConfig(layer_pattern="M-*-", **{**TINY, "init_std": 0.3})
+    config = hf_config(cfg, {})
+    config[UNDERTOW_KEY] = {"model": {"family": "mamba", **dataclasses.asdict(cfg)}}
+    assert config_from_hf(config) == cfg
+    for edit in ({"mlp": "gelu"}, {"position_embedding": "none"}, {"d_state": 16}):
+        config[UNDERTOW_KEY]["model"] = {"family": "mamba", **dataclasses.asdict(dataclasses.replace(cfg, **edit))}
+        derived = config_from_hf(config)
+        assert derived.init_std != 0.3 and derived.mlp == "swiglu" and derived.d_state == cfg.d_state, edit

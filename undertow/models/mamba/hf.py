@@ -249,7 +249,8 @@ def _architecture_keys(config: dict) -> dict:
 def config_from_hf(config: dict) -> MambaConfig:
     """The MambaConfig of a transformers config.json. When the file carries the undertow config it was
     exported from and that config still exports to the same architecture, that one is returned
-    (exact round trip of fields transformers has no place for: init_std, multiple_of, ...)."""
+    (exact round trip of fields transformers has no place for: init_std, multiple_of, ...);
+    a stored config that differs or cannot export at all is ignored."""
     if config.get("model_type") not in HF_MODEL_TYPES:
         raise HFConversionError(f"model_type {config.get('model_type')!r} is not one of {HF_MODEL_TYPES}")
     derived = _config_from_hf(config)
@@ -258,7 +259,11 @@ def config_from_hf(config: dict) -> MambaConfig:
     known = {f.name for f in dataclasses.fields(MambaConfig)}
     if stored and set(stored) <= known:
         candidate = MambaConfig(**stored)
-        if _architecture_keys(hf_config(candidate, {})) == _architecture_keys(hf_config(derived, {})):
+        try:
+            same = _architecture_keys(hf_config(candidate, {})) == _architecture_keys(hf_config(derived, {}))
+        except HFConversionError:  # a stored config that cannot be this file's architecture (hand-edited)
+            same = False
+        if same:
             return candidate
     return derived
 
