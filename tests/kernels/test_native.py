@@ -85,32 +85,29 @@ def test_compiler_from_cxx(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("threads,rows", [(1, 5), (2, 1), (2, 7), (3, 2)])
-def test_run_rows_covers_every_row_once(threads, rows):
+def test_parts_cover_every_row_once(threads, rows):
     seen, lock = [], threading.Lock()
 
-    def call(begin, end):
+    def call(begin, end, index):
         with lock:
-            seen.extend(range(begin, end))
+            seen.extend((row, index) for row in range(begin, end))
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native.run_rows(call, rows)
+        ranges = native.parts(rows)
+        native.run_parts(call, ranges)
     finally:
         torch.set_num_threads(previous)
-    assert sorted(seen) == list(range(rows))
+    assert len(ranges) == min(threads, rows)
+    assert sorted(row for row, _ in seen) == list(range(rows))
+    assert all(ranges[index][0] <= row < ranges[index][1] for row, index in seen)
 
 
-def test_run_rows_raises_a_worker_error():
-    def call(begin, end):
-        if begin > 0:
+def test_run_parts_raises_a_worker_error():
+    def call(begin, end, index):
+        if index > 0:
             raise ValueError("row trouble")
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(ValueError, match="row trouble"):
-            native.run_rows(call, 4)
-    finally:
-        torch.set_num_threads(previous)
-
+    with pytest.raises(ValueError, match="row trouble"):
+        native.run_parts(call, [(0, 2), (2, 4)])

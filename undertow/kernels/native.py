@@ -15,8 +15,9 @@ version, the flags and this CPU's feature flags, so a cache shared between diffe
 temporary file and renames it, so concurrent ranks never load a half-written library.
 `UNDERTOW_NATIVE=0` turns the native loops off.
 
-Parallelism: the loops take a range of independent rows; `run_rows` splits the rows over
-torch.get_num_threads() Python threads (ctypes releases the GIL during the call). No OpenMP in
+Parallelism: the loops take a range of independent rows; `parts` splits the rows over
+torch.get_num_threads() and `run_parts` runs the parts on Python threads (ctypes releases the GIL
+during the call). No OpenMP in
 the library, so it never meets a second OpenMP runtime beside torch's.
 """
 
@@ -45,7 +46,7 @@ ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # tried in order (x86 an
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}
 _reasons: dict[str, str] = {}
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool) beside the calling thread
 
 
 def cache_dir() -> Path:
@@ -150,20 +151,24 @@ def forget(name: str) -> None:
         _reasons.pop(name, None)
 
 
-def run_rows(call, rows: int) -> None:
-    """call(begin, end) over [0, rows) split into contiguous parts, one per torch thread; the
-    calls run concurrently (ctypes releases the GIL) and any exception is raised here."""
-    global _pool
+def parts(rows: int) -> list[tuple[int, int]]:
+    """[0, rows) cut into contiguous (begin, end) parts, one per torch thread (at most one per row)."""
     workers = max(1, min(torch.get_num_threads(), rows))
-    if workers == 1:
-        call(0, rows)
+    return [(rows * i // workers, rows * (i + 1) // workers) for i in range(workers)]
+
+
+def run_parts(call, ranges: list[tuple[int, int]]) -> None:
+    """call(begin, end, index) for each part, concurrently (ctypes releases the GIL); the calling
+    thread takes part 0; any exception is raised here."""
+    global _pool
+    if len(ranges) == 1:
+        call(*ranges[0], 0)
         return
     with _lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
-            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="undertow-native"))
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < len(ranges) - 1:
+            _pool = (os.getpid(), len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="undertow-native"))
         pool = _pool[2]
-    parts = [(rows * i // workers, rows * (i + 1) // workers) for i in range(workers)]
-    futures = [pool.submit(call, begin, end) for begin, end in parts[1:]]
-    call(*parts[0])  # the calling thread takes the first part
+    futures = [pool.submit(call, begin, end, index) for index, (begin, end) in enumerate(ranges) if index]
+    call(*ranges[0], 0)
     for future in futures:
         future.result()

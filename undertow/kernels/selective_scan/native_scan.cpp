@@ -1,4 +1,5 @@
-// Mamba-1 selective scan forward on CPU: the chunked form's native loop (see ../native.py).
+// Mamba-1 selective scan on CPU: the chunked form's native loops (see native.py, ../native.py).
+// selective_scan_fwd below; selective_scan_bwd, its backward, at the end of the file.
 //
 // For each row (one batch entry, W = 16 consecutive channels) the (N, W) state stays in a small
 // array in L1 while the loop walks through time:
@@ -18,6 +19,7 @@
 // unrolled by two for independent dependency chains.
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 namespace {
@@ -112,6 +114,12 @@ inline void store_lanes(float *dst, const vf *src, int64_t w) {
     for (int64_t j = 0; j < w; j++) dst[j] = tmp[j];
 }
 
+inline float sum_lanes(vf v) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
 }  // namespace
 
 // u, delta, y: (Bt, T, Dc); bias, D: (Dc,) or null; z: (Bt, T, Dc) or null; A2: (N, Dc);
@@ -189,5 +197,116 @@ extern "C" int selective_scan_fwd(
         }
         for (int64_t n = 0; n < N; n++) store_lanes(h_final + (b * N + n) * Dc + d0, h[n], w);
     }
+    return 0;
+}
+
+// The backward of the training path (dt given, no bias, softplus, D or z), from the states before
+// every chunk that selective_scan_fwd wrote. Per row, chunks run last to first: the chunk's decays
+// and states are recomputed from its incoming state (bit-identical to the forward's), then the
+// adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} runs backwards through it, and
+//     dC_t[n] = sum_d h_t dy_t,   dB_t[n] = sum_d g_t dt_t u_t,   G_t[d] = sum_n g_t B_t[n],
+//     s_t = g_t a_t h_{t-1} (d loss / d(dt_t A)),  du = G dt,  ddt = G u + sum_n s A,
+//     dA += s dt,   dh0 = a_0 g_0.
+// Resets and tiny decays have a = 0, so nothing flows through them. dy, du, ddt: (Bt, T, Dc);
+// dh_final: (Bt, N, Dc) or null; dh0: (Bt, N, Dc); dA_acc (N, Dc), dB_acc and dC_acc (Bt, T, N) are
+// this call's accumulators (+=: rows of other calls may share their entries). A2: A^T log2(e).
+// Returns 0, 1 if N > MAX_N, 2 if out of memory.
+extern "C" int selective_scan_bwd(
+    const float *u, const float *dt, const float *A2, const float *B, const float *C, const uint8_t *starts,
+    const float *states, const float *dy, const float *dh_final, float *du, float *ddt, float *dh0,
+    float *dA_acc, float *dB_acc, float *dC_acc, int64_t Bt, int64_t T, int64_t Dc, int64_t N, int64_t chunk,
+    float lo_exponent, int64_t row_begin, int64_t row_end) {
+    if (N > MAX_N) return 1;
+    const int64_t blocks = (Dc + W - 1) / W;
+    const vf lo = splat(lo_exponent);
+    const float ln2 = 0.6931471806f;
+    // the chunk's decays and states, (chunk, N, 2) vectors each; vf needs 32-byte alignment
+    void *decay_mem = nullptr, *H_mem = nullptr;
+    const size_t bytes = sizeof(vf) * 2 * chunk * N;
+    if (posix_memalign(&decay_mem, 64, bytes) || posix_memalign(&H_mem, 64, bytes)) {
+        free(decay_mem);
+        free(H_mem);
+        return 2;
+    }
+    vf *decay = (vf *)decay_mem, *H = (vf *)H_mem;
+    vf g[MAX_N][2], a2[MAX_N][2], dA[MAX_N][2], h_in[MAX_N][2];
+    const vf zero[2] = {splat(0.0f), splat(0.0f)};
+    for (int64_t r = row_begin; r < row_end; r++) {
+        const int64_t b = r / blocks, d0 = (r % blocks) * W;
+        const int64_t w = Dc - d0 < W ? Dc - d0 : W;
+        for (int64_t n = 0; n < N; n++) {
+            load_lanes(a2[n], A2 + n * Dc + d0, w);
+            if (dh_final) load_lanes(g[n], dh_final + (b * N + n) * Dc + d0, w);
+            else g[n][0] = g[n][1] = splat(0.0f);
+            dA[n][0] = dA[n][1] = splat(0.0f);
+        }
+        const int64_t chunks = (T + chunk - 1) / chunk;
+        for (int64_t c = chunks - 1; c >= 0; c--) {
+            const int64_t t0 = c * chunk, L = T - t0 < chunk ? T - t0 : chunk;
+            const float *s_in = states + (c * Bt + b) * N * Dc + d0;
+            for (int64_t n = 0; n < N; n++) load_lanes(h_in[n], s_in + n * Dc, w);
+            // recompute the chunk's decays and states, exactly as the forward did
+            for (int64_t i = 0; i < L; i++) {
+                const int64_t row = b * T + t0 + i;
+                vf dv[2], uv[2];
+                load_lanes(dv, dt + row * Dc + d0, w);
+                load_lanes(uv, u + row * Dc + d0, w);
+                const bool reset = starts[row];
+                const float *Bt_ = B + row * N;
+                for (int64_t n = 0; n < N; n++) {
+                    // after a reset the state restarts from zero (as the forward's, even past a NaN)
+                    const vf *prev = reset ? zero : i ? H + ((i - 1) * N + n) * 2 : h_in[n];
+                    vf *a = decay + (i * N + n) * 2, *h = H + (i * N + n) * 2;
+                    for (int k = 0; k < 2; k++) {
+                        a[k] = reset ? splat(0.0f) : exp2_or_zero(dv[k] * a2[n][k], lo);
+                        h[k] = a[k] * prev[k] + dv[k] * uv[k] * Bt_[n];
+                    }
+                }
+            }
+            // the adjoint, last step first
+            for (int64_t i = L - 1; i >= 0; i--) {
+                const int64_t row = b * T + t0 + i;
+                vf dv[2], uv[2], dyv[2];
+                load_lanes(dv, dt + row * Dc + d0, w);
+                load_lanes(uv, u + row * Dc + d0, w);
+                load_lanes(dyv, dy + row * Dc + d0, w);
+                const vf duv[2] = {dv[0] * uv[0], dv[1] * uv[1]};
+                const float *Bt_ = B + row * N, *Ct = C + row * N;
+                float *dBt = dB_acc + row * N, *dCt = dC_acc + row * N;
+                vf G[2] = {splat(0.0f), splat(0.0f)}, sA[2] = {splat(0.0f), splat(0.0f)};
+                const bool reset = starts[row];
+                for (int64_t n = 0; n < N; n++) {
+                    const vf *prev = reset ? zero : i ? H + ((i - 1) * N + n) * 2 : h_in[n];
+                    const vf *a = decay + (i * N + n) * 2, *h = H + (i * N + n) * 2;
+                    const float bn = Bt_[n], cn = Ct[n];
+                    vf dc = splat(0.0f), db = splat(0.0f);
+                    for (int k = 0; k < 2; k++) {
+                        const vf gk = g[n][k] + dyv[k] * cn;
+                        dc += h[k] * dyv[k];
+                        db += gk * duv[k];
+                        G[k] += gk * bn;
+                        const vf sk = gk * a[k] * prev[k];
+                        sA[k] += sk * a2[n][k];
+                        dA[n][k] += sk * dv[k];
+                        g[n][k] = a[k] * gk;  // carried to step t - 1
+                    }
+                    dCt[n] += sum_lanes(dc);
+                    dBt[n] += sum_lanes(db);
+                }
+                const vf out_du[2] = {G[0] * dv[0], G[1] * dv[1]};
+                const vf out_ddt[2] = {G[0] * uv[0] + sA[0] * ln2, G[1] * uv[1] + sA[1] * ln2};
+                store_lanes(du + row * Dc + d0, out_du, w);
+                store_lanes(ddt + row * Dc + d0, out_ddt, w);
+            }
+        }
+        for (int64_t n = 0; n < N; n++) {
+            store_lanes(dh0 + (b * N + n) * Dc + d0, g[n], w);
+            float acc[W];
+            store_lanes(acc, dA[n], W);
+            for (int64_t j = 0; j < w; j++) dA_acc[n * Dc + d0 + j] += acc[j];
+        }
+    }
+    free(decay);
+    free(H);
     return 0;
 }
