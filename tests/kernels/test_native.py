@@ -111,3 +111,13 @@ def test_run_parts_raises_a_worker_error():
 
     with pytest.raises(ValueError, match="row trouble"):
         native.run_parts(call, [(0, 2), (2, 4)])
+
+
+@needs_compiler
+def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, fresh, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")  # unwritable, even for root
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    library = native.load(fresh, _write(tmp_path, SOURCE))
+    assert library is not None and library.add_one(1) == 2
+    assert list((tmp_path / "tmp").glob(f"undertow-native-*/{fresh}-*.so"))

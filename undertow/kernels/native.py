@@ -9,7 +9,7 @@ log says why, once).
 
 Build: `$CXX` (else c++, g++ or clang++) with -O3 and -march=native (retried with -mcpu=native,
 then neither, if the compiler refuses), into `$UNDERTOW_CACHE_DIR` (else `$XDG_CACHE_HOME/undertow`, else
-`~/.cache/undertow`) under native/. The file name carries a hash of the source, the compiler's
+`~/.cache/undertow`) under native/ (a temporary directory where that is read-only). The file name carries a hash of the source, the compiler's
 version, the flags and this CPU's feature flags, so a cache shared between different machines
 (a home directory on a cluster) never loads a library built for another CPU. A build writes a
 temporary file and renames it, so concurrent ranks never load a half-written library.
@@ -77,6 +77,19 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.system()} {flags}"
 
 
+def _writable_dir() -> Path | None:
+    """The cache's native/ folder, else (a read-only home) one in the temporary directory."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"undertow-native-{uid}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    return None
+
+
 def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
     compiler = find_compiler()
     if compiler is None:
@@ -86,7 +99,9 @@ def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"{compiler} --version failed: {err}"
     text = source.read_bytes()
-    out_dir = cache_dir() / "native"
+    out_dir = _writable_dir()
+    if out_dir is None:
+        return None, f"neither {cache_dir() / 'native'} nor a temporary directory is writable"
     errors = []
     for arch in ARCH_FLAGS:
         flags = BASE_FLAGS + arch
@@ -94,7 +109,6 @@ def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
         target = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
         if not target.exists():
             try:
-                out_dir.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
                 os.close(fd)
             except OSError as err:
