@@ -339,3 +339,36 @@ def test_native_backward_matches_the_pytorch_backward(monkeypatch, with_final_gr
         grads[enabled] = {k: v.grad for k, v in inputs.items()}
     for name in leaves:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("grow", ["positive-A", "negative-dt"])
+def test_chunked_growing_state(compare_with_reference, cpu_forward, grow):
+    """dt * A > 0 somewhere (decays above 1): the loops' overflow-clamped exp2 path, with and
+    without gradients."""
+    inputs = make_inputs(2, 30, 20, 4, torch.float32, full=False, seed=70)
+    inputs["doc_ids"] = make_doc_ids(2, 30, seed=71)
+    if grow == "positive-A":
+        inputs["A"] = inputs["A"].abs() * 0.05
+        inputs["delta"] = inputs["delta"].abs()
+    else:
+        inputs["A"] = inputs["A"] * 0.05
+        inputs["delta"] = -inputs["delta"].abs()
+    kwargs = {"delta_softplus": False}
+    compare_with_reference(IMPLEMENTATIONS["chunked"], selective_scan_reference, inputs, kwargs, 1e-5)
+    y_ref, h_ref = selective_scan_reference(**inputs, **kwargs, return_final_state=True)
+    with torch.no_grad():
+        y, h = selective_scan(**inputs, **kwargs, backend="chunked", return_final_state=True)
+    assert relative_error(y, y_ref) <= 1e-5 and relative_error(h, h_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_chunked_overflowing_state_is_not_hidden(cpu_forward, grad):
+    """Decays of e^200: the reference overflows to inf; so must the chunked form (the native
+    exp2 clamps its exponent, never wraps it into a small or negative number)."""
+    ones = torch.ones(1, 3, 1)
+    inputs = {"u": torch.zeros(1, 3, 1, requires_grad=grad), "delta": ones, "A": torch.full((1, 1), 200.0),
+              "B": ones, "C": ones, "initial_state": torch.ones(1, 1, 1)}
+    y_ref = selective_scan_reference(**inputs, delta_softplus=False)
+    y = selective_scan(**inputs, delta_softplus=False, backend="chunked")
+    assert not torch.isfinite(y_ref).all()
+    assert not torch.isfinite(y).all() and (y.detach() > 1e30).all()

@@ -26,8 +26,8 @@ LOG2_E = 1.4426950408889634
 ENABLED = True
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_FWD_ARGS = [_P, _P, _P, ctypes.c_int32] + [_P] * 10 + [_I] * 5 + [ctypes.c_float] + [_I, _I]
-_BWD_ARGS = [_P] * 15 + [_I] * 5 + [ctypes.c_float] + [_I, _I]
+_FWD_ARGS = [_P, _P, _P, ctypes.c_int32] + [_P] * 10 + [_I] * 5 + [ctypes.c_float, ctypes.c_int32] + [_I, _I]
+_BWD_ARGS = [_P] * 15 + [_I] * 5 + [ctypes.c_float, ctypes.c_int32] + [_I, _I]
 _ERRORS = {1: f"d_state over {MAX_N}", 2: "out of memory"}
 
 
@@ -69,6 +69,17 @@ def _a2(A: torch.Tensor) -> torch.Tensor:
     return (A.float().t() * LOG2_E).contiguous()
 
 
+def _may_grow(A: torch.Tensor, dt_floor: float | None) -> int:
+    """0 when every dt * A is <= 0 for sure (A <= 0 and dt >= 0), which lets the loops skip
+    exp2's overflow clamp; else 1. `dt_floor`: a lower bound of dt (None: dt is softplus's, >= 0)."""
+    return 0 if bool(A.max() <= 0) and (dt_floor is None or dt_floor >= 0) else 1
+
+
+def _floor(dt: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+    """A lower bound of dt + bias (NaN if either holds a NaN, which keeps the clamp)."""
+    return float(dt.min()) + (float(bias.min()) if bias is not None else 0.0)
+
+
 @torch.compiler.disable  # raw pointers: torch.compile must run this eagerly, never trace it
 def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: int | None, tiny_decay: float):
     """One call of the forward loop over every row; float32 copies where needed. Returns
@@ -85,7 +96,7 @@ def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: i
     final = u.new_empty(Bt, N, Dc)
     A2 = _a2(A)  # kept alive while the library reads it (as every tensor behind a pointer here)
     args = (_ptrs(u, delta, bias) + [int(softplus)] + _ptrs(A2, B, C, D, z, h0, starts, y, incoming, final)
-            + [Bt, T, Dc, N, chunk or T, math.log2(tiny_decay)])
+            + [Bt, T, Dc, N, chunk or T, math.log2(tiny_decay), _may_grow(A, None if softplus else _floor(delta, bias))])
     _run_rows(library.selective_scan_fwd, lambda index: args, native.parts(_rows(Bt, Dc)))
     return y, incoming, final
 
@@ -128,6 +139,6 @@ def native_backward(u, dt, A, B, C, starts, incoming, dy, dh_final, chunk: int, 
     dA, dB, dC = u.new_zeros(len(ranges), N, Dc), u.new_zeros(len(ranges), Bt, T, N), u.new_zeros(len(ranges), Bt, T, N)
     A2, incoming = _a2(A), incoming.contiguous()  # kept alive while the library reads them
     head = _ptrs(u, dt, A2, B, C, starts, incoming, dy, dh_final, du, ddt, dh0)
-    tail = [Bt, T, Dc, N, chunk, math.log2(tiny_decay)]
+    tail = [Bt, T, Dc, N, chunk, math.log2(tiny_decay), _may_grow(A, _floor(dt))]
     _run_rows(library.selective_scan_bwd, lambda i: head + _ptrs(dA[i], dB[i], dC[i]) + tail, ranges)
     return du, ddt, dA.sum(0).t(), dB.sum(0), dC.sum(0), dh0

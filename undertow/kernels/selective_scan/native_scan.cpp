@@ -42,10 +42,12 @@ inline vf select(vi mask, vf a, vf b) {  // mask ? a : b, lane by lane (mask lan
     return out;
 }
 
+template <bool GROW>  // GROW: x may exceed 126 (a growing state: A > 0 or dt < 0), so clamp it
 inline vf exp2_or_zero(vf x, vf lo) {
     // round-to-nearest by the 1.5 * 2^23 shift: t's low mantissa bits hold round(c) + 127
     const float shift = 12582912.0f + 127.0f;
-    vf c = select(x > 126.0f, splat(126.0f), x);  // NaN compares false and stays NaN
+    vf c = x;
+    if constexpr (GROW) c = select(x > 126.0f, splat(126.0f), x);  // NaN compares false and stays NaN
     const vf t = c + shift;
     const vf f = c - (t - shift);
     vf p = splat(1.5337577e-4f);
@@ -63,7 +65,7 @@ inline vf exp2_or_zero(vf x, vf lo) {
     return select(x < lo, splat(0.0f), p * scale);
 }
 
-inline vf exp2_any(vf x) { return exp2_or_zero(x, splat(-125.0f)); }  // 0 below 2^-125: no subnormals
+inline vf exp2_any(vf x) { return exp2_or_zero<true>(x, splat(-125.0f)); }  // 0 below 2^-125: no subnormals
 
 inline vf log_positive(vf v) {  // natural log of v > 0 (normal floats)
     vi bits;
@@ -127,7 +129,8 @@ inline float sum_lanes(vf v) {
 // states: (ceil(T / chunk), Bt, N, Dc) or null. Rows are (batch entry, block of W channels),
 // row = b * ceil(Dc / W) + block; this call computes rows [row_begin, row_end). All float32,
 // contiguous. Returns 0, or 1 if N > MAX_N.
-extern "C" int selective_scan_fwd(
+template <bool GROW>
+static int scan_fwd(
     const float *u, const float *delta, const float *bias, int32_t use_softplus, const float *A2,
     const float *B, const float *C, const float *D, const float *z, const float *h0, const uint8_t *starts,
     float *y, float *states, float *h_final, int64_t Bt, int64_t T, int64_t Dc, int64_t N, int64_t chunk,
@@ -166,10 +169,10 @@ extern "C" int selective_scan_fwd(
             int64_t n = 0;
             for (; n + 1 < N; n += 2) {
                 const float b0 = Bt_[n], c0 = Ct[n], b1 = Bt_[n + 1], c1 = Ct[n + 1];
-                const vf h00 = exp2_or_zero(dv[0] * a2[n][0], lo) * h[n][0] + du0 * b0;
-                const vf h01 = exp2_or_zero(dv[1] * a2[n][1], lo) * h[n][1] + du1 * b0;
-                const vf h10 = exp2_or_zero(dv[0] * a2[n + 1][0], lo) * h[n + 1][0] + du0 * b1;
-                const vf h11 = exp2_or_zero(dv[1] * a2[n + 1][1], lo) * h[n + 1][1] + du1 * b1;
+                const vf h00 = exp2_or_zero<GROW>(dv[0] * a2[n][0], lo) * h[n][0] + du0 * b0;
+                const vf h01 = exp2_or_zero<GROW>(dv[1] * a2[n][1], lo) * h[n][1] + du1 * b0;
+                const vf h10 = exp2_or_zero<GROW>(dv[0] * a2[n + 1][0], lo) * h[n + 1][0] + du0 * b1;
+                const vf h11 = exp2_or_zero<GROW>(dv[1] * a2[n + 1][1], lo) * h[n + 1][1] + du1 * b1;
                 h[n][0] = h00;
                 h[n][1] = h01;
                 h[n + 1][0] = h10;
@@ -181,8 +184,8 @@ extern "C" int selective_scan_fwd(
             }
             if (n < N) {
                 const float b0 = Bt_[n], c0 = Ct[n];
-                h[n][0] = exp2_or_zero(dv[0] * a2[n][0], lo) * h[n][0] + du0 * b0;
-                h[n][1] = exp2_or_zero(dv[1] * a2[n][1], lo) * h[n][1] + du1 * b0;
+                h[n][0] = exp2_or_zero<GROW>(dv[0] * a2[n][0], lo) * h[n][0] + du0 * b0;
+                h[n][1] = exp2_or_zero<GROW>(dv[1] * a2[n][1], lo) * h[n][1] + du1 * b0;
                 acc0 += h[n][0] * c0;
                 acc1 += h[n][1] * c0;
             }
@@ -211,7 +214,8 @@ extern "C" int selective_scan_fwd(
 // dh_final: (Bt, N, Dc) or null; dh0: (Bt, N, Dc); dA_acc (N, Dc), dB_acc and dC_acc (Bt, T, N) are
 // this call's accumulators (+=: rows of other calls may share their entries). A2: A^T log2(e).
 // Returns 0, 1 if N > MAX_N, 2 if out of memory.
-extern "C" int selective_scan_bwd(
+template <bool GROW>
+static int scan_bwd(
     const float *u, const float *dt, const float *A2, const float *B, const float *C, const uint8_t *starts,
     const float *states, const float *dy, const float *dh_final, float *du, float *ddt, float *dh0,
     float *dA_acc, float *dB_acc, float *dC_acc, int64_t Bt, int64_t T, int64_t Dc, int64_t N, int64_t chunk,
@@ -258,7 +262,7 @@ extern "C" int selective_scan_bwd(
                     const vf *prev = reset ? zero : i ? H + ((i - 1) * N + n) * 2 : h_in[n];
                     vf *a = decay + (i * N + n) * 2, *h = H + (i * N + n) * 2;
                     for (int k = 0; k < 2; k++) {
-                        a[k] = reset ? splat(0.0f) : exp2_or_zero(dv[k] * a2[n][k], lo);
+                        a[k] = reset ? splat(0.0f) : exp2_or_zero<GROW>(dv[k] * a2[n][k], lo);
                         h[k] = a[k] * prev[k] + dv[k] * uv[k] * Bt_[n];
                     }
                 }
@@ -309,4 +313,26 @@ extern "C" int selective_scan_bwd(
     free(decay);
     free(H);
     return 0;
+}
+
+// The entry points: `may_grow` = 0 promises every dt * A <= 0 (A <= 0 and dt >= 0, as in Mamba),
+// which drops exp2's upper clamp from the inner loop (~7%).
+extern "C" int selective_scan_fwd(
+    const float *u, const float *delta, const float *bias, int32_t use_softplus, const float *A2,
+    const float *B, const float *C, const float *D, const float *z, const float *h0, const uint8_t *starts,
+    float *y, float *states, float *h_final, int64_t Bt, int64_t T, int64_t Dc, int64_t N, int64_t chunk,
+    float lo_exponent, int32_t may_grow, int64_t row_begin, int64_t row_end) {
+    auto run = may_grow ? scan_fwd<true> : scan_fwd<false>;
+    return run(u, delta, bias, use_softplus, A2, B, C, D, z, h0, starts, y, states, h_final, Bt, T, Dc, N, chunk,
+               lo_exponent, row_begin, row_end);
+}
+
+extern "C" int selective_scan_bwd(
+    const float *u, const float *dt, const float *A2, const float *B, const float *C, const uint8_t *starts,
+    const float *states, const float *dy, const float *dh_final, float *du, float *ddt, float *dh0,
+    float *dA_acc, float *dB_acc, float *dC_acc, int64_t Bt, int64_t T, int64_t Dc, int64_t N, int64_t chunk,
+    float lo_exponent, int32_t may_grow, int64_t row_begin, int64_t row_end) {
+    auto run = may_grow ? scan_bwd<true> : scan_bwd<false>;
+    return run(u, dt, A2, B, C, starts, states, dy, dh_final, du, ddt, dh0, dA_acc, dB_acc, dC_acc, Bt, T, Dc, N,
+               chunk, lo_exponent, row_begin, row_end);
 }
