@@ -205,7 +205,7 @@ static int scan_fwd(
 
 // The backward of the training path (dt given, no bias, softplus, D or z), from the states before
 // every chunk that selective_scan_fwd wrote. Per row, chunks run last to first: the chunk's decays
-// and states are recomputed from its incoming state (bit-identical to the forward's), then the
+// and states are recomputed from its incoming state (the forward's arithmetic), then the
 // adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} runs backwards through it, and
 //     dC_t[n] = sum_d h_t dy_t,   dB_t[n] = sum_d g_t dt_t u_t,   G_t[d] = sum_n g_t B_t[n],
 //     s_t = g_t a_t h_{t-1} (d loss / d(dt_t A)),  du = G dt,  ddt = G u + sum_n s A,
@@ -249,7 +249,7 @@ static int scan_bwd(
             const int64_t t0 = c * chunk, L = T - t0 < chunk ? T - t0 : chunk;
             const float *s_in = states + (c * Bt + b) * N * Dc + d0;
             for (int64_t n = 0; n < N; n++) load_lanes(h_in[n], s_in + n * Dc, w);
-            // recompute the chunk's decays and states, exactly as the forward did
+            // recompute the chunk's decays and states with the forward's arithmetic
             for (int64_t i = 0; i < L; i++) {
                 const int64_t row = b * T + t0 + i;
                 vf dv[2], uv[2];
