@@ -239,9 +239,10 @@ def test_native_and_torch_forwards_agree(monkeypatch):
     A = -torch.exp(2 * torch.randn(Dc, N, generator=gen))
     h0 = torch.randn(Bt, N, Dc, generator=gen)
     starts = torch.rand(Bt, T, generator=gen) < 0.05
-    y, incoming, final = scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY)
+    grow = scan_native.may_grow(A, scan_native.dt_floor(dt))
+    y, incoming, final = scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY, grow)
     monkeypatch.setattr(scan_native, "ENABLED", False)
-    assert scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY) is None
+    assert scan_native.native_forward(u, dt, A, B, C, h0, starts, 16, chunked.TINY_DECAY, grow) is None
     plan = chunked._Plan(u, dt, A, B, C, starts, 16)
     assert plan.tiny  # the threshold is exercised
     h, a_buf, h_buf = h0, plan.buffer(), plan.buffer()

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from undertow.kernels.dispatch import segment_starts
 from undertow.kernels.selective_scan.native import applies as native_applies
 from undertow.kernels.selective_scan.native import (
+    dt_floor,
+    may_grow,
     native_backward,
     native_forward,
     native_inference,
@@ -132,10 +134,11 @@ class _ScanCore(torch.autograd.Function):
         ctx.mark_non_differentiable(starts)
         ctx.chunk = chunk
         h = h0.transpose(1, 2).contiguous()
-        done = native_forward(u, dt, A, B, C, h, starts, chunk, TINY_DECAY)
+        grow = may_grow(A, dt_floor(dt)) if native_applies(u, A) else 1
+        done = native_forward(u, dt, A, B, C, h, starts, chunk, TINY_DECAY, grow)
         if done is not None:  # the same recurrence as a native CPU loop (native.py)
             y, incoming, h = done
-            ctx.plan = None  # built by the backward
+            ctx.plan, ctx.grow = None, grow  # the plan is built by the backward, if it needs one
             ctx.save_for_backward(incoming, u, dt, A, B, C, starts)
             return y, h.transpose(1, 2).contiguous()
         plan = _Plan(u, dt, A, B, C, starts, chunk)
@@ -160,7 +163,7 @@ class _ScanCore(torch.autograd.Function):
             u, dt, A, B, C, starts = inputs
             dy = torch.zeros_like(u) if dy is None else dy
             dh = None if dh_final is None else dh_final.transpose(1, 2)
-            done = native_backward(u, dt, A, B, C, starts, incoming, dy, dh, ctx.chunk, TINY_DECAY)
+            done = native_backward(u, dt, A, B, C, starts, incoming, dy, dh, ctx.chunk, TINY_DECAY, ctx.grow)
             if done is not None:
                 du, ddt, dA, dB, dC, dh0 = done
                 return du, ddt, dA, dB, dC, dh0.transpose(1, 2), None, None

@@ -69,21 +69,22 @@ def _a2(A: torch.Tensor) -> torch.Tensor:
     return (A.float().t() * LOG2_E).contiguous()
 
 
-def _may_grow(A: torch.Tensor, dt_floor: float | None) -> int:
+def may_grow(A: torch.Tensor, dt_floor: float | None) -> int:
     """0 when every dt * A is <= 0 for sure (A <= 0 and dt >= 0), which lets the loops skip
     exp2's overflow clamp; else 1. `dt_floor`: a lower bound of dt (None: dt is softplus's, >= 0)."""
     return 0 if bool(A.max() <= 0) and (dt_floor is None or dt_floor >= 0) else 1
 
 
-def _floor(dt: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+def dt_floor(dt: torch.Tensor, bias: torch.Tensor | None = None) -> float:
     """A lower bound of dt + bias (NaN if either holds a NaN, which keeps the clamp)."""
     return float(dt.min()) + (float(bias.min()) if bias is not None else 0.0)
 
 
 @torch.compiler.disable  # raw pointers: torch.compile must run this eagerly, never trace it
-def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: int | None, tiny_decay: float):
-    """One call of the forward loop over every row; float32 copies where needed. Returns
-    (y, incoming or None, final) or None without a library."""
+def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: int | None, tiny_decay: float,
+             grow: int):
+    """One call of the forward loop over every row; float32 copies where needed. `grow`: may_grow's
+    flag. Returns (y, incoming or None, final) or None without a library."""
     library = _library()
     if library is None:
         return None
@@ -96,18 +97,19 @@ def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: i
     final = u.new_empty(Bt, N, Dc)
     A2 = _a2(A)  # kept alive while the library reads it (as every tensor behind a pointer here)
     args = (_ptrs(u, delta, bias) + [int(softplus)] + _ptrs(A2, B, C, D, z, h0, starts, y, incoming, final)
-            + [Bt, T, Dc, N, chunk or T, math.log2(tiny_decay), _may_grow(A, None if softplus else _floor(delta, bias))])
+            + [Bt, T, Dc, N, chunk or T, math.log2(tiny_decay), grow])
     _run_rows(library.selective_scan_fwd, lambda index: args, native.parts(_rows(Bt, Dc)))
     return y, incoming, final
 
 
-def native_forward(u, dt, A, B, C, h0, starts, chunk: int, tiny_decay: float):
+def native_forward(u, dt, A, B, C, h0, starts, chunk: int, tiny_decay: float, grow: int):
     """The training path's recurrence. u, dt: (Bt, T, Dc); A: (Dc, N); B, C: (Bt, T, N);
-    h0: (Bt, N, Dc); starts: (Bt, T) bool; float32 on CPU. Returns (y (Bt, T, Dc),
-    incoming (ceil(T / chunk), Bt, N, Dc), final (Bt, N, Dc)) or None (the PyTorch loop runs)."""
+    h0: (Bt, N, Dc); starts: (Bt, T) bool; float32 on CPU; grow: may_grow(A, dt_floor(dt)), which
+    the backward takes too. Returns (y (Bt, T, Dc), incoming (ceil(T / chunk), Bt, N, Dc),
+    final (Bt, N, Dc)) or None (the PyTorch loop runs)."""
     if not applies(u, A) or u.dtype != torch.float32:
         return None
-    return _forward(u, dt, None, False, A, B, C, None, None, h0, starts, chunk, tiny_decay)
+    return _forward(u, dt, None, False, A, B, C, None, None, h0, starts, chunk, tiny_decay, grow)
 
 
 def native_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, h0, starts, tiny_decay: float):
@@ -116,13 +118,14 @@ def native_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, 
     or None."""
     if not applies(u, A):
         return None
-    done = _forward(u, delta, delta_bias, delta_softplus, A, B, C, D, z, h0, starts, None, tiny_decay)
+    grow = may_grow(A, None if delta_softplus else dt_floor(delta, delta_bias))
+    done = _forward(u, delta, delta_bias, delta_softplus, A, B, C, D, z, h0, starts, None, tiny_decay, grow)
     return None if done is None else (done[0], done[2])
 
 
 @torch.compiler.disable
-def native_backward(u, dt, A, B, C, starts, incoming, dy, dh_final, chunk: int, tiny_decay: float):
-    """The backward of `native_forward`, from its `incoming` states. dy: (Bt, T, Dc);
+def native_backward(u, dt, A, B, C, starts, incoming, dy, dh_final, chunk: int, tiny_decay: float, grow: int):
+    """The backward of `native_forward`, from its `incoming` states and with its `grow`. dy: (Bt, T, Dc);
     dh_final: (Bt, N, Dc) or None. Returns (du, ddt (Bt, T, Dc), dA (Dc, N), dB, dC (Bt, T, N),
     dh0 (Bt, N, Dc)) or None without a library."""
     library = _library() if applies(u, A) else None
@@ -139,6 +142,6 @@ def native_backward(u, dt, A, B, C, starts, incoming, dy, dh_final, chunk: int, 
     dA, dB, dC = u.new_zeros(len(ranges), N, Dc), u.new_zeros(len(ranges), Bt, T, N), u.new_zeros(len(ranges), Bt, T, N)
     A2, incoming = _a2(A), incoming.contiguous()  # kept alive while the library reads them
     head = _ptrs(u, dt, A2, B, C, starts, incoming, dy, dh_final, du, ddt, dh0)
-    tail = [Bt, T, Dc, N, chunk, math.log2(tiny_decay), _may_grow(A, _floor(dt))]
+    tail = [Bt, T, Dc, N, chunk, math.log2(tiny_decay), grow]
     _run_rows(library.selective_scan_bwd, lambda i: head + _ptrs(dA[i], dB[i], dC[i]) + tail, ranges)
     return du, ddt, dA.sum(0).t(), dB.sum(0), dC.sum(0), dh0
