@@ -161,6 +161,40 @@ def test_ngroups_refused_when_transformers_ignores_groups(tmp_path, spm_path, ca
         assert (hf_model(ids).logits - our_model(ckpt)(ids)).abs().max().item() <= 1e-4
 
 
+def _whole_width_gated_norm(self, hidden_states, gate=None):
+    """The older transformers' Mamba-2 gated RMSNorm: silu-gated, then one RMS over all of d_inner."""
+    h = hidden_states.float()
+    if gate is not None:
+        h = h * torch.nn.functional.silu(gate.float())
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return (self.weight * h).to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("mamba2", dict(hidden_size=32, num_heads=4, head_dim=16, n_groups=2, state_size=8, num_hidden_layers=1)),
+    ("bamba", dict(hidden_size=32, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                   num_hidden_layers=1, intermediate_size=32, num_attention_heads=4, attn_layer_indices=[]))])
+def test_grouped_norm_probe_measures_the_installed_transformers(monkeypatch, model_type, config):
+    """The probe answers by running transformers, not by a class name: True for today's per-group norm,
+    False once the norm of the same classes normalizes over the whole width (older transformers)."""
+    from undertow.models.mamba import hf
+
+    hf._hf_gated_norm_uses_groups.cache_clear()
+    assert hf._hf_gated_norm_uses_groups(model_type)
+    # the gated norm found by what it is: the mixer's only 1-D weight as wide as d_inner (64)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config))
+    norms = {type(m) for m in model.modules()
+             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.shape == (64,)
+             and m is not getattr(model, "lm_head", None)}
+    assert len(norms) == 1, norms
+    monkeypatch.setattr(norms.pop(), "forward", _whole_width_gated_norm)
+    hf._hf_gated_norm_uses_groups.cache_clear()
+    try:
+        assert not hf._hf_gated_norm_uses_groups(model_type)
+    finally:
+        hf._hf_gated_norm_uses_groups.cache_clear()
+
+
 def test_import_errors_are_one_line(tmp_path, spm_path, capsys):
     assert main(["convert", "from-hf", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -22,19 +22,21 @@ Every rule below is used in both directions, so export and import cannot drift a
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import functools
 import re
 from dataclasses import dataclass
 
 import torch
 
-from undertow.hf import UNDERTOW_KEY, HFConversionError
+from undertow.log import get_logger
+from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
 from undertow.models.mamba.config import MambaConfig
 
 HF_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba")
 _ARCH = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
          "bamba": "BambaForCausalLM"}
 _BAMBA_PATTERN = re.compile(r"^(?:[M*]-)+$")
+log = get_logger("undertow.hf")
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,44 @@ def _model_type(cfg: MambaConfig) -> str:
     return "bamba"
 
 
+@functools.lru_cache(maxsize=None)
 def _hf_gated_norm_uses_groups(model_type: str) -> bool:
-    """Whether the installed transformers normalizes Mamba-2's gated RMSNorm per group (older
-    versions normalize over all of d_inner, which changes the outputs when ngroups > 1)."""
+    """Whether the installed transformers computes Mamba-2 layers with ngroups > 1 as we do (older
+    versions normalize the gated RMSNorm over all of d_inner instead of per group).
+
+    Measured, never looked up by class name (transformers renamed the norm class once already): a
+    tiny 2-group model of ours, with the second group's channels scaled up so that per-group and
+    whole-width normalization differ by far more than rounding, is converted by this module's
+    rules and run in transformers' own class; True when the logits agree. False when transformers
+    is not installed or cannot build the class (nothing to check against)."""
     try:
-        if model_type == "bamba":
-            from transformers.models.bamba.modeling_bamba import BambaRMSNormGated as norm_cls
-        else:
-            from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated as norm_cls
+        import transformers
     except ImportError:
         return False
-    return "group_size" in inspect.signature(norm_cls.__init__).parameters
+    from undertow.models.mamba.model import MambaLM
+
+    pattern = "M-" if model_type == "bamba" else "MM"
+    cfg = MambaConfig(vocab_size=32, d_model=32, layer_pattern=pattern, d_state=8, headdim=16, ngroups=2,
+                      chunk_size=8, multiple_of=16)
+    torch.manual_seed(0)
+    ours = MambaLM(cfg)
+    ours.init_weights()
+    with torch.no_grad():
+        ours.layers[0].mixer.in_proj_x.weight[cfg.d_inner // 2:] *= 20.0  # the second group's channels
+    config, tensors = to_hf(cfg, ours.state_dict(), {})
+    config.pop(UNDERTOW_KEY)
+    try:
+        theirs = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(config.pop("model_type"), **config))
+        theirs.load_state_dict(tensors, strict=False)
+        ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, got = ours(ids), theirs.eval()(ids, use_cache=False).logits
+    except Exception as e:  # noqa: BLE001 - any failure means the installed transformers cannot be checked
+        log.warning("could not run transformers' %s to check its grouped norm (%s: %s)", model_type,
+                    type(e).__name__, e)
+        return False
+    return bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1.0))
 
 
 def hf_architecture(cfg: MambaConfig) -> str:
@@ -92,9 +121,10 @@ def hf_architecture(cfg: MambaConfig) -> str:
     model_type = _model_type(cfg)
     if "M" in cfg.layer_pattern and cfg.ngroups > 1 and not _hf_gated_norm_uses_groups(model_type):
         raise HFConversionError(
-            f"ngroups = {cfg.ngroups}: the installed transformers' Mamba-2 gated RMSNorm normalizes over all "
-            "of d_inner instead of per group, so the exported model would compute different outputs; "
-            "export with a transformers version whose MambaRMSNormGated takes group_size, or use ngroups = 1")
+            f"ngroups = {cfg.ngroups}: the installed transformers (if any) does not compute a 2-group Mamba-2 "
+            "layer as undertow does (older versions normalize the gated RMSNorm over all of d_inner instead of "
+            "per group), so the exported model would compute different outputs; install a transformers "
+            "version whose Mamba-2 normalizes per group (5.x does), or use ngroups = 1")
     return _ARCH[model_type]
 
 
@@ -148,7 +178,6 @@ def _rules(cfg: MambaConfig, model_type: str) -> list[Rule]:
 
 def hf_config(cfg: MambaConfig, special_ids: dict) -> dict:
     """The config.json of `cfg` (`special_ids`: bos/eos/pad token ids, None when absent)."""
-    hf_architecture(cfg)
     model_type = _model_type(cfg)
     out = {"architectures": [_ARCH[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.d_model, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
