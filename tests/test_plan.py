@@ -3,7 +3,7 @@ import pytest
 from undertow.cli import main
 from undertow.configtools import ConfigError
 from undertow.models import registry
-from undertow.planner import make_plan
+from undertow.planning.summary import make_plan
 from undertow.pretrain.config import load_config
 
 # Published parameter counts:

@@ -18,7 +18,7 @@ from undertow.planning.memory import (
     estimate,
     split_stages,
 )
-from undertow.planning.profile import ModelProfile, Piece
+from undertow.models.profile import ModelProfile, Piece
 
 MIB = 2**20
 

@@ -21,7 +21,7 @@ import torch
 
 from undertow.models import registry
 from undertow.models.common.loss import lm_loss_sum
-from undertow.planner import model_facts
+from undertow.planning.summary import model_facts
 from undertow.planning.memory import Layout, Setup, stage_memory
 from undertow.pretrain.config import load_config
 from undertow.pretrain.optim import build_optimizer

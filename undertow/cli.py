@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from undertow import __version__
+from undertow import versions
 from undertow.configtools import ConfigError, describe
 
 
@@ -47,7 +47,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from undertow.launch.signals import EXIT_REQUEUE, Preempted
+    from undertow.pretrain.signals import EXIT_REQUEUE, Preempted
     from undertow.pretrain.trainer import Trainer, TrainingDiverged
 
     try:
@@ -73,12 +73,24 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """--version: the versions are read only when asked (package metadata, one line each)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions.report())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="undertow",
         description="Pretraining for recurrent-family language models.",
     )
-    parser.add_argument("--version", action="version", version=f"undertow {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="show undertow's version and its dependencies' (installed here), then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser(
@@ -103,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
-    from undertow.planner import add_plan_parser
+    from undertow.planning.cli import add_plan_parser
 
     add_plan_parser(sub)
     from undertow.data_prep.cli import add_prep_parser

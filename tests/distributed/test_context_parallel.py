@@ -25,7 +25,7 @@ from undertow.parallel.context import (
     shard_batch,
 )
 from undertow.parallel.context_comm import COUNTER
-from undertow.parallel.context_hook import active
+from undertow.kernels.context import active
 from undertow.parallel.mesh import ParallelDims
 
 T = 32  # 8 tokens per rank at cp=4: boundaries at 5 and 29 fall inside slices, 16 at a slice start

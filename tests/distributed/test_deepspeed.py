@@ -23,7 +23,7 @@ from tests.distributed.harness import run_distributed
 from tests.distributed.test_data_parallel import FAMILIES, global_batch, make_config
 from undertow.cli import main
 from undertow.configtools import ConfigError
-from undertow.parallel.deepspeed import convert_from_deepspeed
+from undertow.pretrain.deepspeed_convert import convert_from_deepspeed
 from undertow.pretrain.config import load_config
 from undertow.pretrain.trainer import Trainer
 

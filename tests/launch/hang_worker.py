@@ -14,7 +14,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from undertow.launch.signals import RunGuard, collective_timeout
+from undertow.pretrain.signals import RunGuard, collective_timeout
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from undertow.cli import main
-from undertow.launch.signals import EXIT_REQUEUE, describe_call, traceback_frames
+from undertow.pretrain.signals import EXIT_REQUEUE, describe_call, traceback_frames
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain import trainer as trainer_mod
 

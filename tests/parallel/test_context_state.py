@@ -7,7 +7,9 @@ import torch
 from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.selective_scan import selective_scan
 from undertow.kernels.ssd import ssd
-from undertow.parallel.context_ops import STATE_PASSING
+from undertow.kernels.causal_conv1d.context import STATE_PASSING as CONV_STATE
+from undertow.kernels.selective_scan.context import STATE_PASSING as SCAN_STATE
+from undertow.kernels.ssd.context import STATE_PASSING as SSD_STATE
 from undertow.parallel.context_state import (
     continues,
     doc_edges,
@@ -15,6 +17,7 @@ from undertow.parallel.context_state import (
     fold_forward,
 )
 
+STATE_PASSING = {"ssd": SSD_STATE, "selective_scan": SCAN_STATE, "causal_conv1d": CONV_STATE}
 T = 24
 # Row 0: boundaries inside slices (5, 20 with 4 slices of 6; 5 with 2 of 12), at a slice start
 # (12) and a document spanning whole slices; row 1: one document.

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_packing import Row, pack_rows
-from undertow.pretrain.loader_streams import DocumentStream, PlanItem, StreamSettings, slot_plan
-from undertow.pretrain.loader_sources import resolve_source
-from undertow.pretrain.loader_testing import (
+from undertow.pretrain.loader.packing import Row, pack_rows
+from undertow.pretrain.loader.streams import DocumentStream, PlanItem, StreamSettings, slot_plan
+from undertow.pretrain.loader.sources import resolve_source
+from tests.pretrain.loader_data import (
     document_multiset,
     documents_from_batches,
     random_documents,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_testing import (
+from tests.pretrain.loader_data import (
     document_multiset,
     documents_from_batches,
     random_documents,

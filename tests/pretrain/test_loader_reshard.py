@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_slot import LoaderSpec, SlotProducer, reshard_slots
-from undertow.pretrain.loader_sources import resolve_source
-from undertow.pretrain.loader_streams import DocumentStream
-from undertow.pretrain.loader_testing import document_multiset, random_documents, write_shard_dir
+from undertow.pretrain.loader.slot import LoaderSpec, SlotProducer, reshard_slots
+from undertow.pretrain.loader.sources import resolve_source
+from undertow.pretrain.loader.streams import DocumentStream
+from tests.pretrain.loader_data import document_multiset, random_documents, write_shard_dir
 
 
 @pytest.fixture

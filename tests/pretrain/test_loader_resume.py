@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_testing import random_documents, write_shard_dir
+from tests.pretrain.loader_data import random_documents, write_shard_dir
 
 
 @pytest.fixture

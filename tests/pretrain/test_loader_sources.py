@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from undertow.pretrain import loader_sources
+from undertow.pretrain.loader import sources as loader_sources
 from undertow.pretrain.loader import PackedLoader
-from undertow.pretrain.loader_sources import ShardReadError
-from undertow.pretrain.loader_testing import (
+from undertow.pretrain.loader.sources import ShardReadError
+from tests.pretrain.loader_data import (
     document_multiset,
     documents_from_batches,
     random_documents,

@@ -11,7 +11,7 @@ import torch
 from undertow.data_prep.stats import unigram_entropy
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain import trainer as trainer_mod
-from undertow.pretrain.data_sources import resolve_sources
+from undertow.pretrain.loader import resolve_sources
 from undertow.pretrain.trainer import Trainer, TrainingDiverged, train
 
 from tests.pretrain.helpers import TINY, cli_args, read_losses, tiny_config

@@ -20,11 +20,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-UNDERTOW_KEY = "undertow"  # config.json entry holding the undertow model config (exact round trips)
+from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
 
-
-class HFConversionError(ValueError):
-    """A model, config or directory cannot be converted exactly; the message says why."""
+__all__ = ["UNDERTOW_KEY", "HFConversionError", "adapter_for_family", "adapter_for_model_type"]
 
 
 def adapter_for_family(family: str) -> ModuleType:

@@ -53,7 +53,7 @@ example:
 
 
 def cmd_from_deepspeed(args: argparse.Namespace, overrides: list[str]) -> int:
-    from undertow.parallel.deepspeed import convert_from_deepspeed
+    from undertow.pretrain.deepspeed_convert import convert_from_deepspeed
     from undertow.pretrain.config import load_config
 
     cfg = load_config(args.recipe, overrides)

@@ -64,3 +64,17 @@ def segment_starts(doc_ids: torch.Tensor | None, shape: tuple[int, int], device)
     if doc_ids is not None:
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return starts
+
+
+def continuous_rows(doc_ids: torch.Tensor | None, rows: int, length: int, device) -> torch.Tensor:
+    """(rows,) float32: 1 where no document starts after the slice's first token, else 0 (the rows
+    through which a carried state reaches the slice's end; context parallelism's transitions)."""
+    return (~segment_starts(doc_ids, (rows, length), device).any(1)).float()
+
+
+def in_last_segment(doc_ids: torch.Tensor | None, rows: int, length: int, device) -> torch.Tensor | None:
+    """(rows, length) bool: the token belongs to the slice's last segment (None: no boundaries)."""
+    if doc_ids is None:
+        return None
+    segment = segment_starts(doc_ids, (rows, length), device).cumsum(1)
+    return segment == segment[:, -1:]

@@ -8,7 +8,7 @@ import shlex
 import sys
 import textwrap
 
-from undertow.launch.signals import EXIT_HUNG, EXIT_REQUEUE
+from undertow.pretrain.signals import EXIT_HUNG, EXIT_REQUEUE
 
 _COMMON_EPILOG = f"""\
 The recipe and the --section.field VALUE overrides are those of `undertow pretrain` (see

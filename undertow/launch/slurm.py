@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from undertow import __version__
 from undertow.configtools import ConfigError
 from undertow.launch.command import PretrainCommand
-from undertow.launch.signals import EXIT_REQUEUE
+from undertow.pretrain.signals import EXIT_REQUEUE
 from undertow.launch.torchrun import TORCHRUN_ENV, node_options
 
 _DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:@+=/%\[\]-]+")

@@ -1,48 +1,23 @@
 """Model families by name: the only place that knows which families exist.
 
-pretrain/ and parallel/ look a family up here and use its ModelSpec; adding a family means
-adding a folder under models/ and one `register(...)` call in `_register_builtin`.
+pretrain/ and parallel/ look a family up here and use its ModelSpec (model_spec.py). Families are
+named by the module that holds their spec (`FAMILY_SPECS`), imported on first use, so this module
+imports no family and no family imports it: adding a family means adding a folder under models/
+with a `spec.py` that defines `SPEC`, and one line in `FAMILY_SPECS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
+from typing import Any
 
 from undertow.configtools import ConfigError
+from undertow.models.model_spec import ModelSpec
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the framework needs to know about one model family.
-
-    config_cls:      dataclass of the family's hyper-parameters, with `validate()`.
-    model_cls:       nn.Module built as `model_cls(config)`; it must offer `init_weights()`
-                     (so it can be built on the meta device and materialized later) and
-                     `forward(input_ids, *, position_ids, doc_ids, cu_seqlens, max_seqlen) -> logits`.
-    flops_per_token: (config, seq_len) -> training FLOPs per token (forward + backward), for MFU.
-    layer_cost:      (config, seq_len) -> relative cost per layer (pipeline balancing), or None.
-    plan:            the family's tensor/sequence-parallel plan module (models/<family>/plan.py:
-                     block_styles, block_params; applied by parallel/tensor.py), or None.
-    hf_adapter:      Hugging Face conversion module, or None.
-    shape_limits:    (config) -> [(degree, what, size)]: the model dimensions a parallel degree
-                     splits ("tp" must divide e.g. ("n_heads", 32)), for ParallelDims.validate and
-                     the planner; or None (no limits known).
-    state_elements:  (config) -> per layer, the elements (float32) of the recurrent state one
-                     sequence carries across a split of its tokens (conv window + SSM state; 0
-                     for layers without one), for the planner's context-parallel memory; or None.
-    """
-
-    name: str
-    config_cls: type
-    model_cls: type
-    flops_per_token: Callable[[Any, int], float]
-    layer_cost: Callable[[Any, int], list[float]] | None = None
-    plan: Any = None
-    hf_adapter: Any = None
-    shape_limits: Callable[[Any], list[tuple[str, str, int]]] | None = None
-    state_elements: Callable[[Any], list[int]] | None = None
-
+FAMILY_SPECS = {  # family name -> module whose SPEC describes it
+    "transformer": "undertow.models.transformer.spec",
+    "mamba": "undertow.models.mamba.spec",
+}
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -103,9 +78,8 @@ def _register_builtin() -> None:
     if _BUILTIN_DONE:
         return
     _BUILTIN_DONE = True
-    from undertow.models.transformer import spec as transformer_spec
-
-    register(transformer_spec.SPEC)
-    from undertow.models.mamba import spec as mamba_spec
-
-    register(mamba_spec.SPEC)
+    for name, module in FAMILY_SPECS.items():
+        spec = importlib.import_module(module).SPEC
+        if spec.name != name:
+            raise ValueError(f"{module}.SPEC is named {spec.name!r}, registered as {name!r}")
+        register(spec)

@@ -6,15 +6,17 @@
     loss_sum.backward()                                 # collectives inside; every cp rank calls it
     all_reduce_gradients(model, cp.group)               # or FSDP2 over "dp_shard_cp", which sums them
 
-How it is applied: the model stays a plain module. Each kernel's public function asks
-`context_hook.context_parallel_op(op)` whether CP is active; `apply_context_parallel` wraps the
-forward of every block in `model.layers` so that it is, for that model only (a ContextVar, set
-again when activation checkpointing recomputes a block). Ops then run their CP form:
-  - recurrences (ssd, selective_scan, causal_conv1d; see context_ops.py) pass states between
-    ranks (context_state.py): scan from zero, all-gather (final state, transition), fold, re-run;
+How it is applied: the model stays a plain module. Each kernel's public function asks the hook
+point, `kernels.context.context_parallel_op(op)`, whether CP is active; `apply_context_parallel`
+wraps the forward of every block in `model.layers` so that it is, for that model only (a
+ContextVar, set again when activation checkpointing recomputes a block). Ops then run the CP form
+this package installs:
+  - recurrences (ssd, selective_scan, causal_conv1d, ...) pass states between ranks
+    (context_state.py): scan from zero, all-gather (final state, transition), fold, re-run. Each
+    op's state math is its `StatePassing`, in its own folder (kernels/<op>/context.py);
   - attention all-gathers K/V and masks with global positions and documents (context_attention.py).
-Nothing here knows a model family; a new op registers a handler (context_ops.STATE_PASSING for a
-recurrence) and calls the hook from its public function.
+Nothing here knows a model family or a recurrence op: a new op adds kernels/<op>/context.py and the
+hook call in its public function, and this package does not change.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from undertow.parallel import context_attention  # noqa: F401 - registers the attention handler
-from undertow.parallel.context_hook import active, register_handler
-from undertow.parallel.context_ops import STATE_PASSING
-from undertow.parallel.context_state import StatePassing, run_state_passing
+from undertow.kernels.context import STATE_PASSING, StatePassing, active, install_handler
+from undertow.parallel.context_attention import attention_handler
+from undertow.parallel.context_state import run_state_passing
 
 SHARDED_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 DROPPED_KEYS = ("cu_seqlens", "max_seqlen")  # describe the whole row; CP ranks mark documents by doc_ids
@@ -51,12 +52,12 @@ class ContextParallel:
         return dist.get_world_size(self.group)
 
 
-def _state_passing_handler(spec: StatePassing, cp: ContextParallel, fn, *args, **kwargs):
+def _state_passing_handler(cp: ContextParallel, spec: StatePassing, fn, *args, **kwargs):
     return run_state_passing(cp, spec, fn, args, kwargs)
 
 
-for _op, _spec in STATE_PASSING.items():
-    register_handler(_op, functools.partial(_state_passing_handler, _spec))
+install_handler(STATE_PASSING, _state_passing_handler)
+install_handler("attention", attention_handler)
 
 
 def _under_context(forward, cp: ContextParallel):

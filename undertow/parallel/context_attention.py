@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from undertow.log import get_logger
 from undertow.parallel.context_comm import all_gather, gather_along_dim
-from undertow.parallel.context_hook import register_handler
 
 _logged = False
 
@@ -58,5 +57,3 @@ def attention_handler(cp, fn, q, k, v, *, doc_ids=None, cu_seqlens=None, max_seq
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=kt.shape[1] != H)
     return out.transpose(1, 2)
 
-
-register_handler("attention", attention_handler)

@@ -18,40 +18,25 @@ folds those of the ranks after it, in reverse, into the gradients of its final s
 transition (`_ExchangeStates.backward`); autograd does the rest. A global `initial_state` (the
 state before each row's first token) is read on cp rank 0 only.
 
-An op declares how it passes state with a `StatePassing` (see context_ops.py). The op's public
-function must take `initial_state`, `doc_ids` and `return_final_state` keywords and return
-(y, final_state) when asked: the kernel contract of DESIGN.md.
+An op declares how it passes state with a `StatePassing` in its own folder
+(kernels/<op>/context.py; the contract is in kernels/context.py); nothing here names an op. The
+op's public function must take `initial_state`, `doc_ids` and `return_final_state` keywords and
+return (y, final_state) when asked: the kernel contract of DESIGN.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from undertow.kernels.context import StatePassing, local_only
 from undertow.parallel.context_comm import all_gather
-from undertow.parallel.context_hook import local_only
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StatePassing:
-    """How one recurrence op passes its state across cp ranks.
-
-    transition(args, kwargs) -> float32 tensor broadcastable to the state: the slice's cumulative
-        decay (final_state(h0) - final_state(0) = transition * h0), zero for rows in which a
-        document starts after the slice's first token. May raise if the slice is too short.
-    final_from_zero(fn, args, kwargs) -> final_state(0) of the slice, float32 state shape. Without
-        it, the op runs once more from a zero state to get it.
-    """
-
-    transition: Callable[[Args, Kwargs], torch.Tensor]
-    final_from_zero: Callable[[Callable, Args, Kwargs], torch.Tensor] | None = None
 
 
 def doc_edges(doc_ids: torch.Tensor | None, rows: int, device) -> torch.Tensor:

@@ -51,11 +51,11 @@ def stage_costs(spec, model_cfg, seq_len: int) -> StageCosts:
 def with_activation_memory(costs: StageCosts, spec, model_cfg, rows: int, seq_len: int,
                            compute_dtype: torch.dtype, checkpointed: bool = False, shards: int = 1) -> StageCosts:
     """`costs` with the activation bytes one micro-batch of `rows` x `seq_len` tokens saves in each
-    layer and end stage, measured on the meta device (planning/profile.py: the family's own forward,
+    layer and end stage, measured on the meta device (models/profile.py: the family's own forward,
     so every family is covered). checkpointed: each block keeps its input only (activation
     checkpointing). shards: the ranks that split a micro-batch's activations further (tp, whose
     sequence parallelism shards most of them; an estimate)."""
-    from undertow.planning.profile import profile_model  # a meta-device forward: only when asked
+    from undertow.models.profile import profile_model  # a meta-device forward: only when asked
 
     profile = profile_model(spec.model_cls, model_cfg, compute_dtype)
     blocks = [(b.input_bytes if checkpointed else b.saved_bytes)(rows, seq_len) / shards for b in profile.blocks]

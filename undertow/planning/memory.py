@@ -37,7 +37,7 @@ import dataclasses
 
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.pipeline_split import StageCosts, balance_stages, stage_ranges
-from undertow.planning.profile import ModelProfile, Piece
+from undertow.models.profile import ModelProfile, Piece
 
 GIB = 2**30
 AC_RECOMPUTE = 4.0 / 3.0  # training FLOPs of forward + backward (3 units) plus one more forward

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from undertow.launch.signals import RunGuard, apply_collective_timeout
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
@@ -31,11 +30,11 @@ from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_
 from undertow.parallel.pipeline import PipelineRunner
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain.config import ExperimentConfig, build_model_config
-from undertow.pretrain.data_sources import resolve_sources
-from undertow.pretrain.loader import PackedLoader
+from undertow.pretrain.loader import PackedLoader, resolve_sources
 from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
 from undertow.pretrain.optim import build_optimizer
 from undertow.pretrain.schedule import lr_multiplier
+from undertow.pretrain.signals import RunGuard, apply_collective_timeout
 
 log = get_logger("undertow.trainer")
 MODEL_INPUTS = ("position_ids", "doc_ids", "cu_seqlens", "max_seqlen")

@@ -7,7 +7,8 @@ import torch
 from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.selective_scan.chunked import selective_scan_chunked
 from undertow.kernels.selective_scan.reference import selective_scan_reference
-from undertow.parallel.context_hook import context_parallel_op
+from undertow.kernels.context import context_parallel_op
+from undertow.kernels.selective_scan.context import STATE_PASSING
 
 IMPLEMENTATIONS = {"reference": selective_scan_reference, "chunked": selective_scan_chunked}
 if triton_available():
@@ -34,7 +35,7 @@ def selective_scan(
 ):
     """u, delta, z: (Bt, T, Dc); A: (Dc, N); B, C: (Bt, T, N); D, delta_bias: (Dc,);
     initial_state: (Bt, Dc, N); doc_ids: (Bt, T). Returns y (Bt, T, Dc) [, final_state (Bt, Dc, N) fp32]."""
-    handler = context_parallel_op("selective_scan")
+    handler = context_parallel_op("selective_scan", STATE_PASSING)
     if handler is not None:  # context parallelism: this rank's slice, states passed between ranks
         return handler(selective_scan, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                        delta_softplus=delta_softplus, initial_state=initial_state, doc_ids=doc_ids,

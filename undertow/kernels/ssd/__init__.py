@@ -7,7 +7,8 @@ import torch
 from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.ssd.chunked import ssd_chunked
 from undertow.kernels.ssd.reference import ssd_reference
-from undertow.parallel.context_hook import context_parallel_op
+from undertow.kernels.context import context_parallel_op
+from undertow.kernels.ssd.context import STATE_PASSING
 
 
 def _ssd_triton(*args, **kwargs):
@@ -44,7 +45,7 @@ def ssd(
     """x, z: (Bt, T, H, P); dt: (Bt, T, H); A, dt_bias: (H,); B, C: (Bt, T, G, N); D: (H,) or (H, P);
     initial_state: (Bt, H, P, N); doc_ids: (Bt, T). `chunk_size` is used by the chunked and Triton forms.
     Returns y (Bt, T, H, P) [, final_state (Bt, H, P, N) float32]."""
-    handler = context_parallel_op("ssd")
+    handler = context_parallel_op("ssd", STATE_PASSING)
     if handler is not None:  # context parallelism: this rank's slice, states passed between ranks
         return handler(ssd, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                        chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from undertow.log import get_logger
-from undertow.parallel.context_hook import context_parallel_op
+from undertow.kernels.context import context_parallel_op
 
 BACKENDS = ("flash", "sdpa")
 _logged: set[str] = set()

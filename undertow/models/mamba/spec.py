@@ -17,7 +17,7 @@ from __future__ import annotations
 from undertow.models.mamba import hf, plan
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.model import MambaLM
-from undertow.models.registry import ModelSpec
+from undertow.models.model_spec import ModelSpec
 
 
 def layer_matmul_params(cfg: MambaConfig, kind: str) -> int:

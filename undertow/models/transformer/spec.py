@@ -1,6 +1,6 @@
 """Registry entry of the baseline transformer."""
 
-from undertow.models.registry import ModelSpec
+from undertow.models.model_spec import ModelSpec
 from undertow.models.transformer import plan
 from undertow.models.transformer.config import TransformerConfig
 from undertow.models.transformer.model import TransformerLM

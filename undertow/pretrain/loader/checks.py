@@ -9,7 +9,7 @@ import math
 import numbers
 
 from undertow.log import get_logger
-from undertow.pretrain.loader_sources import ShardSet
+from undertow.pretrain.loader.sources import ShardSet
 
 log = get_logger("pretrain.loader")
 

@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from undertow.pretrain.loader_sources import ShardSet
+from undertow.pretrain.loader.sources import ShardSet
 
 FRESH_CURSOR = (0, 0, 0, 0)
 

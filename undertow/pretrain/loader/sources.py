@@ -266,3 +266,20 @@ def _no_duplicates(items: list[str], source: str, field: str) -> list[str]:
             f"{field}={source!r}: shards listed more than once (their documents would repeat): {repeated[:5]}"
         )
     return items
+
+
+EMBEDDED = "embedded"  # the data.sources name of the corpus shipped in the package
+
+
+def resolve_sources(cfg) -> list[str]:
+    """The data config's (`DataConfig`) source names as loader sources: `embedded` becomes the
+    cached shard directory of the corpus shipped in the package (tokenizer trained and shards
+    written on first use); other sources pass through."""
+    resolved = []
+    for source in cfg.sources:
+        if source == EMBEDDED:
+            from undertow.data_prep.corpus import ensure_embedded_dataset
+
+            source = ensure_embedded_dataset(vocab_size=cfg.embedded_vocab_size)
+        resolved.append(source)
+    return resolved

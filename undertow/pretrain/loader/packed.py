@@ -1,31 +1,4 @@
-"""PackedLoader: stream token shards, pack documents into fixed-length rows, resume exactly.
-
-    loader = PackedLoader(["data/web", "data/code"], seq_len=2048, batch_size=8, weights=[0.7, 0.3],
-                          rank=rank, world_size=world, num_workers=2, seed=0)
-    for batch in loader: ...                      # dicts, see loader_packing.py
-    state = loader.state_dict()                   # JSON; save it with the checkpoint (per rank)
-    PackedLoader(<same arguments>).load_state_dict(state)   # continues with exactly the next batch
-
-How it fits together (one idea per file):
-- loader_sources.py: source strings -> ordered shard lists (tar shards, pipe:/URLs, megatron:PREFIX);
-- loader_streams.py: slots (ranks x workers), which documents each slot reads per epoch, val split,
-  and the token cursor [epoch, item, doc, offset] that restarts a stream exactly;
-- loader_slot.py: per-row blending of sources, packing rows into batches, the per-slot state, and the
-  IterableDataset that runs a rank's slots in DataLoader workers;
-- loader_packing.py: the batch format, and why consecutive rows overlap by one token;
-- loader_checks.py: argument and state validation; loader_testing.py: tiny shard sets for tests and
-  rebuilding documents from batches.
-
-Workers and exact resume: with N workers the DataLoader takes batches round-robin from them; each
-batch carries its slot's state, the main process keeps the latest state per slot and the number of
-batches taken. On resume worker w plays logical slot (w + taken) % N, so the round-robin continues
-where it stopped. Slots whose one-pass run ended keep answering with markers (never yielded) so the
-round-robin never skips a worker.
-
-Iteration is a cursor: `iter(loader)` continues after the last batch it returned (or from a loaded
-state), and an older iterator of the same loader then refuses to go on. A "val" loader starts a fresh
-pass on every `iter()` (each evaluation sees the same batches) unless a state was loaded just before.
-"""
+"""PackedLoader: one rank's packed, blended, resumable batches (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -36,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from undertow.log import get_logger
-from undertow.pretrain.loader_checks import (
+from undertow.pretrain.loader.checks import (
     STATE_FORMAT,
     STATE_VERSION,
     check_reshard_states,
@@ -44,7 +17,7 @@ from undertow.pretrain.loader_checks import (
     common_tokenizer,
     validate_arguments,
 )
-from undertow.pretrain.loader_slot import (
+from undertow.pretrain.loader.slot import (
     EXHAUSTED_KEY,
     SLOT_KEY,
     STATE_KEY,
@@ -54,16 +27,16 @@ from undertow.pretrain.loader_slot import (
     iterate_slot,
     reshard_slots,
 )
-from undertow.pretrain.loader_sources import resolve_source
+from undertow.pretrain.loader.sources import resolve_source
 
 log = get_logger("pretrain.loader")
 
 
 class PackedLoader:
-    """Packed, blended, resumable batches for one rank. See the module docstring and loader_packing.py.
+    """Packed, blended, resumable batches for one rank. See the module docstring and packing.py.
 
     Args:
-        sources: source strings (see loader_sources.py): manifest directories, tar paths/globs/brace
+        sources: source strings (see sources.py): manifest directories, tar paths/globs/brace
             patterns, `pipe:` or other webdataset URLs, `megatron:PREFIX`.
         seq_len: T, tokens per row (>= 2). batch_size: B, rows per batch.
         weights: per-source blending weights (>= 0, not all 0); None = equal. Weight-0 sources are not read.
@@ -220,7 +193,7 @@ class PackedLoader:
         """Continue from the states of every rank of a run (`state_dict()` of each, in rank order):
         this rank's own when the run had the same world size and workers, otherwise resharded: each
         old slot's stream goes on in one of this run's slots up to the first epoch no old slot had
-        started, and this run's own plans take over from that epoch (loader_streams.py), so no
+        started, and this run's own plans take over from that epoch (streams.py), so no
         document is skipped or read twice."""
         configs = [s.get("config") or {} for s in states] if isinstance(states, list) else []
         same = len(states) == self.world_size and all(

@@ -19,7 +19,7 @@ from undertow.data_prep.format import (
     write_json_atomic,
     write_shard,
 )
-from undertow.pretrain.loader_packing import IGNORE_INDEX
+from undertow.pretrain.loader.packing import IGNORE_INDEX
 
 
 def random_documents(

@@ -10,7 +10,7 @@ source is used up.
 Slot state (JSON): {"slot": int, "rows": int, "cursors": [[epoch, item, doc, offset] per source]},
 plus, after a reshard until the inherited streams are read, "inherited": [{"slot": old slot,
 "num_slots": its number of slots, "until": [end epoch per source], "cursors": [... per source]}]
-(see loader_streams.py).
+(see streams.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from undertow.pretrain.loader_packing import Row, pack_rows
-from undertow.pretrain.loader_sources import ShardSet
-from undertow.pretrain.loader_streams import (
+from undertow.pretrain.loader.packing import Row, pack_rows
+from undertow.pretrain.loader.sources import ShardSet
+from undertow.pretrain.loader.streams import (
     FRESH_CURSOR,
     ChainedStream,
     DocumentStream,
