@@ -18,16 +18,16 @@ from tests.pretrain.helpers import TINY, cli_args, read_losses, tiny_config
 from undertow.pretrain.config import load_config
 
 
-def test_loss_falls_below_unigram_entropy(tmp_path):
-    cfg = tiny_config(tmp_path, training__steps=300, model__d_model=64, model__n_heads=4, model__n_kv_heads=2,
-                      data__seq_len=64, training__micro_batch_size=8, optimizer__lr=6e-3, training__val_every=300)
+def test_loss_falls_below_unigram_entropy(trained_tiny_run):
+    run_dir, result = trained_tiny_run
+    cfg = tiny_config(run_dir)
     entropy = unigram_entropy(resolve_sources(cfg.data)[0])
-    result = train(cfg)
-    losses = read_losses(tmp_path)
+    losses = read_losses(run_dir)
     assert losses[1] > entropy  # starts near log(vocab)
     tail = sum(losses[s] for s in range(291, 301)) / 10
     assert tail < entropy - 0.5, (tail, entropy)
     assert result.last_val_loss is not None and result.last_val_loss < entropy
+    assert ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith("step_00000300")
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
@@ -72,20 +72,22 @@ def test_nan_guard_skips_then_stops_with_last_good_checkpoint(tmp_path, monkeypa
     assert math.isnan(records[3]) and math.isfinite(records[4])
 
 
-def test_tensorboard_scalars_are_readable(tmp_path):
+def test_tensorboard_scalars_are_readable(trained_tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tiny_config(tmp_path, training__steps=10, training__val_every=5))
-    acc = EventAccumulator(os.path.join(tmp_path, "tb"))
+    run_dir, result = trained_tiny_run
+    acc = EventAccumulator(os.path.join(run_dir, "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib",
                 "val/loss", "val/perplexity"):
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("train/loss")]
-    assert steps == [5, 10]
-    losses = read_losses(tmp_path)
-    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([losses[5], losses[10]], rel=1e-6)
+    assert steps == list(range(5, 301, 5))  # logging.every 5
+    losses = read_losses(run_dir)
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps], rel=1e-6)
+    assert [e.step for e in acc.Scalars("val/loss")] == [300]
+    assert acc.Scalars("val/loss")[0].value == pytest.approx(result.last_val_loss, rel=1e-6)
 
 
 def run_cli(run_dir, *extra):
