@@ -1,0 +1,171 @@
+// sLSTM's CPU loops (built by undertow/kernels/native.py; driven by native.py beside this file).
+//
+// A row is one (batch entry, head): its state (y, c, n, m), Dh floats each, stays in L1 across the
+// time loop, and each step is a Dh x 4Dh matrix-vector product with the head's block of R plus
+// the pointwise cell (reference.py's eqs. 8-17). Rows are independent; the caller splits them over
+// threads. Layouts (float32, contiguous):
+//   gates (B, T, 4, H, D)   R (4, H, D, D)   state (4, B, H, D): y, c, n, m
+//   y / c / n / m per step (B, T, H, D)      starts (B, T) uint8: a document starts at t (t > 0)
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float logsigmoid(float x) { return x >= 0.0f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+
+struct Shape {
+    int64_t B, T, H, D;
+    int64_t gate(int64_t b, int64_t t, int64_t g, int64_t h) const { return (((b * T + t) * 4 + g) * H + h) * D; }
+    int64_t step(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
+    int64_t state(int64_t s, int64_t b, int64_t h) const { return ((s * B + b) * H + h) * D; }
+    int64_t rblock(int64_t g, int64_t h) const { return (g * H + h) * D * D; }
+};
+
+// raw[g * D + j] = gates[b, t, g, h, j] + sum_k y[k] R[g, h, k, j]
+void preactivations(const float* gates, const float* R, const float* y, const Shape& s, int64_t b, int64_t t,
+                    int64_t h, float* raw) {
+    const int64_t D = s.D;
+    for (int64_t g = 0; g < 4; ++g) {
+        float* out = raw + g * D;
+        std::memcpy(out, gates + s.gate(b, t, g, h), D * sizeof(float));
+        const float* block = R + s.rblock(g, h);
+        for (int64_t k = 0; k < D; ++k) {
+            const float yk = y[k];
+            if (yk == 0.0f) continue;
+            const float* row = block + k * D;
+            for (int64_t j = 0; j < D; ++j) out[j] += yk * row[j];
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forward of rows [begin, end) (row = b * H + h). init: (4, B, H, D) or null (zero state).
+// Writes y, c, n, m of every step and the final state (4, B, H, D).
+int slstm_fwd(const float* gates, const float* R, const float* init, const uint8_t* starts, float* y_all,
+              float* c_all, float* n_all, float* m_all, float* final_state, int64_t B, int64_t T, int64_t H,
+              int64_t D, int64_t begin, int64_t end) {
+    const Shape s{B, T, H, D};
+    std::vector<float> raw(4 * D), y(D), c(D), n(D), m(D);
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, h = row % H;
+        float* st[4] = {y.data(), c.data(), n.data(), m.data()};
+        for (int q = 0; q < 4; ++q) {
+            if (init) std::memcpy(st[q], init + s.state(q, b, h), D * sizeof(float));
+            else std::fill(st[q], st[q] + D, 0.0f);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+            if (t > 0 && starts[b * T + t])
+                for (int q = 0; q < 4; ++q) std::fill(st[q], st[q] + D, 0.0f);
+            preactivations(gates, R, y.data(), s, b, t, h, raw.data());
+            for (int64_t j = 0; j < D; ++j) {
+                const float ir = raw[j], fr = raw[D + j], zr = raw[2 * D + j], orr = raw[3 * D + j];
+                const float log_f = logsigmoid(fr) + m[j];
+                const float m_new = ir > log_f ? ir : log_f;
+                const float ig = std::exp(ir - m_new), fg = std::exp(log_f - m_new);
+                c[j] = fg * c[j] + ig * std::tanh(zr);
+                n[j] = fg * n[j] + ig;
+                m[j] = m_new;
+                y[j] = sigmoid(orr) * c[j] / n[j];
+            }
+            const int64_t o = s.step(b, t, h);
+            std::memcpy(y_all + o, y.data(), D * sizeof(float));
+            std::memcpy(c_all + o, c.data(), D * sizeof(float));
+            std::memcpy(n_all + o, n.data(), D * sizeof(float));
+            std::memcpy(m_all + o, m.data(), D * sizeof(float));
+        }
+        for (int q = 0; q < 4; ++q) std::memcpy(final_state + s.state(q, b, h), st[q], D * sizeof(float));
+    }
+    return 0;
+}
+
+// Backward of rows [begin, end) from the forward's per-step states: the exact adjoint of
+// slstm_fwd (torch.maximum's rule at ties: half to each side). dy: (B, T, H, D); dfinal: (4, B, H, D)
+// or null. Writes dgates (B, T, 4, H, D) and dinit (4, B, H, D); adds y_{t-1}^T draw into dR
+// (4, H, D, D), this part's own accumulator.
+int slstm_bwd(const float* gates, const float* R, const float* init, const uint8_t* starts, const float* y_all,
+              const float* c_all, const float* n_all, const float* m_all, const float* dy, const float* dfinal,
+              float* dgates, float* dinit, float* dR, int64_t B, int64_t T, int64_t H, int64_t D, int64_t begin,
+              int64_t end) {
+    const Shape s{B, T, H, D};
+    std::vector<float> raw(4 * D), draw(4 * D), zero(D, 0.0f);
+    std::vector<float> gy(D), gc(D), gn(D), gm(D);  // gradients of the state after step t
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, h = row % H;
+        float* g[4] = {gy.data(), gc.data(), gn.data(), gm.data()};
+        for (int q = 0; q < 4; ++q) {
+            if (dfinal) std::memcpy(g[q], dfinal + s.state(q, b, h), D * sizeof(float));
+            else std::fill(g[q], g[q] + D, 0.0f);
+        }
+        for (int64_t t = T - 1; t >= 0; --t) {
+            const bool reset = t > 0 && starts[b * T + t];
+            const float *yp, *cp, *np, *mp;  // the state before step t
+            if (reset || (t == 0 && !init)) {
+                yp = cp = np = mp = zero.data();
+            } else if (t == 0) {
+                yp = init + s.state(0, b, h), cp = init + s.state(1, b, h);
+                np = init + s.state(2, b, h), mp = init + s.state(3, b, h);
+            } else {
+                const int64_t o = s.step(b, t - 1, h);
+                yp = y_all + o, cp = c_all + o, np = n_all + o, mp = m_all + o;
+            }
+            preactivations(gates, R, yp, s, b, t, h, raw.data());
+            const int64_t o = s.step(b, t, h);
+            const float* dyt = dy + o;
+            for (int64_t j = 0; j < D; ++j) {
+                const float ir = raw[j], fr = raw[D + j], zr = raw[2 * D + j], orr = raw[3 * D + j];
+                const float lsf = logsigmoid(fr), log_f = lsf + mp[j];
+                const float m_new = ir > log_f ? ir : log_f;
+                const float ig = std::exp(ir - m_new), fg = std::exp(log_f - m_new);
+                const float zt = std::tanh(zr), og = sigmoid(orr);
+                const float c_new = c_all[o + j], n_new = n_all[o + j];
+                const float dyj = gy[j] + dyt[j];
+                const float dog = dyj * c_new / n_new;
+                const float dc = gc[j] + dyj * og / n_new;
+                const float dn = gn[j] - dyj * og * c_new / (n_new * n_new);
+                const float dig = (dc * zt + dn) * ig;    // d(i~ - m_new)
+                const float dfg = (dc * cp[j] + dn * np[j]) * fg;  // d(log_f - m_new)
+                const float dm_new = gm[j] - dig - dfg;
+                float di = dig, dlog_f = dfg;
+                if (ir > log_f) di += dm_new;
+                else if (ir < log_f) dlog_f += dm_new;
+                else { di += 0.5f * dm_new; dlog_f += 0.5f * dm_new; }
+                draw[j] = di;
+                draw[D + j] = dlog_f * sigmoid(-fr);
+                draw[2 * D + j] = dc * ig * (1.0f - zt * zt);
+                draw[3 * D + j] = dog * og * (1.0f - og);
+                gc[j] = dc * fg;
+                gn[j] = dn * fg;
+                gm[j] = dlog_f;
+            }
+            for (int64_t q = 0; q < 4; ++q)
+                std::memcpy(dgates + s.gate(b, t, q, h), draw.data() + q * D, D * sizeof(float));
+            // dy_{t-1}[k] = sum_g sum_j R[g, h, k, j] draw_g[j];  dR[g, h, k, :] += y_{t-1}[k] draw_g
+            for (int64_t k = 0; k < D; ++k) {
+                float acc = 0.0f;
+                const float yk = yp[k];
+                for (int64_t q = 0; q < 4; ++q) {
+                    const float* rrow = R + s.rblock(q, h) + k * D;
+                    float* drow = dR + s.rblock(q, h) + k * D;
+                    const float* dq = draw.data() + q * D;
+                    for (int64_t j = 0; j < D; ++j) {
+                        acc += rrow[j] * dq[j];
+                        drow[j] += yk * dq[j];
+                    }
+                }
+                gy[k] = acc;
+            }
+            if (reset)  // the state before a document start is the constant zero state
+                for (int q = 0; q < 4; ++q) std::fill(g[q], g[q] + D, 0.0f);
+        }
+        for (int q = 0; q < 4; ++q) std::memcpy(dinit + s.state(q, b, h), g[q], D * sizeof(float));
+    }
+    return 0;
+}
+
+}  // extern "C"
