@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.kernels.conftest import relative_error
-from tests.kernels.test_causal_conv1d import make_doc_ids
+from tests.kernels.test_causal_conv1d import DEVICE, make_doc_ids, triton_runnable
 from undertow.kernels import native
-from undertow.kernels.slstm import slstm
+from undertow.kernels.slstm import IMPLEMENTATIONS, slstm
 from undertow.kernels.slstm import native as slstm_native
 from undertow.kernels.slstm.reference import slstm_cell, slstm_reference
 
@@ -81,6 +81,41 @@ def test_cpu_form_matches_the_reference(cpu_loop, T, docs, init, gate_scale):
     errors.update({f"grad {k}": relative_error(g[k], g_ref[k]) for k in g_ref})
     bad = {k: e for k, e in errors.items() if not e <= 1e-5}
     assert not bad, f"relative errors above 1e-5: {bad}"
+
+
+TRITON = triton_runnable(IMPLEMENTATIONS, "undertow.kernels.slstm.triton")
+
+
+def compare_to_reference(backend, B, T, H, D, *, docs, init, gate_scale, dtype, tol):
+    gates, R, state0 = make_inputs(B, T, H, D, seed=T + D, gate_scale=gate_scale, with_init=init)
+    doc_ids = make_doc_ids(B, T, seed=T).cpu() if docs else None
+    y_ref, f_ref, g_ref, cot = run(slstm_reference, gates.double(), R.double(),
+                                   None if state0 is None else tuple(s.double() for s in state0), doc_ids)
+    to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    y, f, g, _ = run(lambda *a, **k: slstm(*a, **k, backend=backend), to(gates), to(R),
+                     None if state0 is None else tuple(to(s) for s in state0),
+                     None if doc_ids is None else doc_ids.to(DEVICE), [c.to(DEVICE) for c in cot])
+    errors = {"y": relative_error(y.cpu(), y_ref)}
+    errors.update({f"final {name}": relative_error(a.cpu(), b) for name, a, b in zip(STATE, f, f_ref)})
+    errors.update({f"grad {k}": relative_error(g[k].cpu(), g_ref[k]) for k in g_ref})
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol:g}: {bad}"
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton form runs on CUDA or in the interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("T, D, docs, init, gate_scale", [
+    (1, 4, False, True, 1.0), (9, 8, True, False, 3.0), (13, 6, True, True, 0.5), (17, 8, False, True, 6.0)])
+def test_triton_matches_the_reference(T, D, docs, init, gate_scale):
+    """D = 6 is not a power of two: the kernels mask their padded lanes."""
+    compare_to_reference("triton", 2, T, 2, D, docs=docs, init=init, gate_scale=gate_scale, dtype=torch.float32,
+                         tol=1e-4)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton form runs on CUDA or in the interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_triton_half_precision_inputs(dtype):
+    """bf16 on a GPU only (scripts/gpu_check.sh): the interpreter's bf16 is not trusted."""
+    compare_to_reference("triton", 2, 11, 2, 8, docs=True, init=True, gate_scale=1.0, dtype=dtype, tol=1e-2)
 
 
 @pytest.mark.parametrize("seed, gate_scale", [(64, 6.0), (33, 3.0), (50, 0.3)])

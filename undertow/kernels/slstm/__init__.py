@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 
 from undertow.kernels.context import context_parallel_op
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.slstm.chunked import slstm_chunked
 from undertow.kernels.slstm.reference import slstm_reference
 
+
+def _slstm_triton(*args, **kwargs):
+    """The Triton form, imported on first use (whether its kernels run in the interpreter,
+    TRITON_INTERPRET, is fixed when the kernel module is imported)."""
+    from undertow.kernels.slstm.triton import slstm_triton
+
+    return slstm_triton(*args, **kwargs)
+
+
 IMPLEMENTATIONS = {"reference": slstm_reference, "chunked": slstm_chunked}
+if triton_available():
+    IMPLEMENTATIONS["triton"] = _slstm_triton
 
 
 def slstm(
