@@ -139,6 +139,19 @@ def test_a_row_of_two_documents_equals_the_documents_alone():
     assert torch.allclose(y[:, 8:], slstm(gates[:, 8:], R), atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if TRITON else []))
+def test_strided_inputs(backend):
+    """Views (a time slice of a longer row, R from a transpose) give what their contiguous copies give."""
+    gates, R, state0 = make_inputs(2, 24, 2, 4, seed=6)
+    view, R_view = gates[:, 5:17], R.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not view.is_contiguous() or not R_view.is_contiguous()
+    y, f, g, cot = run(lambda *a, **k: slstm(*a, **k, backend=backend), view, R_view, state0, None)
+    y_c, f_c, g_c, _ = run(lambda *a, **k: slstm(*a, **k, backend=backend), view.contiguous(), R.clone(), state0,
+                           None, cot)
+    assert torch.equal(y, y_c) and all(torch.equal(a, b) for a, b in zip(f, f_c))
+    assert all(torch.allclose(g[k], g_c[k], rtol=1e-6, atol=1e-7) for k in g)
+
+
 def test_split_sequence_carries_the_state():
     gates, R, state0 = make_inputs(2, 30, 2, 4, seed=4)
     y, final = slstm(gates, R, initial_state=state0, return_final_state=True)

@@ -6,16 +6,19 @@ A recurrence op's public function (ssd, selective_scan, causal_conv1d, ...) star
     if handler is not None:
         return handler(ssd, x, dt, ..., doc_ids=doc_ids, ...)
 
-and an op whose CP form is not state passing (attention) names only itself. Outside CP
-`context_parallel_op` returns None and the kernel runs as always. Inside a block that
+an op whose state after a slice is a nonlinear function of the state before it (sLSTM) passes a
+`SerialPassing` instead, and an op whose CP form is not state passing (attention) names only
+itself. Outside CP `context_parallel_op` returns None and the kernel runs as always. Inside a block that
 `parallel.context.apply_context_parallel` wrapped, it returns the handler that parallel/ installed,
 bound to the active context (and to the op's `StatePassing`); the handler calls the kernel back for
 its local slice inside `local_only()`, where the seam is closed again.
 
 Who owns what (imports run down the house, parallel -> kernels):
 - kernels/<op>/context.py: the op's state math, a `StatePassing` (how a slice's final state depends
-  on its initial state), next to the op; a new recurrence op adds that file and the call above;
-- this module: the hook point, the `StatePassing` contract and the table of installed handlers;
+  on its initial state) or a `SerialPassing` (the shapes of its state), next to the op; a new
+  recurrence op adds that file and the call above;
+- this module: the hook point, the `StatePassing` / `SerialPassing` contracts and the table of
+  installed handlers;
 - parallel/: installs the handlers (`install_handler`) and does the communication, for every op.
 
 The active context is a ContextVar, set around each wrapped block's forward (also when activation
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 STATE_PASSING = "state_passing"  # the handler kind of every op that declares a StatePassing
+SERIAL = "serial"  # the handler kind of every op that declares a SerialPassing
 
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("undertow_context_parallel", default=None)
 _HANDLERS: dict[str, Callable[..., Any]] = {}
@@ -48,32 +52,59 @@ class StatePassing:
     final_from_zero(fn, args, kwargs) -> final_state(0) of the slice, float32, the state's shape.
         Without it, the op runs once more from a zero state to get it.
     args/kwargs are the op's positional inputs and the keywords its public function forwards.
+    combine(prev, final, transition) -> the slice's final state from its initial state `prev`, for an
+        op whose state is affine only in a form it does not store (the mLSTM keeps C and n scaled by
+        exp(-m) and m a running max: kernels/mlstm/context.py). Then the state is a tuple of tensors,
+        final_from_zero (required) gives the slice's final state with no contribution of its initial
+        state (the identity of combine), transition is whatever combine reads, and the zero state
+        (a row's or a document's start) is all zeros. None: final + transition * prev.
     """
 
     transition: Callable[[tuple, dict], Any]
     final_from_zero: Callable[[Callable, tuple, dict], Any] | None = None
+    combine: Callable[[Any, Any, Any], Any] | None = None
+
+    def __post_init__(self):
+        if self.combine is not None and self.final_from_zero is None:
+            raise ValueError("a StatePassing with a combine needs final_from_zero: the op's own run from its "
+                             "zero state includes that state's contribution")
+
+
+@dataclass(frozen=True)
+class SerialPassing:
+    """How a recurrence op whose state after a slice is a nonlinear function of the state before it
+    passes that state across cp ranks: serially, rank r runs its slice from the state rank r - 1
+    sends it (and in the backward the state's gradient travels back the same way).
+
+    state_shapes(args, kwargs) -> the shapes of the op's state tensors for this slice's rows (what
+        a rank receives before it runs); the op takes and returns its state as a tuple of them.
+    """
+
+    state_shapes: Callable[[tuple, dict], list[tuple[int, ...]]]
 
 
 def install_handler(kind: str, handler: Callable[..., Any]) -> None:
-    """Install the CP form of an op (kind = its name) or of every state-passing op (kind =
-    STATE_PASSING): `handler(cp, fn, *args, **kwargs)`, or `handler(cp, spec, fn, *args, **kwargs)`
-    for STATE_PASSING. Installing the same handler again is a no-op; a different one raises."""
+    """Install the CP form of an op (kind = its name), of every state-passing op (kind =
+    STATE_PASSING) or of every serially passing op (kind = SERIAL): `handler(cp, fn, *args, **kwargs)`,
+    or `handler(cp, spec, fn, *args, **kwargs)` for STATE_PASSING and SERIAL. Installing the same
+    handler again is a no-op; a different one raises."""
     if _HANDLERS.get(kind, handler) is not handler:
         raise ValueError(f"a different context-parallel handler for {kind!r} is installed already")
     _HANDLERS[kind] = handler
 
 
-def context_parallel_op(op: str, state_passing: StatePassing | None = None) -> Callable[..., Any] | None:
+def context_parallel_op(op: str, state_passing: StatePassing | SerialPassing | None = None) -> Callable[..., Any] | None:
     """The CP handler of `op` bound to the active context, or None when CP is not active here."""
     cp = _ACTIVE.get()
     if cp is None:
         return None
-    kind = STATE_PASSING if state_passing is not None else op
+    kind = op if state_passing is None else SERIAL if isinstance(state_passing, SerialPassing) else STATE_PASSING
     handler = _HANDLERS.get(kind)
     if handler is None:
         raise RuntimeError(
             f"{op} runs under context parallelism but no context-parallel handler for {kind!r} is installed "
-            f"(installed: {sorted(_HANDLERS)}); a recurrence op passes its StatePassing (kernels/<op>/context.py)")
+            f"(installed: {sorted(_HANDLERS)}); a recurrence op passes its StatePassing or SerialPassing "
+            "(kernels/<op>/context.py)")
     if state_passing is not None:
         return functools.partial(handler, cp, state_passing)
     return functools.partial(handler, cp)

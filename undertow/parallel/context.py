@@ -14,6 +14,8 @@ this package installs:
   - recurrences (ssd, selective_scan, causal_conv1d, ...) pass states between ranks
     (context_state.py): scan from zero, all-gather (final state, transition), fold, re-run. Each
     op's state math is its `StatePassing`, in its own folder (kernels/<op>/context.py);
+  - recurrences whose state does not compose (sLSTM) run their slices rank after rank, the state
+    sent point to point (context_serial.py);
   - attention all-gathers K/V and masks with global positions and documents (context_attention.py).
 Nothing here knows a model family or a recurrence op: a new op adds kernels/<op>/context.py and the
 hook call in its public function, and this package does not change.
@@ -29,8 +31,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from undertow.kernels.context import STATE_PASSING, StatePassing, active, install_handler
+from undertow.kernels.context import SERIAL, STATE_PASSING, SerialPassing, StatePassing, active, install_handler
 from undertow.parallel.context_attention import attention_handler
+from undertow.parallel.context_serial import run_serial
 from undertow.parallel.context_state import run_state_passing
 
 SHARDED_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
@@ -56,7 +59,12 @@ def _state_passing_handler(cp: ContextParallel, spec: StatePassing, fn, *args, *
     return run_state_passing(cp, spec, fn, args, kwargs)
 
 
+def _serial_handler(cp: ContextParallel, spec: SerialPassing, fn, *args, **kwargs):
+    return run_serial(cp, spec, fn, args, kwargs)
+
+
 install_handler(STATE_PASSING, _state_passing_handler)
+install_handler(SERIAL, _serial_handler)
 install_handler("attention", attention_handler)
 
 

@@ -7,6 +7,7 @@ import torch
 from undertow.kernels.context import context_parallel_op
 from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.slstm.chunked import slstm_chunked
+from undertow.kernels.slstm.context import SERIAL_PASSING
 from undertow.kernels.slstm.reference import slstm_reference
 
 
@@ -35,8 +36,8 @@ def slstm(
     """gates: (B, T, 4, H, Dh) = W x_t + b for the (i, f, z, o) gates; R: (4, H, Dh, Dh), the
     block-diagonal recurrent matrix (raw_g += y_{t-1} R[g, h]); initial_state: (y, c, n, m) each
     (B, H, Dh); doc_ids: (B, T). Returns y (B, T, H, Dh) [, final_state (y, c, n, m) float32]."""
-    handler = context_parallel_op("slstm")  # no CP form yet: raises under context parallelism
-    if handler is not None:
+    handler = context_parallel_op("slstm", SERIAL_PASSING)
+    if handler is not None:  # context parallelism: this rank's slice, the state passed rank to rank
         return handler(slstm, gates, R, initial_state=initial_state, doc_ids=doc_ids,
                        return_final_state=return_final_state, backend=backend)
     chosen = select_backend("slstm", gates, backend, tuple(IMPLEMENTATIONS))

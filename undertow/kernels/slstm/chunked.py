@@ -48,6 +48,7 @@ def slstm_chunked(
     B, T, _, H, D = gates.shape
     init = None if initial_state is None else torch.stack([s.float() for s in initial_state])
     starts = segment_starts(doc_ids, (B, T), gates.device)
-    y, final = _SLSTMLoop.apply(gates.float(), R.float(), init, starts)
+    # contiguous here: the loops read raw pointers, in the forward and again in the backward
+    y, final = _SLSTMLoop.apply(gates.float().contiguous(), R.float().contiguous(), init, starts)
     y = y.to(gates.dtype)
     return (y, tuple(final.unbind(0))) if return_final_state else y

@@ -60,7 +60,7 @@ def native_forward(gates: torch.Tensor, R: torch.Tensor, init: torch.Tensor | No
     init = None if init is None else init.contiguous()
     starts = starts.to(torch.uint8).contiguous()
     states, final = gates.new_empty(4, B, T, H, D), gates.new_empty(4, B, H, D)
-    args = _ptrs(gates, R, init, starts, *states, final) + [B, T, H, D]
+    args = _ptrs(gates, R, init, starts, *states, final) + [B, T, H, D]  # the tensors stay alive here
     _run(library.slstm_fwd, lambda index: args, B * H)
     return states, final
 
@@ -73,10 +73,12 @@ def native_backward(gates, R, init, starts, states, dy, dfinal):
     if library is None:
         return None
     B, T, _, H, D = gates.shape
+    gates, R = gates.contiguous(), R.contiguous()
+    init = None if init is None else init.contiguous()
     dy = dy.float().contiguous()
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     starts = starts.to(torch.uint8).contiguous()
-    dgates, dinit = torch.empty_like(gates), gates.new_empty(4, B, H, D)
+    dgates, dinit = gates.new_empty(B, T, 4, H, D), gates.new_empty(4, B, H, D)
     ranges = native.parts(B * H)
     dR = gates.new_zeros(len(ranges), *R.shape)  # one accumulator per part: rows of a head share dR
     head = _ptrs(gates, R, init, starts, *states, dy, dfinal, dgates, dinit)
