@@ -1,14 +1,10 @@
 """sLSTM: the CPU form (native loop, forward and hand-written backward) against the reference loop,
 and the reference against the xLSTM authors' own sLSTM cell."""
 
-import importlib.util
-import os
-import pathlib
-import zipfile
-
 import pytest
 import torch
 
+from tests import oracles
 from tests.kernels.conftest import relative_error
 from tests.kernels.test_causal_conv1d import DEVICE, make_doc_ids, triton_runnable
 from undertow.kernels import native
@@ -169,26 +165,8 @@ def test_bfloat16_inputs_give_bfloat16_outputs_near_float32():
     assert y16.dtype == torch.bfloat16 and relative_error(y16.float(), y32) < 2e-2
 
 
-# ---- the oracle: the xLSTM authors' pointwise sLSTM cell (NX-AI/xlstm, `blocks/slstm/src/vanilla/slstm.py`)
-# The xlstm package is not installed in the test environment on purpose: when it is importable,
-# transformers' xLSTM switches to it instead of its own code, which the HF export tests check. CI
-# downloads its wheel (.ci/run, into .ci/oracles) and this test loads the one file it needs,
-# which imports torch only.
-ORACLE_WHEEL_DIR = pathlib.Path(os.environ.get("UNDERTOW_ORACLES", pathlib.Path(__file__).parents[2] / ".ci" / "oracles"))
-VANILLA_SLSTM = "xlstm/blocks/slstm/src/vanilla/slstm.py"
-
-
-def vanilla_slstm_cell(tmp_path):
-    wheels = sorted(ORACLE_WHEEL_DIR.glob("xlstm-*.whl"))
-    if not wheels:
-        pytest.skip(f"no xlstm wheel in {ORACLE_WHEEL_DIR} (pip download --no-deps xlstm==2.0.6 -d {ORACLE_WHEEL_DIR})")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        path = tmp_path / "vanilla_slstm.py"
-        path.write_bytes(wheel.read(VANILLA_SLSTM))
-    spec = importlib.util.spec_from_file_location("vanilla_slstm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.slstm_forward_pointwise
+# ---- the oracle: the xLSTM authors' pointwise sLSTM cell (NX-AI/xlstm, `blocks/slstm/src/vanilla/slstm.py`,
+# one file that imports torch only), read from the xlstm wheel (tests/oracles.py: never installed).
 
 
 def test_reference_matches_the_xlstm_authors_cell(tmp_path):
@@ -196,7 +174,7 @@ def test_reference_matches_the_xlstm_authors_cell(tmp_path):
     stacked as (y, c, n, m) (4, B, H * D); it returns the new state stacked the same way. Their first
     step from n = 0 sets m = i~ rather than max(i~, logsigmoid(f~)): y, c / n are the same either way,
     so the check runs from a state with n > 0 and compares y, c, n and m over several steps."""
-    cell = vanilla_slstm_cell(tmp_path)
+    cell = oracles.load_file("xlstm", "xlstm/blocks/slstm/src/vanilla/slstm.py", tmp_path).slstm_forward_pointwise
     B, T, H, D = 2, 12, 2, 4
     gates, R, state0 = make_inputs(B, T, H, D, seed=11, gate_scale=3.0)
     gates, R, state0 = gates.double(), R.double(), tuple(s.double() for s in state0)

@@ -135,3 +135,117 @@ def test_fold_backward_is_the_adjoint_of_fold_forward():
             grad_t = (grad_out * keep[rank] * out_prev).sum_to_size(transitions[rank].shape)
             torch.testing.assert_close(grad_t, grad(transitions[rank]))
     assert finals[0].grad.abs().sum() > 0 and transitions[1].grad.abs().sum() > 0
+
+
+# ---- the mLSTM: a state affine only in log space, folded by StatePassing.combine ----------------------
+
+from undertow.kernels.mlstm import mlstm  # noqa: E402
+from undertow.kernels.mlstm.context import STATE_PASSING as MLSTM_STATE  # noqa: E402
+from undertow.parallel.context_state import fold_combined, fold_combined_vjp  # noqa: E402
+
+
+def mlstm_inputs(gen: torch.Generator, dtype=torch.float64):
+    """(q, k, v, i, f) for T tokens, 3 heads, and an initial state. Row 1 (one document): open input
+    gates (i~ ~ 8) and weak forgetting early, closed ones (i~ ~ -10) late, so the carried m wins at
+    later ranks; row 0 the reverse, so each slice's own max wins: the max moves across ranks both ways."""
+    B, H, Dqk, Dv = 2, 3, 4, 5
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    i = r(B, T, H)
+    i[1, : T // 2] += 8
+    i[1, T // 2:] -= 10
+    i[0, : T // 2] -= 10
+    i[0, T // 2:] += 8
+    f = 3 + r(B, T, H)
+    args = tuple(x.to(dtype) for x in (r(B, T, H, Dqk), r(B, T, H, Dqk), r(B, T, H, Dv), i, f))
+    initial = tuple(x.to(dtype) for x in (r(B, H, Dqk, Dv), r(B, H, Dqk), 2 * r(B, H)))
+    return args, initial
+
+
+def mlstm_piece(args, sl, ids):
+    return tuple(a[:, sl] for a in args), {"doc_ids": ids[:, sl] if ids is not None else None, "chunk_size": 4}
+
+
+@pytest.mark.parametrize("with_docs", [True, False])
+def test_mlstm_declared_final_and_combine_match_the_kernel(with_docs):
+    gen = torch.Generator().manual_seed(4)
+    args, initial = mlstm_inputs(gen)
+    ids = doc_ids() if with_docs else None
+    for sl in (slice(0, 6), slice(6, 12), slice(12, 24)):  # inside, without and at a boundary
+        a, kw = mlstm_piece(args, sl, ids)
+        own, transition = MLSTM_STATE.final_from_zero(mlstm, a, kw), MLSTM_STATE.transition(a, kw)
+        for start in (initial, tuple(torch.zeros_like(x) for x in initial)):  # the zero state: not combine's identity
+            want = mlstm(*a, **kw, initial_state=start if start is initial else None, return_final_state=True)[1]
+            for got, ref in zip(MLSTM_STATE.combine(start, own, transition), want):
+                torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    if with_docs:  # a boundary inside the slice stops the carried state
+        assert torch.isneginf(MLSTM_STATE.transition(*mlstm_piece(args, slice(0, 6), ids))[0]).all()
+
+
+def simulate_mlstm_ranks(args, ids, world, initial):
+    """h and final state of every rank through fold_combined, in one process, differentiable."""
+    length = T // world
+    slices = [mlstm_piece(args, slice(r * length, (r + 1) * length), ids) for r in range(world)]
+    finals, transitions, edges = [], [], []
+    for rank, (a, kw) in enumerate(slices):
+        final, transition = MLSTM_STATE.final_from_zero(mlstm, a, kw), MLSTM_STATE.transition(a, kw)
+        if rank == 0:
+            final = MLSTM_STATE.combine(initial, final, transition)
+        finals.append(final)
+        transitions.append(transition)
+        edges.append(doc_edges(kw["doc_ids"], final[0].shape[0], final[0].device))
+    starts = fold_combined(finals, transitions, continues(edges, 1), MLSTM_STATE.combine)
+    starts[0] = initial
+    outs = [mlstm(*a, **kw, initial_state=start, return_final_state=True) for (a, kw), start in zip(slices, starts)]
+    return torch.cat([h for h, _ in outs], dim=1), outs[-1][1], finals, transitions
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-3)], ids=["float64", "float32"])
+def test_mlstm_slices_folded_reproduce_the_full_scan(world, dtype, tol):
+    """Outputs, final (C, n, m) and the gradients of every input and of the initial state. The open
+    input gates make h = C^T q / |n^T q| ill-conditioned (float64 rounding grows 1e-16 -> 1e-13 in h
+    and the gradients), so float32 agrees to ~1.5e-4 only; float64 shows the fold is exact."""
+    gen = torch.Generator().manual_seed(5)
+    args, initial = mlstm_inputs(gen, dtype)
+    ids = doc_ids()
+    results = []
+    for simulate in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (*args, *initial)]
+        a, init = tuple(leaves[:5]), tuple(leaves[5:])
+        if simulate:
+            h, final, finals, transitions = simulate_mlstm_ranks(a, ids, world, init)
+        else:
+            h, final = mlstm(*a, doc_ids=ids, chunk_size=4, initial_state=init, return_final_state=True)
+        cot = torch.Generator().manual_seed(0)
+        loss = sum((x * torch.randn(x.shape, generator=cot, dtype=dtype)).sum() for x in (h, *final))
+        loss.backward()
+        results.append([h, *final] + [x.grad for x in leaves])
+    for got, want in zip(*results):
+        assert ((got - want).norm() / want.norm()).item() <= tol
+    # the max moved across ranks both ways: the carried term wins in some rows, the slice's own in others
+    carried = torch.stack([(finals[j - 1][2] + transitions[j] > finals[j][2]) for j in range(1, world)])
+    assert carried.any() and (~carried).any()
+
+
+def test_mlstm_fold_vjp_is_autograd_of_the_fold():
+    gen = torch.Generator().manual_seed(6)
+    world, B, H = 4, 3, 2
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    finals = [tuple(x.requires_grad_() for x in (r(B, H, 4, 5), r(B, H, 4), 3 * r(B, H))) for _ in range(world)]
+    transitions = [(-torch.rand(B, H, generator=gen, dtype=torch.float64) * 4).requires_grad_() for _ in range(world)]
+    with torch.no_grad():
+        transitions[2][1] = float("-inf")  # row 1 restarts a document inside rank 2's slice
+    edges = [doc_edges(torch.tensor([[0, 0], [1, 1], [2, 3]]), B, "cpu") for _ in range(world)]
+    edges[3] = doc_edges(torch.tensor([[5, 5], [1, 1], [3, 3]]), B, "cpu")  # row 0 starts a document at rank 3
+    keep = continues(edges, 1)
+    grads = [tuple(r(*x.shape) for x in finals[0]) for _ in range(world)]
+    initials = fold_combined(finals, transitions, keep, MLSTM_STATE.combine)
+    sum((g * x).sum() for s in range(world) for g, x in zip(grads[s], initials[s])).backward()
+    detached = [tuple(x.detach() for x in f) for f in finals]
+    for rank in range(world):
+        *d_final, d_transition = fold_combined_vjp(grads, detached, [t.detach() for t in transitions], keep,
+                                                   MLSTM_STATE.combine, rank)
+        for got, leaf in zip((*d_final, d_transition), (*finals[rank], transitions[rank])):
+            want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            torch.testing.assert_close(got, want)
+    assert all(torch.isfinite(x.grad).all() for x in finals[0])

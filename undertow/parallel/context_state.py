@@ -18,6 +18,11 @@ folds those of the ranks after it, in reverse, into the gradients of its final s
 transition (`_ExchangeStates.backward`); autograd does the rest. A global `initial_state` (the
 state before each row's first token) is read on cp rank 0 only.
 
+An op whose state is affine only in a form it does not store (the mLSTM: C, n scaled by exp(-m),
+m a running max) declares a `combine` instead of the affine form: its states are tuples, folded by
+`fold_combined`, and the backward is autograd through a replay of that fold (`fold_combined_vjp`,
+a few small ops per rank) instead of the hand-written adjoint.
+
 An op declares how it passes state with a `StatePassing` in its own folder
 (kernels/<op>/context.py; the contract is in kernels/context.py); nothing here names an op. The
 op's public function must take `initial_state`, `doc_ids` and `return_final_state` keywords and
@@ -109,6 +114,77 @@ class _ExchangeStates(torch.autograd.Function):
         return grad_out, grad_transition, None, None
 
 
+def fold_combined(finals, transitions, keep, combine) -> list[tuple[torch.Tensor, ...]]:
+    """Every rank's initial state for an op with a `combine` (StatePassing.combine): states are tuples,
+    out_0 = finals_0, out_j = combine(initial_j, finals_j, transitions_j), initial_j = keep_j * out_{j-1}
+    (the zero state, all zeros, where a document starts at rank j's first token; zeros on rank 0).
+    keep: `continues(edges, 1)`, (B,) per rank. Plain autograd: its backward is `fold_combined_vjp`."""
+    initials = [tuple(torch.zeros_like(x) for x in finals[0])]
+    out = finals[0]
+    for j in range(1, len(finals)):
+        initials.append(tuple(_view_rows(keep[j], x.ndim) * x for x in out))
+        out = combine(initials[j], finals[j], transitions[j])
+    return initials
+
+
+def fold_combined_vjp(grad_initials, finals, transitions, keep, combine, rank: int):
+    """The gradients of rank `rank`'s final state (a tuple) and transition from every rank's
+    initial-state gradient: autograd through a replay of `fold_combined` (a few small ops per rank)."""
+    with torch.enable_grad():
+        mine = tuple(x.detach().requires_grad_() for x in finals[rank])
+        transition = transitions[rank].detach().requires_grad_()
+        initials = fold_combined([mine if j == rank else finals[j] for j in range(len(finals))],
+                                 [transition if j == rank else t for j, t in enumerate(transitions)], keep, combine)
+        loss = sum((g * x).sum() for s in range(rank + 1, len(finals)) for g, x in zip(grad_initials[s], initials[s]))
+        leaves = (*mine, transition)
+        if not torch.is_tensor(loss):  # the last rank: its final state feeds no one
+            return tuple(torch.zeros_like(x) for x in leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
+class _ExchangeCombined(torch.autograd.Function):
+    """`_ExchangeStates` for an op with a combine: final a tuple of (B, ...) tensors, transition
+    (B, ...) -> this rank's initial state (a tuple) by `fold_combined`; backward by `fold_combined_vjp`."""
+
+    @staticmethod
+    def forward(ctx, combine, edges, group, transition, *final):
+        parts = [*final, transition, edges]
+        sizes = [p.numel() for p in parts]
+        pieces = [g.split(sizes) for g in all_gather(torch.cat([p.reshape(-1) for p in parts]), group)]
+        ctx.finals = [tuple(p[j].view_as(x) for j, x in enumerate(final)) for p in pieces]
+        ctx.transitions = [p[len(final)].view_as(transition) for p in pieces]
+        ctx.keep = continues([p[-1].view_as(edges) for p in pieces], 1)
+        ctx.combine, ctx.group = combine, group
+        return fold_combined(ctx.finals, ctx.transitions, ctx.keep, combine)[dist.get_rank(group)]
+
+    @staticmethod
+    def backward(ctx, *grad_initial):
+        sizes = [g.numel() for g in grad_initial]
+        gathered = [tuple(p.view_as(g) for p, g in zip(buf.split(sizes), grad_initial))
+                    for buf in all_gather(torch.cat([g.reshape(-1) for g in grad_initial]), ctx.group)]
+        *grad_final, grad_transition = fold_combined_vjp(gathered, ctx.finals, ctx.transitions, ctx.keep, ctx.combine,
+                                                         dist.get_rank(ctx.group))
+        return None, None, None, grad_transition, *grad_final
+
+
+def _run_combined(cp, spec: StatePassing, fn: Callable, args: Args, kwargs: Kwargs, final, transition):
+    """run_state_passing's last two steps for an op with a combine: rank 0 folds the row's initial
+    state (the zero state when none is given: for such an op it is not combine's identity) into its
+    final state; the ranks exchange; each runs its slice from its true initial state."""
+    initial = kwargs.get("initial_state")
+    final = tuple(x.float() for x in final)
+    if cp.rank == 0:
+        prev = tuple(x.float() for x in initial) if initial is not None else tuple(torch.zeros_like(x) for x in final)
+        final = spec.combine(prev, final, transition.float())
+    edges = doc_edges(kwargs.get("doc_ids"), final[0].shape[0], final[0].device)
+    start = _ExchangeCombined.apply(spec.combine, edges, cp.group, transition.float().contiguous(),
+                                    *(x.contiguous() for x in final))
+    if cp.rank == 0 and initial is not None:  # rank 0's exchanged state is zeros; its own enters here
+        start = tuple(s + x.float() for s, x in zip(start, initial))
+    return fn(*args, **{**kwargs, "initial_state": start})
+
+
 def exchange_states(final: torch.Tensor, transition: torch.Tensor, doc_ids: torch.Tensor | None, group) -> torch.Tensor:
     """This rank's true initial state (float32, final's shape) from every rank's final state from
     zero and transition (see _ExchangeStates); one all-gather forward, one backward."""
@@ -127,6 +203,8 @@ def run_state_passing(cp, spec: StatePassing, fn: Callable, args: Args, kwargs: 
         else:
             final = fn(*args, **{**kwargs, "initial_state": None, "return_final_state": True})[1]
         transition = spec.transition(args, kwargs)
+        if spec.combine is not None:
+            return _run_combined(cp, spec, fn, args, kwargs, final, transition)
         use_initial = cp.rank == 0 and initial is not None
         if use_initial:  # the row's carried-in state enters through rank 0's slice
             final = final.float() + transition * initial.float()

@@ -1,0 +1,45 @@
+"""The mLSTM of xLSTM-7B with document boundaries and carried state. See reference.py (the spec)."""
+
+from __future__ import annotations
+
+import torch
+
+from undertow.kernels.context import context_parallel_op
+from undertow.kernels.dispatch import select_backend
+from undertow.kernels.mlstm.chunked import mlstm_chunked
+from undertow.kernels.mlstm.context import STATE_PASSING
+from undertow.kernels.mlstm.reference import State, mlstm_reference, mlstm_step
+
+__all__ = ["mlstm", "mlstm_step", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = {"reference": mlstm_reference, "chunked": mlstm_chunked}
+
+
+def mlstm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    initial_state: State | None = None,
+    doc_ids: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: str | None = None,
+):
+    """q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) gate pre-activations (soft-capped by
+    the caller); q is scaled by 1/sqrt(Dqk) inside. initial_state: (C (B, H, Dqk, Dv), n (B, H, Dqk),
+    m (B, H)) float32, None for the zero state (0, 0, 0); doc_ids: (B, T), the state resets where it
+    changes. `chunk_size` is used by the chunked and Triton forms.
+    Returns h (B, T, H, Dv) in q's dtype [, final_state (C, n, m)]."""
+    handler = context_parallel_op("mlstm", STATE_PASSING)
+    if handler is not None:  # context parallelism: this rank's slice, states passed between ranks
+        return handler(mlstm, q, k, v, i, f, eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                       doc_ids=doc_ids, return_final_state=return_final_state, backend=backend)
+    chosen = select_backend("mlstm", q, backend, tuple(IMPLEMENTATIONS))
+    kwargs = dict(eps=eps, initial_state=initial_state, doc_ids=doc_ids, return_final_state=return_final_state)
+    if chosen != "reference":
+        kwargs["chunk_size"] = chunk_size
+    return IMPLEMENTATIONS[chosen](q, k, v, i, f, **kwargs)
