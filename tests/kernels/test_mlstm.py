@@ -298,3 +298,15 @@ def test_bad_shapes_name_the_argument():
         mlstm(**{**inputs, "f": inputs["f"][:, :3]}, backend="chunked")
     with pytest.raises(ValueError, match="chunk_size"):
         mlstm(**inputs, chunk_size=0, backend="chunked")
+
+
+def test_chunked_computes_in_float32_under_autocast():
+    """Inside a bf16 autocast region (the trainer's CPU/GPU mixed precision) the chunked form keeps
+    its float32 math: the same result as outside it, for the same (bf16) inputs."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 20, 2, 8, generator=gen).bfloat16() for _ in range(3))
+    i, f = (torch.randn(2, 20, 2, generator=gen) for _ in range(2))
+    plain = mlstm(q, k, v, i, f, chunk_size=8, backend="chunked")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mlstm(q, k, v, i, f, chunk_size=8, backend="chunked")
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, plain)

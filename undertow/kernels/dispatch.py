@@ -8,6 +8,7 @@ cannot run raises. The choice is logged once per (op, backend).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -78,3 +79,11 @@ def in_last_segment(doc_ids: torch.Tensor | None, rows: int, length: int, device
         return None
     segment = segment_starts(doc_ids, (rows, length), device).cumsum(1)
     return segment == segment[:, -1:]
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on devices that have it (the planner's meta device has none): a chunked form
+    that computes in float32 keeps doing so inside a model run under bf16 autocast."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

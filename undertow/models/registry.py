@@ -17,6 +17,7 @@ from undertow.models.model_spec import ModelSpec
 FAMILY_SPECS = {  # family name -> module whose SPEC describes it
     "transformer": "undertow.models.transformer.spec",
     "mamba": "undertow.models.mamba.spec",
+    "xlstm": "undertow.models.xlstm.spec",
 }
 
 _REGISTRY: dict[str, ModelSpec] = {}

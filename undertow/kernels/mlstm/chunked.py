@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from undertow.kernels.dispatch import segment_starts
+from undertow.kernels.dispatch import no_autocast, segment_starts
 from undertow.kernels.mlstm.reference import State, check_inputs, compute_dtype
 
 
@@ -129,8 +129,14 @@ def mlstm_chunked(
     doc_ids: torch.Tensor | None = None,
     return_final_state: bool = False,
 ):
-    """Same signature and results as `mlstm_reference` (see reference.py for shapes), plus `chunk_size`."""
+    """Same signature and results as `mlstm_reference` (see reference.py for shapes), plus `chunk_size`.
+    Computes in float32 (float64 for float64 inputs) also inside a bf16 autocast region."""
     check_inputs(q, k, v, i, f, initial_state, doc_ids, chunk_size)
+    with no_autocast(q.device):
+        return _mlstm_chunked(q, k, v, i, f, eps, chunk_size, initial_state, doc_ids, return_final_state)
+
+
+def _mlstm_chunked(q, k, v, i, f, eps, chunk_size, initial_state, doc_ids, return_final_state):
     B, T, H, Dqk = q.shape
     Dv = v.shape[3]
     dtype = compute_dtype(q.dtype)
@@ -161,7 +167,8 @@ def mlstm_chunked(
     # smaller than the (L, Dv) product, and the sum into the second product's accumulation
     flat = lambda x: x.reshape(-1, *x.shape[-2:])
     h = torch.bmm(flat(qc * (inter * scale)[..., None]), flat(C_all[:, :, :-1]))
-    h = h.baddbmm_(flat(scores * scale[..., None]), flat(vc)).view(B, H, nc * L, Dv)
+    # out of place: the planner's meta run casts matmul operands to bf16 (autocast's rule), h with them
+    h = torch.baddbmm(h, flat(scores * scale[..., None]), flat(vc)).view(B, H, nc * L, Dv)
     h = h.transpose(1, 2)[:, :T].to(q.dtype)
     final = (C_all[:, :, -1], n_all[:, :, -1], m_all[:, :, -1])
     return (h, final) if return_final_state else h

@@ -18,13 +18,12 @@ Triton form, which computes the same three terms in kernels.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from undertow.kernels.dispatch import segment_starts
+from undertow.kernels.dispatch import no_autocast, segment_starts
 from undertow.kernels.ssd.reference import ssd_dt
 
 LOG2_E = 1.4426950408889634
@@ -99,13 +98,6 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
 LN2 = math.log(2.0)
 
 
-def _no_autocast(device: torch.device):
-    """Autocast off on devices that have it (the planner's meta device has none)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _Intra(torch.autograd.Function):
     """The intra-chunk term y_t = sum_{s <= t, same segment} (C_t . B_s) exp2(a_t - a_s) u_s with a
     hand-written backward: its (L, L) tensors per head, laid out (Bt, nc, G, Hg, L, L) so every
@@ -120,12 +112,12 @@ class _Intra(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Cc, Bc, u, a, same):
-        with _no_autocast(u.device):  # float32 throughout, as the rest of this form
+        with no_autocast(u.device):  # float32 throughout, as the rest of this form
             return _Intra._forward(ctx, Cc, Bc, u, a, same)
 
     @staticmethod
     def backward(ctx, dy):
-        with _no_autocast(dy.device):
+        with no_autocast(dy.device):
             return _Intra._backward(ctx, dy.float())
 
     @staticmethod

@@ -11,12 +11,15 @@ tests comparing them with the full forward also check that the two agree.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from undertow.models.common.attention import causal_attention
+from undertow.models.common.decoding import generate_tokens
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
 from undertow.models.transformer.model import Attention
@@ -126,27 +129,8 @@ def step(model, tokens: torch.Tensor, position: int, states: list):
     return model.logits(x)
 
 
-@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:
-    """input_ids (B, T), one prompt per row, no padding -> (B, T + max_new_tokens).
-    greedy: argmax; otherwise samples from softmax(logits) (seed torch for reproducibility)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 0")
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, prompt length >= 1), got shape {tuple(input_ids.shape)}")
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if greedy:
-            return logits.argmax(-1)
-        return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)[:, 0]
-
-    if max_new_tokens == 0:
-        return input_ids
-    logits, states = prefill(model, input_ids)
-    token = pick(logits)
-    out = [input_ids, token[:, None]]
-    for i in range(1, max_new_tokens):
-        logits = step(model, token, input_ids.shape[1] + i - 1, states)
-        token = pick(logits)
-        out.append(token[:, None])
-    return torch.cat(out, dim=1)
+    """input_ids (B, T), one prompt per row, no padding -> (B, T + max_new_tokens); the token loop
+    is models/common/decoding.py's. greedy: argmax; otherwise samples from softmax(logits)."""
+    return generate_tokens(functools.partial(prefill, model), functools.partial(step, model), input_ids,
+                           max_new_tokens, greedy)

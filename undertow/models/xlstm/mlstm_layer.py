@@ -1,0 +1,118 @@
+"""The mLSTM layer of xLSTM-7B and its per-head norm.
+
+    q, k, v = q(x), k(x), v(x)                          (B, T, H, Dqk), (B, T, H, Dqk), (B, T, H, Dv)
+    i~, f~  = cap * tanh(igate(x) / cap), same for f    (B, T, H), gate projections with bias
+    h       = mlstm(q, k, v, i~, f~)                    kernels/mlstm: matrix memory per head
+    out     = out_proj(sigmoid(ogate(x)) * MultiHeadNorm(h))
+
+Every projection is its own Linear (q, k, v, the three gates), so a tensor-parallel plan shards
+them by head (plan.py); shapes are read from the projections' outputs, so a rank's shard runs
+its own heads. Only the gates that choose what is remembered have biases (xLSTM-7B's use_bias is
+off for everything else).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from undertow.kernels.mlstm import mlstm, mlstm_step
+from undertow.models.common.shards import local_shard
+from undertow.models.xlstm.config import XLSTMConfig
+
+MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): x bounded to (-cap, cap), nearly unchanged where |x| << cap (0: no cap)."""
+    return cap * torch.tanh(x / cap) if cap else x
+
+
+class MultiHeadNorm(nn.Module):
+    """LayerNorm over each head's channels (mean removed, no bias), then a per-channel weight.
+
+    h: (B, T, H, Dv) -> (B, T, H * Dv) in h's dtype, computed in float32. Under tensor parallelism
+    the weight is sharded by head like h, so each rank normalizes its own heads locally.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(h.float(), h.shape[-1:], eps=self.eps).flatten(-2)
+        return (normed * local_shard(self.weight).float()).to(h.dtype)
+
+
+class MLSTMLayer(nn.Module):
+    """forward(x (B, T, d_model), doc_ids (B, T) or None) -> (B, T, d_model).
+
+    With `state` (the float32 (C, n, m) of the tokens before x) the recurrence continues from it;
+    `return_state` also returns the state after the last token; `step` takes one token (decoding,
+    generate.py).
+    """
+
+    def __init__(self, cfg: XLSTMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h = cfg.d_model, cfg.n_heads
+        self.q = nn.Linear(d, cfg.qk_dim, bias=False)
+        self.k = nn.Linear(d, cfg.qk_dim, bias=False)
+        self.v = nn.Linear(d, cfg.v_dim, bias=False)
+        self.igate = nn.Linear(d, h, bias=True)
+        self.fgate = nn.Linear(d, h, bias=True)
+        self.ogate = nn.Linear(d, cfg.v_dim, bias=False)
+        self.norm = MultiHeadNorm(h, cfg.v_head_dim, cfg.norm_eps)
+        self.out_proj = nn.Linear(cfg.v_dim, d, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """xLSTM-7B's: q, k, v normal(std); gate weights zero, so every gate starts from its bias:
+        the input gate at -10 (writes start tiny), the forget gate at linspace(3, 6) over heads
+        (sigmoid 0.95 .. 0.998: each head keeps memory over a different time scale); the output
+        gate at sigmoid(0) = 1/2; out_proj normal(out_std)."""
+        cfg = self.cfg
+        for proj in (self.q, self.k, self.v):
+            nn.init.normal_(proj.weight, std=std)
+        for gate in (self.igate, self.fgate, self.ogate):
+            nn.init.zeros_(gate.weight)
+        nn.init.constant_(self.igate.bias, cfg.igate_bias_init)
+        self.fgate.bias.copy_(torch.linspace(cfg.fgate_bias_init_min, cfg.fgate_bias_init_max, cfg.n_heads))
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        self.norm.init_weights()
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, d_model) -> q, k (B, T, H, Dqk), v (B, T, H, Dv), soft-capped i~, f~ (B, T, H) in
+        float32 (the exponential gates are where precision matters), o (B, T, H * Dv) pre-sigmoid."""
+        cfg = self.cfg
+        q = self.q(x).unflatten(-1, (-1, cfg.qk_head_dim))
+        k = self.k(x).unflatten(-1, (-1, cfg.qk_head_dim))
+        v = self.v(x).unflatten(-1, (-1, cfg.v_head_dim))
+        i = soft_cap(self.igate(x).float(), cfg.gate_soft_cap)
+        f = soft_cap(self.fgate(x).float(), cfg.gate_soft_cap)
+        return q, k, v, i, f, self.ogate(x)
+
+    def output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """h (B, T, H, Dv), o (B, T, H * Dv) -> out_proj(sigmoid(o) * norm(h)) (B, T, d_model)."""
+        return self.out_proj(torch.sigmoid(o) * self.norm(h).to(o.dtype))
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, state: MLSTMState | None = None,
+                return_state: bool = False):
+        q, k, v, i, f, o = self.project(x)
+        h = mlstm(q, k, v, i, f, eps=self.cfg.mlstm_eps, chunk_size=self.cfg.chunk_size, initial_state=state,
+                  doc_ids=doc_ids, return_final_state=return_state)
+        if return_state:
+            h, state = h
+            return self.output(h, o), state
+        return self.output(h, o)
+
+    def step(self, x: torch.Tensor, state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
+        """One token per row: x (B, d_model), state (C, n, m) -> (B, d_model), the next state (the
+        kernel's single-step recurrence: no chunking, no padding to a chunk)."""
+        q, k, v, i, f, o = self.project(x)  # (B, H, Dqk), ..., (B, H), (B, H * Dv)
+        h, state = mlstm_step(q, k, v, i, f, state, eps=self.cfg.mlstm_eps)
+        return self.output(h, o), state
