@@ -6,7 +6,8 @@
 # then run `bash scripts/gpu_check.sh` there with `.anchors` carried (it is git-ignored), limit ~470 s.
 #
 # Order (most wanted results first; each part has its own time limit so a slow part cannot starve the
-# others; sum of the limits 90 + 130 + 40 + 90 + 90 = 440 s, expected about 50 + 100 + 15 + 60 + 70 = 295 s):
+# others; sum of the limits 90 + 130 + 40 + 60 + 90 + 60 = 470 s, expected about 50 + 100 + 15 + 45 + 60 + 60
+# = 330 s; the mLSTM part is not yet measured on a GPU):
 #  (1) tests/kernels on CUDA: Triton compiled, bf16 included, our environment only (the anchor wheels
 #      are NOT on the path, so no test can touch mamba_ssm; the SSD tests run both backward
 #      forms, split and fused);                                                               TEST_LIMIT 90
@@ -15,17 +16,20 @@
 #      (mamba_ssm compiles / autotunes ~80 s the first time);                                SSD_LIMIT 130
 #  (2b) scripts/bench_ssd.py gpu --profile: each kernel's device time in our forward+backward, the wall
 #      time and the host time to issue one call (is it launch-bound?);                  PROFILE_LIMIT 40
+#  (2c) scripts/bench_mlstm_gpu.py: our Triton mLSTM (exact gradients) beside mlstm_kernels' TFLA
+#      xl_chunk (anchor wheels on PYTHONPATH), B=8, T=2048, 16 heads x 128, bf16;          MLSTM_LIMIT 60
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
 #      promising settings of its knobs (default = split backward, against the fused one; m=32; bf16
-#      operands everywhere), speed and error against exact float32;                          SWEEP_LIMIT 90
+#      operands everywhere), speed and error against exact float32;                          SWEEP_LIMIT 60
 #  (5) a summary of the key tables, printed last (the device tool returns the output's tail).
 # Every python runs with -u (unbuffered) and the benchmarks print each row as it is measured: a part
 # killed by its limit still leaves the rows it finished in its log.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
-# profile.log, bench_ssd_profile.md, train.log, bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
-# Exit status: 0 when the tests passed and the benchmark ran beside mamba_ssm, else 1.
+# profile.log, bench_ssd_profile.md, mlstm.log, bench_mlstm_gpu.md, bench_mlstm.json, train.log,
+# bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
+# Exit status: 0 when the tests passed and the benchmarks ran (SSD beside mamba_ssm), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -58,6 +62,9 @@ PYTHONPATH="$PWD:$SITE" timeout ${SSD_LIMIT:-130} python3 -u scripts/bench_ssd.p
 echo "== SSD profile" | tee "$OUT/profile.log"
 PYTHONPATH="$PWD" timeout ${PROFILE_LIMIT:-40} python3 -u scripts/bench_ssd.py gpu --profile --reps 10 --out "$OUT" 2>&1 | tee -a "$OUT/profile.log"
 
+echo "== mLSTM benchmark" | tee "$OUT/mlstm.log"
+PYTHONPATH="$PWD:$SITE" timeout ${MLSTM_LIMIT:-60} python3 -u scripts/bench_mlstm_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/mlstm.log" || status=1
+
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
@@ -65,7 +72,7 @@ if [ -n "${WITH_COMPILE:-}" ]; then
 fi
 
 echo "== SSD settings sweep" | tee "$OUT/sweep.log"
-PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-90} python3 -u scripts/bench_ssd.py gpu --sweep --reps 20 \
+PYTHONPATH="$PWD" timeout ${SWEEP_LIMIT:-60} python3 -u scripts/bench_ssd.py gpu --sweep --reps 20 \
   --only "${SWEEP_ONLY:-tf32 (default);fused bwd;tf32 m=32;input}" --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || status=1
 
 echo
@@ -74,6 +81,7 @@ head -n 2 "$OUT/nvidia-smi.txt"
 echo "-- kernel tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || grep -E "^\||undertow / mamba_ssm|Error" "$OUT/bench.log" | tail -n 12
 echo "-- SSD profile (ours, forward+backward):"; grep -E "^\||host time|sum of device" "$OUT/profile.log" | head -n 16
+echo "-- mLSTM vs TFLA:"; cat "$OUT/bench_mlstm_gpu.md" 2>/dev/null || grep -E "^\||undertow / TFLA|Error" "$OUT/mlstm.log" | tail -n 8
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status

@@ -5,14 +5,25 @@ from __future__ import annotations
 import torch
 
 from undertow.kernels.context import context_parallel_op
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.mlstm.chunked import mlstm_chunked
 from undertow.kernels.mlstm.context import STATE_PASSING
 from undertow.kernels.mlstm.reference import State, mlstm_reference, mlstm_step
 
 __all__ = ["mlstm", "mlstm_step", "IMPLEMENTATIONS"]
 
+
+def _mlstm_triton(*args, **kwargs):
+    """The Triton form, imported on first use (whether its kernels run in the interpreter,
+    TRITON_INTERPRET, is fixed when the kernel module is imported)."""
+    from undertow.kernels.mlstm.triton import mlstm_triton
+
+    return mlstm_triton(*args, **kwargs)
+
+
 IMPLEMENTATIONS = {"reference": mlstm_reference, "chunked": mlstm_chunked}
+if triton_available():
+    IMPLEMENTATIONS["triton"] = _mlstm_triton
 
 
 def mlstm(
