@@ -214,9 +214,9 @@ def test_import_errors_are_one_line(tmp_path, spm_path, capsys):
 
 def test_help_texts(capsys):
     for argv, words in ((["convert", "--help"], ["to-hf", "from-hf"]),
-                        (["convert", "to-hf", "--help"], ["MambaForCausalLM", "Mamba2ForCausalLM", "BambaForCausalLM",
+                        (["convert", "to-hf", "--help"], ["MambaForCausalLM", "Mamba2ForCausalLM", "BambaForCausalLM", "xLSTMForCausalLM",
                                                           "--dtype", "--tokenizer"]),
-                        (["convert", "from-hf", "--help"], ["init_from", "bamba", "safetensors"])):
+                        (["convert", "from-hf", "--help"], ["init_from", "bamba", "xlstm", "safetensors"])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0

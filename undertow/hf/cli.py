@@ -17,6 +17,8 @@ Mamba family layer patterns and their transformers classes:
   pairs of (M or *) and -    BambaForCausalLM, e.g. M-M-*-M- (with model.mlp swiglu and
                              model.position_embedding rope: Bamba's MLP is gated, its attention
                              always rotary)
+xLSTM family:
+  all m (the xLSTM-7B block)  xLSTMForCausalLM (its own code; qk and v widths multiples of 64)
 Other patterns and settings are refused with the reason.
 
 example:
@@ -25,8 +27,8 @@ example:
 """
 
 _FROM_HF = """\
-Import a Hugging Face directory (config.json with model_type mamba, falcon_mamba, mamba2 or
-bamba; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
+Import a Hugging Face directory (config.json with model_type mamba, falcon_mamba, mamba2,
+bamba or xlstm; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
 step 0, the config and the tokenizer entry (tokenizer.model is copied beside it). No optimizer
 state: start training from it with --checkpoint.init_from OUT_DIR.
 
