@@ -20,7 +20,7 @@ import torch
 import undertow.parallel.deepspeed
 import undertow.pretrain.trainer as trainer_mod
 from tests.distributed.harness import run_distributed
-from tests.distributed.test_data_parallel import FAMILIES, global_batch, make_config
+from tests.distributed.layouts import FAMILIES, global_batch, make_config
 from undertow.cli import main
 from undertow.configtools import ConfigError
 from undertow.pretrain.deepspeed_convert import convert_from_deepspeed
@@ -182,7 +182,7 @@ def test_deepspeed_format_converts(runs):
     from it (checkpoint.init_from, no step) gives the logits of the run that wrote it."""
     root, results = runs
     _, z3_logits = results[0]["hybrid", "zero3"]
-    recipe, overrides = FAMILIES["hybrid"]
+    recipe, overrides = FAMILIES["hybrid"].recipe, list(FAMILIES["hybrid"].overrides)
     assert main(["convert", "from-deepspeed", f"{root}/hybrid/zero3-deepspeed", f"{root}/converted", recipe,
                  *overrides]) == 0
     # refusals are one line and exit 2: an existing output, weights that do not fit the recipe's model

@@ -1,12 +1,15 @@
 """Pipeline parallelism: loss and every parameter gradient of one step equal the single-process
-step, for every family and schedule; tied embeddings stay equal across the first and last stage
-over optimizer steps; stages may carry more than one tensor."""
+step, for every family and schedule; through the Trainer (zero_bubble, zbv) the validation too, and
+each resumes its own checkpoint exactly; checkpoints reshard between pp and one process; tied
+embeddings stay equal across the first and last stage over optimizer steps; stages may carry more
+than one tensor. (Every family under pp2 and tp2 x pp2 through the Trainer: test_data_parallel.py.)"""
 
 import pytest
 import torch
 from torch import nn
 
 from tests.distributed.harness import run_distributed
+from tests.distributed.layouts import advance, save_and_resume
 from undertow.models import registry
 from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
@@ -124,15 +127,20 @@ def trainer_config(run_dir: str, layout: list[str]):
     ])
 
 
-def trainer_step(run_dir: str, layout: list[str]) -> tuple[float, float, int, dict, float]:
-    """Through the Trainer: (loss, grad norm, labels, gradients, validation loss) of one step on batch()."""
+def trainer_step(run_dir: str, layout: list[str]) -> tuple[float, float, int, dict, float, list[str]]:
+    """Through the Trainer: (loss, grad norm, labels, gradients, validation loss) of one step on batch(),
+    then the AdamW step, a save and a restart in the layout: the names not resumed exactly."""
+    layout = layout + ["--checkpoint.resume", "auto"]
     trainer = Trainer(trainer_config(run_dir, layout))
     b = batch()
     b["input_ids"] %= trainer.cfg.model.vocab_size
     micro = [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
     loss, grad_norm, labels = trainer.train_step(micro)
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-    return loss, grad_norm, labels, grads, trainer.validate()
+    val_loss = trainer.validate()
+    advance(trainer)
+    _, not_resumed = save_and_resume(trainer, trainer_config(run_dir, layout))
+    return loss, grad_norm, labels, grads, val_loss, not_resumed
 
 
 def train_steps(run_dir: str, layout: list[str], steps: int, save_at: int | None = None) -> dict:
@@ -143,9 +151,7 @@ def train_steps(run_dir: str, layout: list[str], steps: int, save_at: int | None
     b["input_ids"] %= trainer.cfg.model.vocab_size
     while trainer.step < steps:
         trainer.train_step([b])
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.step += 1
+        advance(trainer)
         if trainer.step == save_at:
             trainer.save()
     state = {}
@@ -215,10 +221,12 @@ def test_checkpoints_reshard_between_pp_and_one_process(runs, run_dir, single_sa
 
 @pytest.mark.parametrize("key", ["trainer", "trainer_zbv"])
 def test_trainer_step_equals_single_process(runs, tmp_path, key):
-    """zero_bubble, and zbv (validation through the runner's forward chain)."""
-    loss, grad_norm, labels, grads, val_loss = trainer_step(str(tmp_path), [])
+    """zero_bubble, and zbv (validation through the runner's forward chain); each resumes its own save."""
+    loss, grad_norm, labels, grads, val_loss, not_resumed = trainer_step(str(tmp_path), [])
+    assert not_resumed == []
     seen = set()
-    for pp_loss, pp_norm, pp_labels, pp_grads, pp_val in (r[key] for r in runs):
+    for pp_loss, pp_norm, pp_labels, pp_grads, pp_val, pp_not_resumed in (r[key] for r in runs):
+        assert pp_not_resumed == []  # every parameter and AdamW moment of this rank's stages as saved
         assert pp_labels == labels and pp_loss == pytest.approx(loss, rel=1e-5)
         assert pp_norm == pytest.approx(grad_norm, rel=1e-4)
         assert pp_val == pytest.approx(val_loss, rel=1e-5)

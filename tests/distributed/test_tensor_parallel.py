@@ -252,6 +252,18 @@ def test_bad_layouts_fail_with_what_to_change(runs):
     assert "needs the sequence length to be a multiple of 2, got 15" in errors["seq_len"]
 
 
+def test_loss_contexts_nest():
+    """The trainer's validation opens one around PipelineRunner.loss_sum, which opens its own (tp x pp
+    crashed there: torch's loss_parallel() is not reentrant); a failing body leaves them balanced."""
+    with loss_context(2):
+        with loss_context(2):
+            pass
+    with pytest.raises(ZeroDivisionError), loss_context(2):
+        1 / 0
+    with loss_context(2), loss_context(2):
+        pass
+
+
 def test_layout_is_validated_before_any_process_starts():
     transformer, mamba = registry.get("transformer"), registry.get("mamba")
     six_heads = TransformerConfig(vocab_size=V, d_model=48, n_heads=6, ffn_hidden=96)

@@ -4,6 +4,7 @@
     tp_shape_limits(config, spec, seq_len, sequence_parallel)  -> [("tp", what, size)] for
                                                                   ParallelDims.validate
     loss_context(tp)   wrap forward, loss and backward: the loss is computed on vocab shards
+                       (blocks nest: the outermost one holds torch's loss_parallel)
 
 Nothing here names a family. The model is a CausalLMShell (embed -> layers -> norm -> lm_head);
 its blocks are placed by the family's plan module (spec.plan), which offers
@@ -25,6 +26,7 @@ document ids and cu_seqlens, which the model passes whole to every mixer, stay c
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,10 +56,32 @@ def tp_shape_limits(
     return limits
 
 
-def loss_context(tp: int) -> contextlib.AbstractContextManager:
+_loss_parallel_open = False  # whether a loss_context(tp > 1) block is open in this process
+
+
+@contextlib.contextmanager
+def loss_context(tp: int) -> Iterator[None]:
     """Around forward, loss and backward: loss_parallel() when tp > 1 (cross-entropy over the
-    vocab-sharded logits, its backward included), otherwise nothing."""
-    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+    vocab-sharded logits, its backward included), otherwise nothing.
+
+    Blocks nest: the trainer's validation opens one around PipelineRunner.loss_sum, which opens its
+    own. torch's loss_parallel() is not reentrant: it adds its handlers to DTensor's process-wide
+    op table on entry and pops them on exit, so an inner exit would remove the outer block's
+    handlers and the outer exit fail (KeyError: aten._log_softmax). Only the outermost block enters
+    it, and it leaves it even when the body raises (torch's exit, handed the exception, would skip
+    the pop and leave the handlers installed for the rest of the process)."""
+    global _loss_parallel_open
+    if tp == 1 or _loss_parallel_open:
+        yield
+        return
+    handlers = loss_parallel()
+    handlers.__enter__()
+    _loss_parallel_open = True
+    try:
+        yield
+    finally:
+        _loss_parallel_open = False
+        handlers.__exit__(None, None, None)
 
 
 def apply_tensor_parallel(

@@ -175,12 +175,19 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        members = [list(group["params"]) for group in optim_sd["param_groups"]]
     else:
         state = {"model": get_state_dict(model, [])[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=path)
     if optimizer is not None:
+        # DCP keeps one rank's copy of the param groups (names and hyperparameters, not tensors);
+        # under pipeline parallelism the ranks hold different parameters, and one whose tied
+        # embedding is missing from that copy would be refused (zbv: the first and last stage on
+        # one rank). Each rank's groups keep their own parameter names and take the hyperparameters.
+        for group, names in zip(state["optim"]["param_groups"], members, strict=True):
+            group["params"] = names
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})

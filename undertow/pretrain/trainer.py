@@ -290,14 +290,23 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         return float(self._dp_sum(total)), float(grad_norm), n_labels
 
-    @torch.no_grad()
-    def validate(self) -> float | None:
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, counted labels
+    def _val_batches(self):
+        """This data-parallel rank's first training.val_batches batches of the held-out split."""
         for i, batch in enumerate(self._loader("val")):
             if i >= self.cfg.training.val_batches:
-                break
+                return
+            yield batch
+
+    @torch.no_grad()
+    def validate(self, batches: list[dict] | None = None) -> float | None:
+        """The mean loss over every counted label of the validation batches of all data- and
+        context-parallel ranks (None when they hold no label). `batches`: this data-parallel rank's
+        (default: its first training.val_batches of the held-out split)."""
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, counted labels
+        for batch in self._val_batches() if batches is None else batches:
             batch = self._to_device(batch)
+            # under pp the runner opens its own loss_context inside this one (they nest)
             with loss_context(self.dims.tp):
                 sums[0] += self._loss_sum(batch).double()
             sums[1] += (batch["labels"] != IGNORE_INDEX).sum()

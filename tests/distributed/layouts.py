@@ -1,0 +1,228 @@
+"""The shared layout harness: every model family through the Trainer under every layout it
+supports, against the one-process run, over the whole life of a run (step, validation, save,
+resume).
+
+A family is a row of FAMILIES: a recipe, the overrides that make its model tiny, and the layouts
+it runs under (keys of LAYOUTS: parallel.* overrides, world size = the product of the degrees).
+A new family adds a row, not a process spawn: `run_world` runs every (family, layout) case of one
+world size inside the processes of one spawn, one Trainer after another.
+
+    lives = run_distributed(run_world, world, root)   # per rank: {(family, layout): life}
+    single = run_life(family, "single", [], root)     # in this process
+    check_life([r[family, layout] for r in lives], single, pipelined=is_pipelined(layout))
+
+The life of a case (`run_life`), the same in one process and under a layout:
+  1. one step on a fixed global batch (each data-parallel rank takes its rows; documents end inside
+     rows): the loss, the gradient norm, the counted labels and every gradient as a whole tensor;
+  2. the AdamW step, then a validation on a second fixed batch (the updated weights);
+  3. a checkpoint of step 1, resumed by a second Trainer in the same layout: its step, every
+     parameter and AdamW moment and its validation loss are those saved.
+
+The checks below the Trainer (tp = 4, sequence parallelism off, every pipeline schedule, the CP
+kernels) stay in test_tensor_parallel.py, test_pipeline_parallel.py and test_context_parallel.py,
+each with its own table of families run in one spawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from undertow.pretrain.config import load_config
+from undertow.pretrain.trainer import Trainer
+
+GLOBAL_BATCH, SEQ = 4, 32
+TRAIN_SEED, VAL_SEED = 1234, 4321
+DIMS = ("--parallel.pp", "--parallel.dp_replicate", "--parallel.dp_shard", "--parallel.cp", "--parallel.tp")
+PP2 = ["--parallel.pp", "2", "--parallel.pp_microbatches", "2"]
+LAYOUTS = {
+    "fsdp2": ["--parallel.dp_shard", "2"],
+    "tp2": ["--parallel.tp", "2"],
+    "cp2": ["--parallel.cp", "2"],
+    "pp2": PP2,  # 1f1b
+    "hsdp2x2": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
+    "fsdp2xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2"],
+    "fsdp2xtp2": ["--parallel.dp_shard", "2", "--parallel.tp", "2"],
+    "cp2xtp2": ["--parallel.cp", "2", "--parallel.tp", "2"],
+    # pipeline stages sharded by FSDP2, split by TP (sequence-parallel activations cross the stage
+    # boundaries), sliced by CP; the interleaved schedules run 4 virtual stages of one block
+    "fsdp2xpp2": PP2 + ["--parallel.dp_shard", "2", "--parallel.pp_schedule", "interleaved_1f1b",
+                        "--parallel.pp_virtual_stages", "2"],
+    "tp2xpp2": PP2 + ["--parallel.tp", "2"],
+    "tp2xpp2v": PP2 + ["--parallel.tp", "2", "--parallel.pp_schedule", "zero_bubble", "--parallel.pp_virtual_stages",
+                       "2"],
+    "cp2xpp2": PP2 + ["--parallel.cp", "2"],
+}
+# what every family runs: each parallelism alone and the two that split the model, together (two
+# stages: a model of two blocks runs them all)
+STANDARD = ("fsdp2", "tp2", "cp2", "pp2", "tp2xpp2")
+
+
+@dataclass(frozen=True)
+class Family:
+    recipe: str
+    overrides: tuple[str, ...]  # small shapes of the recipe's model
+    layouts: tuple[str, ...]  # keys of LAYOUTS
+
+
+MAMBA_SMALL = ("--model.d_model", "32", "--model.d_state", "8")
+SSD_SMALL = ("--model.headdim", "16", "--model.chunk_size", "8", "--model.ngroups", "2")
+FAMILIES = {
+    "transformer": Family("tiny", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2"),
+                          STANDARD),
+    "mamba1": Family("tiny-mamba", MAMBA_SMALL + ("--model.layer_pattern", "mm"), STANDARD),
+    "mamba2": Family("tiny-mamba2", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "MM"), STANDARD),
+    # one block of each mixer kind, under every layout (the other combinations on it alone: 4 processes
+    # cost the most)
+    "hybrid": Family("tiny-hybrid", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "mM*-"), tuple(LAYOUTS)),
+}
+
+
+def world_size(layout: list[str]) -> int:
+    """The processes a list of parallel.* overrides needs."""
+    world = 1
+    for name, value in zip(layout[::2], layout[1::2]):
+        world *= int(value) if name in DIMS else 1
+    return world
+
+
+def is_pipelined(layout: str) -> bool:
+    return "--parallel.pp" in LAYOUTS[layout]
+
+
+def cases(world: int | None = None) -> list[tuple[str, str]]:
+    """Every (family, layout) the rows ask for (of `world` processes, when given)."""
+    return [(family, layout) for family, row in FAMILIES.items() for layout in row.layouts
+            if world in (None, world_size(LAYOUTS[layout]))]
+
+
+def make_config(family: str, run_dir: str, extra: list[str]):
+    row = FAMILIES[family]
+    return load_config(row.recipe, list(row.overrides) + [
+        "--training.run_dir", run_dir, "--data.seq_len", str(SEQ), "--training.micro_batch_size", "2",
+        "--training.val_every", "0", "--logging.tensorboard", "false", "--data.num_workers", "0",
+        "--schedule.warmup_steps", "0", *extra,
+    ])
+
+
+def global_batch(vocab: int, seed: int = TRAIN_SEED) -> dict:
+    """A fixed batch (GLOBAL_BATCH, SEQ) with document boundaries inside rows, the same in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    doc_ids = ((torch.arange(SEQ) >= 11).int() + (torch.arange(SEQ) >= 25).int()).expand(GLOBAL_BATCH, SEQ)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(), "doc_ids": doc_ids.clone()}
+
+
+def rows_of(trainer: Trainer, batch: dict) -> dict:
+    """This data-parallel rank's rows of a global batch."""
+    per_rank = GLOBAL_BATCH // trainer.dims.dp
+    start = trainer.dp_rank * per_rank
+    return {k: v[start:start + per_rank] for k, v in batch.items()}
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (collective over its mesh), a plain tensor as it is; detached copies."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def full_grads(model) -> dict:
+    return {name: whole(p.grad) for name, p in model.named_parameters()}
+
+
+def trained_state(trainer: Trainer) -> dict[str, list[torch.Tensor]]:
+    """name -> [parameter, AdamW exp_avg, exp_avg_sq] of this rank's parameters, whole tensors."""
+    state = {}
+    for name, p in trainer.model.named_parameters():
+        moments = trainer.optimizer.state[p]
+        state[name] = [whole(p), whole(moments["exp_avg"]), whole(moments["exp_avg_sq"])]
+    return state
+
+
+def advance(trainer: Trainer) -> None:
+    """The AdamW step after trainer.train_step, as Trainer.fit takes it."""
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+
+
+def save_and_resume(trainer: Trainer, cfg) -> tuple[Trainer, list[str]]:
+    """Save `trainer`, then restart: a new Trainer of `cfg` (checkpoint.resume = auto, the same
+    run_dir and layout) resumes the checkpoint. Returns it and the names whose parameter or AdamW
+    moments differ from the saved ones (or exist on one side only)."""
+    trainer.save()
+    saved = trained_state(trainer)
+    resumed = Trainer(cfg)
+    restored = trained_state(resumed)
+    differ = [name for name in saved.keys() | restored.keys() if name not in saved or name not in restored
+              or not all(map(torch.equal, saved[name], restored[name]))]
+    return resumed, sorted(differ)
+
+
+def run_life(family: str, layout_name: str, layout: list[str], root: str) -> dict:
+    """Step, AdamW step, validation, save and resume of one family under one layout (module docstring)."""
+    args = (family, f"{root}/{family}-{layout_name}", layout + ["--checkpoint.resume", "auto"])
+    trainer = Trainer(make_config(*args))
+    vocab = trainer.cfg.model.vocab_size
+    loss, grad_norm, n_labels = trainer.train_step([rows_of(trainer, global_batch(vocab))])
+    life = {"loss": loss, "grad_norm": grad_norm, "n_labels": n_labels, "grads": full_grads(trainer.model)}
+    advance(trainer)
+    val_batches = [rows_of(trainer, global_batch(vocab, VAL_SEED))]
+    life["val"] = trainer.validate(val_batches)
+    resumed, life["not_restored"] = save_and_resume(trainer, make_config(*args))
+    life["resumed_step"] = resumed.step
+    life["resumed_val"] = resumed.validate(val_batches)
+    return life
+
+
+def run_world(rank: int, world: int, root: str) -> dict:
+    """Every case of `world` processes, one after another (in one spawn: starting processes is the slow part)."""
+    lives = {}
+    for family, layout in cases(world):
+        try:
+            lives[family, layout] = run_life(family, layout, LAYOUTS[layout], root)
+        except Exception as error:
+            error.add_note(f"in the layout case {family} x {layout}")
+            raise
+    return lives
+
+
+def check_resumed(life: dict) -> None:
+    assert life["resumed_step"] == 1
+    assert life["not_restored"] == []  # every parameter and moment exactly as saved
+    assert life["resumed_val"] == life["val"]
+
+
+def check_life(per_rank: list[dict], single: dict, pipelined: bool) -> None:
+    """Every rank's life equals the one-process life: loss, gradient norm, every gradient (a
+    pipeline rank holds its stages' only; together they hold all), the validation loss after the
+    AdamW step; and each resumed its own checkpoint exactly."""
+    check_resumed(single)
+    seen = set()
+    for life in per_rank:
+        assert life["n_labels"] == single["n_labels"] == GLOBAL_BATCH * SEQ
+        assert life["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert life["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+        if not pipelined:
+            assert life["grads"].keys() == single["grads"].keys()
+        for name, g in life["grads"].items():
+            ref = single["grads"][name]
+            err = ((g - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+            assert err < 1e-4, f"{name}: relative error {err:.2e}"
+            seen.add(name)
+        assert life["val"] == pytest.approx(single["val"], rel=1e-5)
+        check_resumed(life)
+    assert seen == single["grads"].keys()
+
+
+class Once(dict):
+    """key -> compute(key), computed on first use (a spawn per world size only when a test needs it)."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, key):
+        self[key] = value = self.compute(key)
+        return value
