@@ -77,6 +77,9 @@ FAMILIES = {
     # one block of each mixer kind, under every layout (the other combinations on it alone: 4 processes
     # cost the most)
     "hybrid": Family("tiny-hybrid", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "mM*-"), tuple(LAYOUTS)),
+    # the xLSTM-7B block: heads of 8 (q, k) and 16 (v) channels, chunks that split the 32-token rows
+    "xlstm": Family("tiny-xlstm", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
+                                   "--model.chunk_size", "8"), STANDARD),
 }
 
 

@@ -1,5 +1,6 @@
 """Context parallelism in gloo process groups against the single-process run: kernels with an
-initial state and any batch size, and whole models (Mamba-1, Mamba-2, a hybrid with attention and
+initial state and any batch size (the mLSTM's log-space state combine: cp_mlstm.py; the sLSTM's
+serial passing: cp_slstm.py), and whole models (Mamba-1, Mamba-2, a hybrid with attention and
 MLP layers, the transformer) — loss and every parameter gradient, on rows whose documents end
 inside slices, at a slice start and span whole slices."""
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.distributed import cp_mlstm, cp_slstm
 from tests.distributed.harness import run_distributed
 from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.selective_scan import selective_scan
@@ -99,6 +101,8 @@ def _models_under_cp(rank, world):
 def _all_checks(rank, world):
     """One spawn per world size runs every check (starting processes costs more than the checks)."""
     return {"kernels": _kernels_under_cp(rank, world, rows=3 if world == 2 else 1),
+            "mlstm": cp_mlstm.check(rank, world),
+            "slstm": cp_slstm.check(rank, world),
             "models": _models_under_cp(rank, world),
             "misuse": _misuse(rank, world)}
 
@@ -191,6 +195,14 @@ def test_kernels_with_initial_state_match_the_full_scan(cp_results):
             assert max(res["grads"]) < 1e-4 and res["initial_grad"] < 1e-4, (name, rank, res)
             # one all-gather forward (states) and one backward (their gradients)
             assert res["calls"] == {"all_gather": 2}, (name, res["calls"])
+
+
+def test_mlstm_state_combine_matches_the_full_scan(cp_results):
+    cp_mlstm.assert_matches([r["mlstm"] for r in cp_results])
+
+
+def test_slstm_serial_passing_matches_the_full_scan(cp_results):
+    cp_slstm.assert_matches([r["slstm"] for r in cp_results])
 
 
 def _misuse(rank, world):
