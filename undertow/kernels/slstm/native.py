@@ -40,6 +40,12 @@ def applies(gates: torch.Tensor) -> bool:
     return ENABLED and gates.device.type == "cpu" and gates.numel() > 0
 
 
+def _contiguous(gates, R, init, starts):
+    """What the loops read through raw pointers: contiguous, starts as uint8."""
+    init = None if init is None else init.contiguous()
+    return gates.contiguous(), R.contiguous(), init, starts.to(torch.uint8).contiguous()
+
+
 def _run(fn, args_for, rows: int) -> None:
     def call(begin: int, end: int, index: int) -> None:
         if fn(*args_for(index), begin, end):
@@ -56,9 +62,7 @@ def native_forward(gates: torch.Tensor, R: torch.Tensor, init: torch.Tensor | No
     if library is None:
         return None
     B, T, _, H, D = gates.shape
-    gates, R = gates.contiguous(), R.contiguous()
-    init = None if init is None else init.contiguous()
-    starts = starts.to(torch.uint8).contiguous()
+    gates, R, init, starts = _contiguous(gates, R, init, starts)
     states, final = gates.new_empty(4, B, T, H, D), gates.new_empty(4, B, H, D)
     args = _ptrs(gates, R, init, starts, *states, final) + [B, T, H, D]  # the tensors stay alive here
     _run(library.slstm_fwd, lambda index: args, B * H)
@@ -73,11 +77,9 @@ def native_backward(gates, R, init, starts, states, dy, dfinal):
     if library is None:
         return None
     B, T, _, H, D = gates.shape
-    gates, R = gates.contiguous(), R.contiguous()
-    init = None if init is None else init.contiguous()
+    gates, R, init, starts = _contiguous(gates, R, init, starts)
     dy = dy.float().contiguous()
     dfinal = None if dfinal is None else dfinal.float().contiguous()
-    starts = starts.to(torch.uint8).contiguous()
     dgates, dinit = gates.new_empty(B, T, 4, H, D), gates.new_empty(4, B, H, D)
     ranges = native.parts(B * H)
     dR = gates.new_zeros(len(ranges), *R.shape)  # one accumulator per part: rows of a head share dR

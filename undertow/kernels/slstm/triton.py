@@ -38,6 +38,18 @@ def _preactivation(G_ptr, R_ptr, y_prev, g, b, t, h, T, H, D, k, j, jmask, rmask
 
 
 @triton.jit
+def _load_state(ptr, offs, stride, mask, PRESENT: tl.constexpr, BD: tl.constexpr):
+    """The four (BD,) components (y, c, n, m) of a (4, B, H, D) state at `offs` (stride: B H D), or
+    zeros when the state is absent."""
+    if PRESENT:
+        return (tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + stride + offs, mask=mask, other=0.0),
+                tl.load(ptr + 2 * stride + offs, mask=mask, other=0.0),
+                tl.load(ptr + 3 * stride + offs, mask=mask, other=0.0))
+    zero = tl.zeros([BD], dtype=tl.float32)
+    return zero, zero, zero, zero
+
+
+@triton.jit
 def _slstm_fwd(G_ptr, R_ptr, init_ptr, starts_ptr, Y_ptr, C_ptr, N_ptr, M_ptr, final_ptr, B, T, H, D,
                HAS_INIT: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -47,16 +59,7 @@ def _slstm_fwd(G_ptr, R_ptr, init_ptr, starts_ptr, Y_ptr, C_ptr, N_ptr, M_ptr, f
     jmask, kmask = j < D, k < D
     rmask = kmask[:, None] & jmask[None, :]
     state = (b * H + h) * D + j
-    if HAS_INIT:
-        y = tl.load(init_ptr + state, mask=jmask, other=0.0)
-        c = tl.load(init_ptr + B * H * D + state, mask=jmask, other=0.0)
-        n = tl.load(init_ptr + 2 * B * H * D + state, mask=jmask, other=0.0)
-        m = tl.load(init_ptr + 3 * B * H * D + state, mask=jmask, other=0.0)
-    else:
-        y = tl.zeros([BD], dtype=tl.float32)
-        c = tl.zeros([BD], dtype=tl.float32)
-        n = tl.zeros([BD], dtype=tl.float32)
-        m = tl.zeros([BD], dtype=tl.float32)
+    y, c, n, m = _load_state(init_ptr, state, B * H * D, jmask, HAS_INIT, BD)
     for t in range(T):
         reset = (tl.load(starts_ptr + b * T + t) != 0) & (t > 0)
         y = tl.where(reset, 0.0, y)
@@ -117,16 +120,7 @@ def _slstm_bwd(G_ptr, R_ptr, init_ptr, starts_ptr, Y_ptr, C_ptr, N_ptr, M_ptr, d
     jmask, kmask = j < D, k < D
     rmask = kmask[:, None] & jmask[None, :]
     state = (b * H + h) * D + j
-    if HAS_DFINAL:
-        gy = tl.load(dfinal_ptr + state, mask=jmask, other=0.0)
-        gc = tl.load(dfinal_ptr + B * H * D + state, mask=jmask, other=0.0)
-        gn = tl.load(dfinal_ptr + 2 * B * H * D + state, mask=jmask, other=0.0)
-        gm = tl.load(dfinal_ptr + 3 * B * H * D + state, mask=jmask, other=0.0)
-    else:
-        gy = tl.zeros([BD], dtype=tl.float32)
-        gc = tl.zeros([BD], dtype=tl.float32)
-        gn = tl.zeros([BD], dtype=tl.float32)
-        gm = tl.zeros([BD], dtype=tl.float32)
+    gy, gc, gn, gm = _load_state(dfinal_ptr, state, B * H * D, jmask, HAS_DFINAL, BD)
     for step in range(T):
         t = T - 1 - step
         reset = (tl.load(starts_ptr + b * T + t) != 0) & (t > 0)
