@@ -1,0 +1,100 @@
+"""One training step (forward + backward) of a tiny xLSTM (xLSTM-7B blocks): undertow's model
+against transformers' xLSTMForCausalLM of the same shape (its own torch code: the xlstm package is
+not installed).
+
+    python scripts/bench_xlstm_step.py [--d-model 128] [--layers 4] [--heads 2] [--chunk-size 64]
+        [--batch 4] [--seq-len 512] [--vocab 2048] [--steps 7] [--warmup 2] [--threads 2]
+
+Both models get the same weights (ours exported through models/xlstm/hf.py), the same random tokens
+and the same loss; the step loop, the alternation and the loss check are bench_mamba2_step.py's.
+qk and v widths must be multiples of 64 for the export (transformers sizes its cache that way).
+Prints a markdown table with the command, machine and date for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_mamba2_step import interleaved_times  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def build_models(args):
+    """(ours, transformers') with identical weights, in training mode."""
+    import transformers
+
+    from undertow.models.xlstm import hf as adapter
+    from undertow.models.xlstm.config import XLSTMConfig
+    from undertow.models.xlstm.model import XLSTMLM
+
+    cfg = XLSTMConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                      chunk_size=args.chunk_size)
+    torch.manual_seed(0)
+    ours = XLSTMLM(cfg)
+    ours.init_weights()
+    config, tensors = adapter.to_hf(cfg, ours.state_dict(), {})
+    config.pop(adapter.UNDERTOW_KEY)
+    config.pop("architectures")
+    theirs = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(config.pop("model_type"), **config))
+    theirs.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=False)
+    return ours.train(), theirs.train()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from undertow.kernels.dispatch import select_backend
+    from undertow.kernels.mlstm import IMPLEMENTATIONS
+
+    ours, theirs = build_models(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    backend = select_backend("mlstm", ids.float(), None, tuple(IMPLEMENTATIONS))
+    names = [f"undertow XLSTMLM (mlstm: {backend})", "transformers xLSTMForCausalLM (its torch code)"]
+    times = interleaved_times([(lambda m, x: m(x), ours), (lambda m, x: m(x, use_cache=False).logits, theirs)],
+                              ids, args)
+    tokens = args.batch * args.seq_len
+    print(f"command: `python {' '.join(sys.argv)}`  ")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+          f"{args.threads} torch threads; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}  ")
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  ")
+    print(f"shape: d_model {args.d_model}, {args.layers} xLSTM-7B blocks, {args.heads} heads, chunk {args.chunk_size}, "
+          f"vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, float32; median of {args.steps} steps "
+          f"after {args.warmup} warm-up\n")
+    print("| model | median s/step | min s/step | tokens/s (median) |")
+    print("|---|---:|---:|---:|")
+    for name, t in zip(names, times):
+        med = statistics.median(t)
+        print(f"| {name} | {med:.3f} | {min(t):.3f} | {tokens / med:,.0f} |")
+    speedup = statistics.median(times[1]) / statistics.median(times[0])
+    print(f"\nundertow is {speedup:.2f}x faster per training step (median).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
