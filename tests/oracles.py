@@ -47,6 +47,10 @@ def importing(name: str, module: str):
     """Yields `module` imported from wheel `name` (zipimport); afterwards the wheel leaves sys.path
     and its modules sys.modules, so nothing else in the session sees the package."""
     path = str(wheel(name))
+    if importlib.util.find_spec("transformers") is not None:
+        # transformers decides once, when first imported, which optional packages it uses: let it
+        # decide before the oracle is on the path, so it never adopts the oracle as `xlstm`
+        importlib.import_module("transformers.models.xlstm.modeling_xlstm")
     sys.path.insert(0, path)
     try:
         try:

@@ -44,8 +44,6 @@ def build(cfg, seed=0, perturb=0.0):
 @pytest.mark.parametrize("changes, field, says", [
     (dict(n_heads=3), "model.n_heads", "must divide qk_dim = 16 and v_dim = 32; valid: [1, 2, 4, 8, 16]"),
     (dict(qk_dim_factor=0.3), "model.qk_dim_factor", "a whole number of channels"),
-    (dict(layer_pattern="ms"), "model.layer_pattern", "'s' (sLSTM block) is not implemented yet"),
-    (dict(layer_pattern="m*"), "model.layer_pattern", "'*' (attention block) is not implemented yet"),
     (dict(layer_pattern="mx"), "model.layer_pattern", "unknown letters ['x']"),
     (dict(layer_pattern="mmm"), "model.layer_pattern", "has 3 letters but n_layers = 2"),
     (dict(gate_soft_cap=-1.0), "model.gate_soft_cap", "must be >= 0"),

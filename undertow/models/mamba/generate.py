@@ -13,34 +13,12 @@ from __future__ import annotations
 
 import functools
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from undertow.models.common.attention import causal_attention
-from undertow.models.common.decoding import generate_tokens
+from undertow.models.common.decoding import attention_with_cache, conv_step, generate_tokens
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
-from undertow.models.transformer.model import Attention
-
-
-@dataclass
-class KVCache:
-    """Keys (after RoPE, when used) and values of the positions so far: (B, L, n_kv_heads, head_dim) each."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-def conv_step(window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """One step of the depthwise causal conv + SiLU. window: (B, D, K-1) float32, oldest first;
-    x: (B, D). Returns y (B, D) in x's dtype and the next window."""
-    full = torch.cat([window, x.float().unsqueeze(-1)], dim=-1)  # (B, D, K)
-    y = (full * weight.float()).sum(-1)
-    if bias is not None:
-        y = y + bias.float()
-    return F.silu(y).to(x.dtype), full[:, :, 1:]
 
 
 def mamba1_step(mixer: Mamba1Mixer, u: torch.Tensor, state):
@@ -71,23 +49,6 @@ def mamba2_step(mixer: Mamba2Mixer, u: torch.Tensor, state):
     y = (S * C[:, :, None, :]).sum(-1) + mixer.D.float()[:, None] * x32  # (B, H, P)
     out = mixer.out_proj(mixer.norm(y.flatten(-2).to(u.dtype), mixer.in_proj_z(u)))
     return out, (window, S)
-
-
-def attention_with_cache(attn: Attention, h: torch.Tensor, cos, sin, cache: KVCache | None):
-    """h: (B, T, d_model); cos/sin: (B, T, head_dim) of these positions (None without RoPE). Without a
-    cache: causal attention over the T positions (prefill); with one: T must be 1 and the token attends
-    to every cached position and itself. Returns (B, T, d_model), the cache including these positions."""
-    B, T, _ = h.shape
-    q, k, v = attn.project(h, cos, sin)
-    if cache is None:
-        out = causal_attention(q, k, v)
-    else:
-        if T != 1:
-            raise ValueError(f"a cached attention step takes one token at a time, got {T}")
-        k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=kt.shape[1] != qt.shape[1]).transpose(1, 2)
-    return attn.o_proj(out.reshape(B, T, -1)), KVCache(k, v)
 
 
 def prefill(model, input_ids: torch.Tensor):

@@ -1,10 +1,15 @@
 """Incremental decoding for XLSTMLM: the prompt once through the blocks, then one token at a time.
 
-Each mLSTM layer carries its recurrent state (C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H), float32):
-the prompt's final state comes from the kernel's `return_final_state`, and every new token takes
-one step of the recurrence from it (the kernel's `mlstm_step`, the body of its reference loop).
-The FFN and the norms work per token and carry nothing, so the cache is one (C, n, m) per block
-and does not grow with the text. The token loop is the shared one (models/common/decoding.py).
+What each block carries from token to token (float32 recurrent states; the cache of the FFNs and
+norms is nothing, they work per token):
+  m  the mLSTM state (C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H))
+  M  the conv window (B, E, K-1) and the mLSTM state of its heads
+  s  the conv window (B, d, K-1) and the sLSTM state (y, c, n, m), each (B, H, Dh)
+  *  a key/value cache that grows by one position per token (RoPE at the token's position)
+  -  nothing
+The prompt's states come from the kernels' `return_final_state`; every new token takes one step of
+each recurrence from them (mlstm_step, the conv step, the sLSTM kernel for one step). Only the
+attention cache grows with the text. The token loop is the shared one (models/common/decoding.py).
 """
 
 from __future__ import annotations
@@ -17,21 +22,33 @@ from undertow.models.common.decoding import generate_tokens
 
 
 def prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """The prompt (B, T) -> last-position logits (B, V), per-block states."""
+    """The prompt (B, T) -> last-position logits (B, V), per-block states (None for MLPs)."""
+    B, T = input_ids.shape
+    cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
     x = model.embed(input_ids)
     states = []
     for block in model.layers:
-        x, state = block.prefill(x)
+        if block.kind == "*":
+            x, state = block.prefill(x, cos, sin)
+        elif block.kind == "-":
+            x, state = block(x), None
+        else:
+            x, state = block.prefill(x)
         states.append(state)
     return model.logits(x[:, -1]), states
 
 
 def step(model, tokens: torch.Tensor, position: int, states: list) -> torch.Tensor:
-    """One new token per row, tokens (B,) -> logits (B, V); `states` advance in place. (`position` is
-    unused: the recurrent state is all the model knows of the past.)"""
+    """One new token per row, tokens (B,) at `position` -> logits (B, V); `states` advance in place."""
+    cos, sin = model.rope(torch.full((tokens.shape[0], 1), position, device=tokens.device))
     x = model.embed(tokens)
     for i, block in enumerate(model.layers):
-        x, states[i] = block.step(x, states[i])
+        if block.kind == "*":
+            x, states[i] = block.step(x, states[i], cos, sin)
+        elif block.kind == "-":
+            x = block(x)
+        else:
+            x, states[i] = block.step(x, states[i])
     return model.logits(x)
 
 

@@ -87,6 +87,11 @@ def _ffn_rounding(cfg: XLSTMConfig) -> tuple[float, int] | None:
 
 def hf_architecture(cfg: XLSTMConfig) -> str:
     """xLSTMForCausalLM, or HFConversionError saying what transformers cannot compute like `cfg`."""
+    if set(cfg.pattern) != {"m"}:
+        raise HFConversionError(
+            f"layer_pattern {cfg.pattern!r}: transformers' xLSTMForCausalLM builds only xLSTM-7B's mLSTM block "
+            "(`m`); the paper's sLSTM (s) and mLSTM (M) blocks, attention (*) and MLP (-) layers have no "
+            "counterpart there, so only all-`m` patterns export")
     for name, width in (("qk_dim", cfg.qk_dim), ("v_dim", cfg.v_dim)):
         if width % 64:
             raise HFConversionError(

@@ -1,11 +1,16 @@
 """Registry entry of the xLSTM family: training FLOPs per token, per-layer costs, shape limits, state.
 
-Training FLOPs are 3x the forward (backward = 2x forward). Forward FLOPs per token of one mLSTM
-block, H heads of Dqk / Dv channels, chunk Q = min(chunk_size, seq_len):
-  matmuls   2 per weight: q, k (d x qk_dim), v, ogate (d x v_dim), igate, fgate (d x H), out_proj
-            (v_dim x d), the SwiGLU's gate, up, down (3 d x hidden); elementwise work not counted
-  mLSTM     the chunkwise form: 4 H Dqk Dv (the chunk states' k v^T and their readout q C)
-            + H Q (Dqk + Dv) inside a chunk (causal halves of q k^T and of its product with v)
+Training FLOPs are 3x the forward (backward = 2x forward). Forward FLOPs per token of one block:
+  matmuls   2 per weight of every projection (elementwise work, norms and gate biases not counted):
+            m  q, k (d x qk_dim), v, ogate (d x v_dim), igate, fgate (d x H), out_proj, SwiGLU 3 d hidden
+            s  4 block-diagonal gate projections (d x Dh each) and R (4 d Dh, once per token), the
+               gated GeLU FFN 3 d slstm_ffn_hidden
+            M  up_a, up_z (d x E), q, k, v (E x up_qkv_block each), igate, fgate (3E x H), down (E x d)
+            *  q, o (d x d), k, v (d x kv_heads head_dim);  -  SwiGLU 3 d hidden
+  mLSTM     the chunkwise form: 4 H Dqk Dv (chunk states k v^T and their readout q C) + H Q (Dqk + Dv)
+            inside a chunk of Q = min(chunk_size, seq_len) positions (m; M with Dqk = Dv = E / H)
+  conv      2 * conv_kernel per convolved channel (s: d, M: E)
+  scores    4 * seq_len * d_model for `*` (Q K^T and A V, no causal saving, like the transformer)
 plus the LM head, 2 * d_model * vocab_size.
 """
 
@@ -16,23 +21,50 @@ from undertow.models.xlstm import hf, plan
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.model import XLSTMLM
 
+# Letters whose blocks have no tensor-parallel plan (see plan.py): tp must be 1 with them.
+NO_TP = {"s": "sLSTM block", "M": "paper mLSTM block"}
 
-def block_matmul_params(cfg: XLSTMConfig) -> int:
-    """Weights of one block's projections (the matmuls; not norms or gate biases)."""
+
+def block_matmul_params(cfg: XLSTMConfig, kind: str = "m") -> int:
+    """Weights of one `kind` block's projections (the matmuls; R counted for s)."""
     d = cfg.d_model
-    return d * (2 * cfg.qk_dim + 2 * cfg.v_dim + 2 * cfg.n_heads) + cfg.v_dim * d + 3 * d * cfg.hidden
+    if kind == "m":
+        return d * (2 * cfg.qk_dim + 2 * cfg.v_dim + 2 * cfg.n_heads) + cfg.v_dim * d + 3 * d * cfg.hidden
+    if kind == "s":
+        return 8 * d * (d // cfg.slstm_heads) + 3 * d * cfg.slstm_ffn_hidden
+    if kind == "M":
+        e = cfg.up_inner
+        return 3 * e * d + 3 * e * cfg.up_qkv_block + 6 * e * cfg.up_heads
+    if kind == "*":
+        return 2 * d * d + 2 * d * (d // cfg.q_heads) * cfg.kv_heads
+    if kind == "-":
+        return 3 * d * cfg.hidden
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, s, M, *, -")
 
 
-def block_forward_flops(cfg: XLSTMConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one block (see the module docstring)."""
-    dqk, dv, h = cfg.qk_head_dim, cfg.v_head_dim, cfg.n_heads
+def mlstm_flops(heads: int, dqk: int, dv: int, chunk: int) -> float:
+    return 4.0 * heads * dqk * dv + heads * chunk * (dqk + dv)
+
+
+def block_forward_flops(cfg: XLSTMConfig, seq_len: int, kind: str = "m") -> float:
+    """Forward FLOPs per token of one `kind` block (see the module docstring)."""
+    flops = 2.0 * block_matmul_params(cfg, kind)
     chunk = min(cfg.chunk_size, seq_len)
-    return 2.0 * block_matmul_params(cfg) + 4.0 * h * dqk * dv + h * chunk * (dqk + dv)
+    if kind == "m":
+        flops += mlstm_flops(cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, chunk)
+    elif kind == "s":
+        flops += 2.0 * cfg.conv_kernel * cfg.d_model
+    elif kind == "M":
+        head_dim = cfg.up_inner // cfg.up_heads
+        flops += 2.0 * cfg.conv_kernel * cfg.up_inner + mlstm_flops(cfg.up_heads, head_dim, head_dim, chunk)
+    elif kind == "*":
+        flops += 4.0 * seq_len * cfg.d_model
+    return flops
 
 
 def layer_cost(cfg: XLSTMConfig, seq_len: int) -> list[float]:
     """Training FLOPs per token of each block, in order (for the pipeline split)."""
-    return [3.0 * block_forward_flops(cfg, seq_len) for _ in cfg.pattern]
+    return [3.0 * block_forward_flops(cfg, seq_len, kind) for kind in cfg.pattern]
 
 
 def flops_per_token(cfg: XLSTMConfig, seq_len: int) -> float:
@@ -41,15 +73,32 @@ def flops_per_token(cfg: XLSTMConfig, seq_len: int) -> float:
 
 
 def shape_limits(cfg: XLSTMConfig) -> list[tuple[str, str, int]]:
-    """Tensor parallelism splits the mLSTM heads (q, k, v, gates, per-head norm) and the SwiGLU's
-    hidden units."""
-    return [("tp", "n_heads", cfg.n_heads), ("tp", "ffn_hidden", cfg.hidden)]
+    """What tensor parallelism splits in each block kind present: the mLSTM heads and the SwiGLU's
+    hidden units (m), attention query and key/value heads (*), the MLP's hidden units (-). The s and
+    M blocks have no plan: a limit of 1 makes any tp > 1 fail validation, naming them."""
+    kinds = set(cfg.pattern)
+    limits = [("tp", "n_heads", cfg.n_heads)] if "m" in kinds else []
+    if kinds & {"m", "-"}:
+        limits.append(("tp", "ffn_hidden", cfg.hidden))
+    if "*" in kinds:
+        limits += [("tp", "attn_heads", cfg.q_heads), ("tp", "attn_kv_heads", cfg.kv_heads)]
+    for kind in (k for k in NO_TP if k in kinds):
+        limits.append(("tp", f"layer_pattern {kind!r} ({NO_TP[kind]}, which has no tensor-parallel plan)", 1))
+    return limits
 
 
 def state_elements(cfg: XLSTMConfig) -> list[int]:
-    """Per block, float32 elements of one sequence's mLSTM state: per head C (Dqk x Dv), n (Dqk), m."""
-    per_block = cfg.n_heads * (cfg.qk_head_dim * cfg.v_head_dim + cfg.qk_head_dim + 1)
-    return [per_block for _ in cfg.pattern]
+    """Per block, float32 elements of one sequence's recurrent state: m the mLSTM's (per head C
+    (Dqk x Dv), n (Dqk), m); s the conv window (d x (K-1)) and (y, c, n, m) (4 d); M the conv window
+    (E x (K-1)) and its mLSTM's; attention and MLP layers carry none."""
+    window = cfg.conv_kernel - 1
+    up_head = cfg.up_inner // cfg.up_heads
+    per_kind = {
+        "m": cfg.n_heads * (cfg.qk_head_dim * cfg.v_head_dim + cfg.qk_head_dim + 1),
+        "s": cfg.d_model * (window + 4),
+        "M": cfg.up_inner * window + cfg.up_heads * (up_head * up_head + up_head + 1),
+    }
+    return [per_kind.get(kind, 0) for kind in cfg.pattern]
 
 
 SPEC = ModelSpec(
