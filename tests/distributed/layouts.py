@@ -80,6 +80,10 @@ FAMILIES = {
     # the xLSTM-7B block: heads of 8 (q, k) and 16 (v) channels, chunks that split the 32-token rows
     "xlstm": Family("tiny-xlstm", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                    "--model.chunk_size", "8"), STANDARD),
+    # the paper's blocks: sLSTM (serial state passing under cp) and the pre-up-projection mLSTM; no tp
+    # plan for them (refused at config load)
+    "xlstm-paper": Family("tiny-xlstm-hybrid", ("--model.d_model", "32", "--model.n_layers", "2", "--model.layer_pattern",
+                                                "sM", "--model.chunk_size", "8"), ("fsdp2", "cp2", "pp2")),
 }
 
 
