@@ -5,11 +5,17 @@ Layout of ROOT (the run's checkpoint directory):
     step_00000100/          one complete checkpoint
         *.distcp, .metadata   model + optimizer tensors (DCP; reshardable)
         meta.json             step, config, loader/schedule state, RNG states, counters
+        manifest.json         size and sha256 of every other file (written before the commit)
     .step_00000200.tmp/     a save in progress (or one that crashed): never loaded
+    step_00000300.damaged-size/   a checkpoint found damaged on load, set aside (never deleted)
 
 A save writes everything into the hidden temporary directory, fsyncs it and renames it to
 its final name; the rename is the commit, so a crash at any point leaves the previous
 checkpoint usable. After a successful save only the newest `keep_last` are kept.
+
+Loading verifies the files against the manifest first (sizes, and sha256 unless told
+otherwise): a damaged checkpoint is named with what is wrong and renamed aside, and a resume
+falls back to the newest good one.
 """
 
 from __future__ import annotations
@@ -28,12 +34,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from undertow.log import get_logger
+from undertow.pretrain.checkpoint_manifest import (
+    CheckpointDamaged,
+    digest_own_shards,
+    from_all_ranks,
+    from_rank0,
+    rank_world,
+    write_manifest,
+    verify_checkpoint,
+)
 
 META_NAME = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_DAMAGED_DIR = re.compile(r"^step_\d{8}\.damaged-")
 log = get_logger("undertow.checkpoint")
 
 
@@ -100,9 +117,9 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint `step` atomically; prune to the newest `keep_last`. Returns its path.
 
-    Collective when torch.distributed is initialized: every rank writes its shards (DCP), the
-    first rank writes meta.json and commits by the rename; ROOT must be on a filesystem that
-    every rank sees."""
+    Collective when torch.distributed is initialized: every rank writes its shards (DCP) and hashes
+    them, the first rank writes meta.json and the manifest and commits by the rename; ROOT must be
+    on a filesystem that every rank sees."""
     distributed = dist.is_available() and dist.is_initialized()
     lead = not distributed or dist.get_rank() == 0
     final = step_dir(root, step)
@@ -117,8 +134,10 @@ def save_checkpoint(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    shards = digest_own_shards(tmp)
     if lead:
         write_meta(tmp, {"step": step, **meta})
+        write_manifest(tmp, shards)
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
@@ -193,3 +212,80 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     log.info("checkpoint loaded: %s (step %d)", path, meta["step"])
     return meta
+
+
+# ----------------------------------------------------------------- fallback: damaged checkpoints set aside
+def _describe(error: BaseException) -> str:
+    """One line for an exception; DCP's CheckpointException by the first failing rank's cause."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = failures[min(failures)][0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def _agreed(path: str, reason: str, read):
+    """read() on every rank; when it raises on any rank because of the checkpoint's contents,
+    CheckpointDamaged on all of them (the lowest failing rank's cause). Running out of memory is
+    not damage and propagates as it is."""
+    try:
+        value, failure = read(), None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        value, failure = None, _describe(e)
+    failures = [f for f in from_all_ranks([failure]) if f is not None]
+    if failures:
+        raise CheckpointDamaged(path, reason, f"loading it failed: {failures[0]}")
+    return value
+
+
+def load_verified(path: str, model, optimizer, mode: str, check=None) -> dict:
+    """Verify checkpoint `path` (see verify_checkpoint), read its meta, let `check(path, meta)` refuse an
+    incompatible one (its error is not damage: the checkpoint stays as it is), then load it.
+    Returns the meta; raises CheckpointDamaged when it is damaged. Collective."""
+    verify_checkpoint(path, mode)
+    meta = _agreed(path, "meta", lambda: read_meta(path))
+    if check is not None:
+        check(path, meta)
+    _agreed(path, "unreadable", lambda: load_checkpoint(path, model, optimizer))
+    return meta
+
+
+def damaged_checkpoints(root: str) -> list[str]:
+    """Checkpoints under root that were set aside as damaged, by name."""
+    return sorted(n for n in os.listdir(root) if _DAMAGED_DIR.match(n)) if os.path.isdir(root) else []
+
+
+def set_aside(path: str, reason: str) -> str:
+    """Rename damaged checkpoint `path` to `<path>.damaged-<reason>` (with a counter when taken) and
+    return the new path. Never deleted: a person may inspect or repair it. Rank 0 renames; collective."""
+    target = None
+    if rank_world()[0] == 0:
+        target, n = f"{path}.damaged-{reason}", 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}.damaged-{reason}-{n}"
+        os.rename(path, target)
+    return from_rank0(target)
+
+
+def load_newest_good(root: str, model, optimizer, mode: str, check=None) -> tuple[str, dict] | None:
+    """(path, meta) of the newest checkpoint under root that verifies and loads (see load_verified);
+    each damaged newer one is set aside with a warning. None when root holds no checkpoint at all;
+    RuntimeError when every one is damaged (starting over silently would throw the run away)."""
+    for _, path in reversed(from_rank0(list_checkpoints(root))):
+        try:
+            return path, load_verified(path, model, optimizer, mode, check)
+        except CheckpointDamaged as e:
+            aside = set_aside(path, e.reason)
+            if rank_world()[0] == 0:
+                log.warning("DAMAGED CHECKPOINT %s: %s; set aside as %s, falling back to the previous one",
+                            path, e.detail, os.path.basename(aside))
+    damaged = from_rank0(damaged_checkpoints(root))
+    if damaged:
+        raise RuntimeError(
+            f"no usable checkpoint in {root}: {', '.join(damaged)} are damaged (set aside); repair one "
+            "(rename it back to step_NNNNNNNN) or start over with checkpoint.resume=none"
+        )
+    return None

@@ -137,6 +137,12 @@ class CheckpointConfig:
         "written by `undertow convert from-hf`, with a fresh optimizer at step 0; ignored once the run has "
         "checkpoints of its own.",
     )
+    verify: Literal["sha256", "size", "off"] = opt(
+        "sha256",
+        help="Before loading a checkpoint (resume, init_from), check its files against the manifest saved with it: "
+        "sha256 (sizes and checksums), size (sizes only: cheaper, misses altered bytes) or off. A damaged "
+        "checkpoint is set aside (renamed step_N.damaged-REASON) and resume=auto falls back to the previous one.",
+    )
 
     def validate(self) -> None:
         check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")

@@ -133,7 +133,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.resumed_from = self._maybe_resume()
         if self.resumed_from is None and init_meta is not None:
-            ckpt.load_checkpoint(cfg.checkpoint.init_from, self.model, None)
+            ckpt.load_verified(cfg.checkpoint.init_from, self.model, None, cfg.checkpoint.verify)
             log.info("initialized from %s (model weights only; fresh optimizer, step 0)", cfg.checkpoint.init_from)
 
     # ----------------------------------------------------------------- setup
@@ -184,14 +184,14 @@ class Trainer:
                     f"{root} already holds checkpoints; resume them (checkpoint.resume=auto) or use a new training.run_dir"
                 )
             return None
-        path = ckpt.latest_checkpoint(root) if resume == "auto" else resume
-        if path is None:
-            return None
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        saved_model = meta["config"]["model"]
-        current = self.cfg.to_dict()["model"]
-        if saved_model != current:
-            raise RuntimeError(f"checkpoint {path} was trained with model {saved_model}, the config asks for {current}")
+        verify = self.cfg.checkpoint.verify
+        if resume == "auto":  # the newest good checkpoint; damaged newer ones are set aside
+            found = ckpt.load_newest_good(root, self.model, self.optimizer, verify, self._check_same_model)
+            if found is None:
+                return None
+            path, meta = found
+        else:  # a path the user named: a damaged one stops the run, and stays where it is
+            path, meta = resume, ckpt.load_verified(resume, self.model, self.optimizer, verify, self._check_same_model)
         self.step = meta["step"]
         self.skipped_total = meta["skipped_total"]
         self.consecutive_bad = meta["consecutive_bad"]
@@ -202,6 +202,13 @@ class Trainer:
         ckpt.set_rng_state(meta["rng"])
         log.info("resumed from %s at step %d", path, self.step)
         return path
+
+    def _check_same_model(self, path: str, meta: dict) -> None:
+        """Refuse a checkpoint of another model config before loading it (not damage: it stays)."""
+        saved_model = meta["config"]["model"]
+        current = self.cfg.to_dict()["model"]
+        if saved_model != current:
+            raise RuntimeError(f"checkpoint {path} was trained with model {saved_model}, the config asks for {current}")
 
     # ----------------------------------------------------------------- collectives
     def _barrier(self) -> None:
