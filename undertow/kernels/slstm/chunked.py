@@ -17,11 +17,12 @@ from undertow.kernels.slstm.reference import slstm_reference
 
 
 class _SLSTMLoop(torch.autograd.Function):
-    """(gates, R, init (4, B, H, D) or None, starts) -> (y (B, T, H, D), final (4, B, H, D)), float32."""
+    """(gates, R, init (4, B, H, D) or None, starts, keep_states) -> (y (B, T, H, D), final (4, B, H, D)),
+    float32. keep_states: a backward will follow (else only y per step is kept)."""
 
     @staticmethod
-    def forward(ctx, gates, R, init, starts):
-        states, final = native.native_forward(gates, R, init, starts)
+    def forward(ctx, gates, R, init, starts, keep_states):
+        states, final = native.native_forward(gates, R, init, starts, keep_states=keep_states)
         ctx.save_for_backward(gates, R, init, starts, states)
         ctx.has_init = init is not None
         return states[0], final
@@ -30,7 +31,7 @@ class _SLSTMLoop(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         gates, R, init, starts, states = ctx.saved_tensors
         dgates, dR, dinit = native.native_backward(gates, R, init, starts, states, dy, dfinal)
-        return dgates, dR, dinit if ctx.has_init else None, None
+        return dgates, dR, dinit if ctx.has_init else None, None, None
 
 
 def slstm_chunked(
@@ -49,6 +50,8 @@ def slstm_chunked(
     init = None if initial_state is None else torch.stack([s.float() for s in initial_state])
     starts = segment_starts(doc_ids, (B, T), gates.device)
     # contiguous here: the loops read raw pointers, in the forward and again in the backward
-    y, final = _SLSTMLoop.apply(gates.float().contiguous(), R.float().contiguous(), init, starts)
+    leaves = (gates, R, *(initial_state or ()))
+    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+    y, final = _SLSTMLoop.apply(gates.float().contiguous(), R.float().contiguous(), init, starts, keep_states)
     y = y.to(gates.dtype)
     return (y, tuple(final.unbind(0))) if return_final_state else y

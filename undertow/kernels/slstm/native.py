@@ -55,17 +55,20 @@ def _run(fn, args_for, rows: int) -> None:
 
 
 @torch.compiler.disable  # raw pointers: torch.compile must run this eagerly, never trace it
-def native_forward(gates: torch.Tensor, R: torch.Tensor, init: torch.Tensor | None, starts: torch.Tensor):
+def native_forward(gates: torch.Tensor, R: torch.Tensor, init: torch.Tensor | None, starts: torch.Tensor,
+                   keep_states: bool = True):
     """gates (B, T, 4, H, D), R (4, H, D, D), init (4, B, H, D) or None, starts (B, T) bool; float32
-    on CPU. Returns (states (4, B, T, H, D): y, c, n, m after every step, final (4, B, H, D)) or None."""
+    on CPU. Returns (states (4, B, T, H, D): y, c, n, m after every step, final (4, B, H, D)) or None;
+    without `keep_states` (no backward to come) only y is written: states (1, B, T, H, D)."""
     library = _library() if applies(gates) else None
     if library is None:
         return None
     B, T, _, H, D = gates.shape
     gates, R, init, starts = _contiguous(gates, R, init, starts)
-    states, final = gates.new_empty(4, B, T, H, D), gates.new_empty(4, B, H, D)
-    args = _ptrs(gates, R, init, starts, *states, final) + [B, T, H, D]  # the tensors stay alive here
-    _run(library.slstm_fwd, lambda index: args, B * H)
+    states, final = gates.new_empty(4 if keep_states else 1, B, T, H, D), gates.new_empty(4, B, H, D)
+    per_step = list(states) if keep_states else [states[0], None, None, None]
+    args = _ptrs(gates, R, init, starts, *per_step, final) + [B, T, H, D]  # the tensors stay alive here
+    _run(library.slstm_fwd, lambda index: args, H)  # one unit per head: its batch entries step together
     return states, final
 
 

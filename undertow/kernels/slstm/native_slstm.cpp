@@ -1,9 +1,10 @@
 // sLSTM's CPU loops (built by undertow/kernels/native.py; driven by native.py beside this file).
 //
-// A row is one (batch entry, head): its state (y, c, n, m), Dh floats each, stays in L1 across the
-// time loop, and each step is a Dh x 4Dh matrix-vector product with the head's block of R plus
-// the pointwise cell (reference.py's eqs. 8-17). Rows are independent; the caller splits them over
-// threads. Layouts (float32, contiguous):
+// The forward's unit is one head (all batch entries together, sharing the head's block of R); the
+// backward's is one (batch entry, head). The state (y, c, n, m), Dh floats each, stays in cache
+// across the time loop; each step is a Dh x 4Dh matrix-vector product with the head's block of R
+// plus the pointwise cell (reference.py's eqs. 8-17). Units are independent; the caller splits
+// them over threads. Layouts (float32, contiguous):
 //   gates (B, T, 4, H, D)   R (4, H, D, D)   state (4, B, H, D): y, c, n, m
 //   y / c / n / m per step (B, T, H, D)      starts (B, T) uint8: a document starts at t (t > 0)
 #include <cmath>
@@ -45,41 +46,69 @@ void preactivations(const float* gates, const float* R, const float* y, const Sh
 
 extern "C" {
 
-// Forward of rows [begin, end) (row = b * H + h). init: (4, B, H, D) or null (zero state).
-// Writes y, c, n, m of every step and the final state (4, B, H, D).
+// Forward of heads [begin, end): every batch entry of a head steps together, so the head's block
+// of R (4 D^2 floats, more than L1 holds at D = 64) is read once per step for all of them rather
+// than once per (entry, step). init: (4, B, H, D) or null (zero state). Writes y of every step,
+// and c, n, m of every step when their pointers are not null (what the backward reads; inference
+// skips them), and the final state (4, B, H, D).
 int slstm_fwd(const float* gates, const float* R, const float* init, const uint8_t* starts, float* y_all,
               float* c_all, float* n_all, float* m_all, float* final_state, int64_t B, int64_t T, int64_t H,
               int64_t D, int64_t begin, int64_t end) {
     const Shape s{B, T, H, D};
-    std::vector<float> raw(4 * D), y(D), c(D), n(D), m(D);
-    for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / H, h = row % H;
-        float* st[4] = {y.data(), c.data(), n.data(), m.data()};
-        for (int q = 0; q < 4; ++q) {
-            if (init) std::memcpy(st[q], init + s.state(q, b, h), D * sizeof(float));
-            else std::fill(st[q], st[q] + D, 0.0f);
-        }
-        for (int64_t t = 0; t < T; ++t) {
-            if (t > 0 && starts[b * T + t])
-                for (int q = 0; q < 4; ++q) std::fill(st[q], st[q] + D, 0.0f);
-            preactivations(gates, R, y.data(), s, b, t, h, raw.data());
-            for (int64_t j = 0; j < D; ++j) {
-                const float ir = raw[j], fr = raw[D + j], zr = raw[2 * D + j], orr = raw[3 * D + j];
-                const float log_f = logsigmoid(fr) + m[j];
-                const float m_new = ir > log_f ? ir : log_f;
-                const float ig = std::exp(ir - m_new), fg = std::exp(log_f - m_new);
-                c[j] = fg * c[j] + ig * std::tanh(zr);
-                n[j] = fg * n[j] + ig;
-                m[j] = m_new;
-                y[j] = sigmoid(orr) * c[j] / n[j];
+    std::vector<float> raw(B * 4 * D), st(4 * B * D);  // st: y, c, n, m of every entry
+    for (int64_t h = begin; h < end; ++h) {
+        for (int64_t q = 0; q < 4; ++q)
+            for (int64_t b = 0; b < B; ++b) {
+                float* dst = st.data() + (q * B + b) * D;
+                if (init) std::memcpy(dst, init + s.state(q, b, h), D * sizeof(float));
+                else std::fill(dst, dst + D, 0.0f);
             }
-            const int64_t o = s.step(b, t, h);
-            std::memcpy(y_all + o, y.data(), D * sizeof(float));
-            std::memcpy(c_all + o, c.data(), D * sizeof(float));
-            std::memcpy(n_all + o, n.data(), D * sizeof(float));
-            std::memcpy(m_all + o, m.data(), D * sizeof(float));
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t b = 0; b < B; ++b) {
+                if (t > 0 && starts[b * T + t])
+                    for (int64_t q = 0; q < 4; ++q) std::fill(st.data() + (q * B + b) * D, st.data() + (q * B + b + 1) * D, 0.0f);
+                for (int64_t g = 0; g < 4; ++g)
+                    std::memcpy(raw.data() + (b * 4 + g) * D, gates + s.gate(b, t, g, h), D * sizeof(float));
+            }
+            // raw[b, g, :] += sum_k y[b, k] R[g, h, k, :], one pass over R for all entries
+            for (int64_t g = 0; g < 4; ++g) {
+                const float* block = R + s.rblock(g, h);
+                for (int64_t k = 0; k < D; ++k) {
+                    const float* row = block + k * D;
+                    for (int64_t b = 0; b < B; ++b) {
+                        const float yk = st[b * D + k];
+                        if (yk == 0.0f) continue;
+                        float* out = raw.data() + (b * 4 + g) * D;
+                        for (int64_t j = 0; j < D; ++j) out[j] += yk * row[j];
+                    }
+                }
+            }
+            for (int64_t b = 0; b < B; ++b) {
+                float *y = st.data() + b * D, *c = st.data() + (B + b) * D;
+                float *n = st.data() + (2 * B + b) * D, *m = st.data() + (3 * B + b) * D;
+                const float* r = raw.data() + b * 4 * D;
+                for (int64_t j = 0; j < D; ++j) {
+                    const float ir = r[j], fr = r[D + j], zr = r[2 * D + j], orr = r[3 * D + j];
+                    const float log_f = logsigmoid(fr) + m[j];
+                    const float m_new = ir > log_f ? ir : log_f;
+                    const float ig = std::exp(ir - m_new), fg = std::exp(log_f - m_new);
+                    c[j] = fg * c[j] + ig * std::tanh(zr);
+                    n[j] = fg * n[j] + ig;
+                    m[j] = m_new;
+                    y[j] = sigmoid(orr) * c[j] / n[j];
+                }
+                const int64_t o = s.step(b, t, h);
+                std::memcpy(y_all + o, y, D * sizeof(float));
+                if (c_all) {
+                    std::memcpy(c_all + o, c, D * sizeof(float));
+                    std::memcpy(n_all + o, n, D * sizeof(float));
+                    std::memcpy(m_all + o, m, D * sizeof(float));
+                }
+            }
         }
-        for (int q = 0; q < 4; ++q) std::memcpy(final_state + s.state(q, b, h), st[q], D * sizeof(float));
+        for (int64_t q = 0; q < 4; ++q)
+            for (int64_t b = 0; b < B; ++b)
+                std::memcpy(final_state + s.state(q, b, h), st.data() + (q * B + b) * D, D * sizeof(float));
     }
     return 0;
 }
