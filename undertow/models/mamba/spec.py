@@ -14,6 +14,7 @@ plus the LM head, 2 * d_model * vocab_size.
 
 from __future__ import annotations
 
+from undertow.models.common.flops import lm_training_flops, pattern_layer_costs
 from undertow.models.mamba import hf, plan
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.model import MambaLM
@@ -53,12 +54,12 @@ def layer_forward_flops(cfg: MambaConfig, kind: str, seq_len: int) -> float:
 
 def layer_cost(cfg: MambaConfig, seq_len: int) -> list[float]:
     """Training FLOPs per token of each layer, in order (for the pipeline split)."""
-    return [3.0 * layer_forward_flops(cfg, kind, seq_len) for kind in cfg.layer_pattern]
+    return pattern_layer_costs(cfg.layer_pattern, lambda kind: layer_forward_flops(cfg, kind, seq_len))
 
 
 def flops_per_token(cfg: MambaConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the whole model, LM head included."""
-    return sum(layer_cost(cfg, seq_len)) + 6.0 * cfg.d_model * cfg.vocab_size
+    return lm_training_flops(layer_cost(cfg, seq_len), cfg.d_model, cfg.vocab_size)
 
 
 def shape_limits(cfg: MambaConfig) -> list[tuple[str, str, int]]:

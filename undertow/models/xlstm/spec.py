@@ -16,6 +16,7 @@ plus the LM head, 2 * d_model * vocab_size.
 
 from __future__ import annotations
 
+from undertow.models.common.flops import lm_training_flops, pattern_layer_costs
 from undertow.models.model_spec import ModelSpec
 from undertow.models.xlstm import hf, plan
 from undertow.models.xlstm.config import XLSTMConfig
@@ -63,13 +64,13 @@ def block_forward_flops(cfg: XLSTMConfig, seq_len: int, kind: str = "m") -> floa
 
 
 def layer_cost(cfg: XLSTMConfig, seq_len: int) -> list[float]:
-    """Training FLOPs per token of each block, in order (for the pipeline split)."""
-    return [3.0 * block_forward_flops(cfg, seq_len, kind) for kind in cfg.pattern]
+    """Training FLOPs per token of each layer, in order (for the pipeline split)."""
+    return pattern_layer_costs(cfg.pattern, lambda kind: block_forward_flops(cfg, seq_len, kind))
 
 
 def flops_per_token(cfg: XLSTMConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the whole model, LM head included."""
-    return sum(layer_cost(cfg, seq_len)) + 6.0 * cfg.d_model * cfg.vocab_size
+    return lm_training_flops(layer_cost(cfg, seq_len), cfg.d_model, cfg.vocab_size)
 
 
 def shape_limits(cfg: XLSTMConfig) -> list[tuple[str, str, int]]:
