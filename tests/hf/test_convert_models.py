@@ -15,6 +15,7 @@ from undertow.hf.export import read_checkpoint  # noqa: E402
 from undertow.models.mamba.config import MambaConfig  # noqa: E402
 from undertow.models.mamba.model import MambaLM  # noqa: E402
 from undertow.pretrain.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from undertow.pretrain.checkpoint_manifest import MANIFEST_NAME, verify_checkpoint  # noqa: E402
 from undertow.pretrain.config import build_config  # noqa: E402
 
 from ..data_prep.conftest import make_texts  # noqa: E402
@@ -94,6 +95,8 @@ def test_round_trip_to_hf_from_hf_is_lossless(tmp_path, spm_path):
     entry = meta["tokenizer"]
     assert entry["file"] == "tokenizer.model" and os.path.isfile(os.path.join(back, entry["file"]))
     assert entry["sha256"] == original_meta["tokenizer"]["sha256"]
+    verify_checkpoint(back, "sha256")  # the import wrote its manifest: init_from verifies it
+    assert os.path.isfile(os.path.join(back, MANIFEST_NAME))
 
     a, b = our_model(ckpt).state_dict(), our_model(back).state_dict()
     assert a.keys() == b.keys()

@@ -81,6 +81,7 @@ def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: 
     """Write the undertow checkpoint OUT_DIR from HF_DIR; returns OUT_DIR."""
     from undertow.models import registry
     from undertow.pretrain.checkpoint import replacing_directory, write_meta
+    from undertow.pretrain.checkpoint_manifest import write_manifest
     from undertow.pretrain.config import build_config
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -99,5 +100,6 @@ def import_hf(hf_dir: str, out_dir: str, *, name: str | None = None, overwrite: 
         _save_model(model, tmp)
         write_meta(tmp, {"step": 0, "config": experiment.to_dict(), "tokenizer": _tokenizer_entry(hf_dir, tmp),
                          "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": config["model_type"]}})
+        write_manifest(tmp, {})  # sizes and sha256, checked when the checkpoint is loaded
     log.info("imported %s (%s) into checkpoint %s", hf_dir, config["model_type"], out_dir)
     return out_dir

@@ -16,6 +16,7 @@ from undertow.log import get_logger
 from undertow.models import registry
 from undertow.parallel.deepspeed import import_deepspeed
 from undertow.pretrain.checkpoint import replacing_directory, write_meta
+from undertow.pretrain.checkpoint_manifest import write_manifest
 
 log = get_logger("undertow.pretrain.deepspeed_convert")
 
@@ -45,6 +46,7 @@ def convert_from_deepspeed(ds_dir: str, out_dir: str, cfg, *, tag: str | None = 
         _dcp_save(dcp, {"model": get_state_dict(model, [])[0]}, tmp)
         write_meta(tmp, {"step": 0, "config": cfg.to_dict(), "tokenizer": None,
                          "source": {"deepspeed_dir": os.path.abspath(ds_dir)}})
+        write_manifest(tmp, {})  # sizes and sha256, checked when the checkpoint is loaded
     log.info("converted DeepSpeed checkpoint %s into %s", ds_dir, out_dir)
     return out_dir
 
