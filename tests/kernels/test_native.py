@@ -121,3 +121,52 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, fresh, m
     library = native.load(fresh, _write(tmp_path, SOURCE))
     assert library is not None and library.add_one(1) == 2
     assert list((tmp_path / "tmp").glob(f"undertow-native-*/{fresh}-*.so"))
+
+
+def _shared_fallback(tmp_path, monkeypatch):
+    """An unusable cache folder and a private stand-in for the system's temporary directory."""
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return tmp_path / "tmp" / f"undertow-native-{native.os.getuid()}"
+
+
+@pytest.mark.skipif(not hasattr(native.os, "getuid"), reason="POSIX ownership")
+@pytest.mark.parametrize("planted", ["writable by others", "another user's", "a symlink"])
+def test_a_temporary_folder_another_user_could_plant_into_is_skipped(tmp_path, fresh, monkeypatch, planted):
+    """Issue 13, part 6: the shared temp folder is used only when it is this user's own (a library
+    another user placed there would be loaded into this process)."""
+    folder = _shared_fallback(tmp_path, monkeypatch)
+    if planted == "writable by others":
+        folder.mkdir()
+        folder.chmod(0o777)
+        expected = "writable by other users"
+    elif planted == "another user's":  # this process pretends to be another uid (no root needed)
+        real = native.os.getuid()
+        monkeypatch.setattr(native.os, "getuid", lambda: real + 1)
+        folder = folder.with_name(f"undertow-native-{real + 1}")
+        folder.mkdir()
+        expected = f"owned by uid {real}"
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        folder.symlink_to(tmp_path / "elsewhere")
+        expected = "not a directory"
+    found, reasons = native._writable_dir()
+    assert found is None
+    assert any(str(folder) in r and expected in r for r in reasons), reasons
+
+
+@pytest.mark.skipif(not hasattr(native.os, "getuid"), reason="POSIX ownership")
+def test_own_temporary_folder_is_created_private(tmp_path, fresh, monkeypatch):
+    folder = _shared_fallback(tmp_path, monkeypatch)
+    assert native._writable_dir()[0] == folder
+    assert folder.stat().st_mode & 0o077 == 0
+
+
+@needs_compiler
+def test_a_skipped_temporary_folder_is_named_in_the_reason(tmp_path, fresh, monkeypatch):
+    folder = _shared_fallback(tmp_path, monkeypatch)
+    folder.mkdir()
+    folder.chmod(0o777)
+    assert native.load(fresh, _write(tmp_path, SOURCE)) is None
+    assert "writable by other users" in native.unavailable_reason(fresh)

@@ -228,7 +228,7 @@ def test_local_dry_run_is_a_torchrun_command(tmp_path, capsys):
     argv = shlex.split(capsys.readouterr().out)
     assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # a store per restart attempt
     argv = argv[1:]
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "undertow.launch.torchrun"]  # torchrun, passing exit 75 on
     for expected in ("--standalone", "--nproc-per-node=3", "--max-restarts=2",
                      f"--log-dir={tmp_path / 'r $x'}/logs/local"):
         assert expected in argv, expected

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from undertow.cli import main
 from undertow.pretrain.signals import EXIT_REQUEUE, describe_call, traceback_frames
 from undertow.pretrain import checkpoint as ckpt
+from undertow.pretrain import signals as signals_mod
 from undertow.pretrain import trainer as trainer_mod
 
 from tests.launch.helpers import TINY_ARGS, read_losses
@@ -62,3 +63,39 @@ def test_a_failed_collective_is_named_from_its_traceback():
     assert call is not None and call.startswith("all_reduce (called from ")
     assert "test_signals.py" in call
     assert describe_call(traceback_frames(None)) is None
+
+
+def _ctrl_c_during_step_5(monkeypatch, times: int):
+    """SIGINT to this process `times` times during step 5 (before its step, then after it)."""
+    real_step = trainer_mod.Trainer.train_step
+
+    def step_with_signals(self, micro):
+        if self.step != 4:
+            return real_step(self, micro)
+        os.kill(os.getpid(), signal.SIGINT)
+        result = real_step(self, micro)
+        for _ in range(times - 1):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step_with_signals)
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_a_repeat_within_the_window_is_the_same_one(tmp_path, monkeypatch, capsys):
+    """Issue 13, part 6: Ctrl-C is a stop signal; the copy torchrun forwards (ms later) is not a second one."""
+    _ctrl_c_during_step_5(monkeypatch, times=2)
+    previous = signal.getsignal(signal.SIGINT)
+    assert pretrain(tmp_path / "run") == EXIT_REQUEUE
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert "stopped: SIGINT received: stopped after step 5" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("step_00000005")
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(signals_mod, "REPEAT_WINDOW_S", 0.0)  # the second one counts however soon it comes
+    _ctrl_c_during_step_5(monkeypatch, times=2)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tmp_path / "run")
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert ckpt.latest_checkpoint(str(tmp_path / "run" / "checkpoints")) is None  # no checkpoint was written

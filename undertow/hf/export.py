@@ -111,12 +111,14 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     from safetensors.torch import save_file
 
     from undertow.pretrain import checkpoint as ckpt
+    from undertow.pretrain.safe_checkpoint import check_checkpoint
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     checkpoint = resolve_checkpoint(checkpoint)
+    check_checkpoint(checkpoint)  # a crafted .metadata is refused first (load_model checks again)
     meta, family, model_cfg = read_checkpoint(checkpoint)
     adapter = adapter_for_family(family)
     architecture = adapter.hf_architecture(model_cfg)  # refuse before loading anything

@@ -28,6 +28,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -77,17 +78,42 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.system()} {flags}"
 
 
-def _writable_dir() -> Path | None:
-    """The cache's native/ folder, else (a read-only home) one in the temporary directory."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    for folder in (cache_dir() / "native", Path(tempfile.gettempdir()) / f"undertow-native-{uid}"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
-        except OSError:
-            continue
+def _unsafe_shared_dir(folder: Path) -> str | None:
+    """Why `folder` in the shared temporary directory must not hold libraries this process loads
+    (another user could plant or swap one): not a real directory, owned by another user, or
+    writable by group or others. None when it is this user's own."""
+    if not hasattr(os, "getuid"):  # Windows: the temporary directory is per user
+        return None
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a directory (a symlink or file)"
+    if st.st_uid != os.getuid():
+        return f"{folder} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{folder} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
     return None
+
+
+def _writable_dir() -> tuple[Path | None, list[str]]:
+    """(folder, reasons): the cache's native/ folder, else (a read-only home) one in the temporary
+    directory, used only when it is this user's own (see _unsafe_shared_dir); `reasons` says why
+    each folder passed over was."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    reasons = []
+    for folder, shared in ((cache_dir() / "native", False),
+                           (Path(tempfile.gettempdir()) / f"undertow-native-{uid}", True)):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            unsafe = _unsafe_shared_dir(folder) if shared else None
+            if unsafe:
+                reasons.append(f"skipped {unsafe}")
+            elif os.access(folder, os.W_OK):
+                return folder, reasons
+            else:
+                reasons.append(f"{folder} is not writable")
+        except OSError as err:
+            reasons.append(f"{folder}: {err}")
+    return None, reasons
 
 
 def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
@@ -99,9 +125,9 @@ def _build(name: str, source: Path) -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"{compiler} --version failed: {err}"
     text = source.read_bytes()
-    out_dir = _writable_dir()
+    out_dir, reasons = _writable_dir()
     if out_dir is None:
-        return None, f"neither {cache_dir() / 'native'} nor a temporary directory is writable"
+        return None, f"no folder for the library: {'; '.join(reasons)}"
     errors = []
     for arch in ARCH_FLAGS:
         flags = BASE_FLAGS + arch

@@ -17,9 +17,10 @@ command pins training.run_dir (as an absolute path) and checkpoint.resume = auto
 ranks and requeued jobs continue from the newest complete checkpoint.
 
 Stop signals: SIGTERM or SIGUSR1 make every rank finish its step, write a checkpoint and exit
-with code {EXIT_REQUEUE}. A rank stuck for training.hang_timeout_s exits with code {EXIT_HUNG} after
-reporting its rank, step, phase and the collective it waits in; a collective that some rank never
-joins fails after training.collective_timeout_s with the same report. See docs/launch.md.
+with code {EXIT_REQUEUE}; `launch local` then exits {EXIT_REQUEUE} too (any other failure: 1). A rank
+stuck for training.hang_timeout_s exits with code {EXIT_HUNG} after reporting its rank, step, phase
+and the collective it waits in; a collective that some rank never joins fails after
+training.collective_timeout_s with the same report. See docs/launch.md.
 """
 
 

@@ -14,6 +14,9 @@
   the step it is in, all ranks agree (one max all-reduce per step) so they stop at the same
   step, a checkpoint is written and `undertow pretrain` exits with EXIT_REQUEUE. The next start
   (`checkpoint.resume = auto`) continues from that checkpoint.
+- SIGINT (Ctrl-C) does the same; a second Ctrl-C exits at once (KeyboardInterrupt). A second SIGINT
+  within REPEAT_WINDOW_S of the first is the same Ctrl-C arriving twice (the terminal sends it to
+  every process of the job, and torchrun forwards its own copy to its ranks), so it is not counted.
 - A watchdog thread reports a rank that stays in one phase longer than
   `training.hang_timeout_s` (rank, host, pid, step, phase and the torch.distributed call the
   main thread waits in, then every thread's stack) and ends the process with EXIT_HUNG, so
@@ -44,7 +47,8 @@ log = get_logger("undertow.launch")
 
 EXIT_REQUEUE = 75  # "temporary failure, try again" (sysexits EX_TEMPFAIL): checkpointed after a stop signal
 EXIT_HUNG = 124  # the hang watchdog fired (as coreutils' timeout)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+REPEAT_WINDOW_S = 1.0  # a SIGINT this soon after the first stop signal is the same Ctrl-C (see above)
 _DIST_DIR = os.path.dirname(dist.__file__) + os.sep
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
@@ -146,6 +150,7 @@ class RunGuard:
         self.collective_timeout_s = float(training.collective_timeout_s)
         self.device = device
         self.signal_name: str | None = None
+        self._signalled_at = 0.0
         self._announced = False
         self._previous: dict[int, object] = {}
         self._phase = ("starting", 0, time.monotonic())
@@ -190,8 +195,9 @@ class RunGuard:
         local = self.signal_name is not None
         if local and not self._announced:
             self._announced = True
-            log.warning("%s: %s received; checkpointing after step %d, then exiting with code %d",
-                        _where(), self.signal_name, self._phase[1], EXIT_REQUEUE)
+            log.warning("%s: %s received; checkpointing after step %d, then exiting with code %d%s",
+                        _where(), self.signal_name, self._phase[1], EXIT_REQUEUE,
+                        " (Ctrl-C again to exit at once, without it)" if self.signal_name == "SIGINT" else "")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -206,8 +212,11 @@ class RunGuard:
     # ------------------------------------------------------------ internals
     def _on_signal(self, signum: int, frame) -> None:
         # Only set the flag: logging here could re-enter a stream the main thread is writing.
+        now = time.monotonic()
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name, self._signalled_at = signal.Signals(signum).name, now
+        elif signum == signal.SIGINT and now - self._signalled_at > REPEAT_WINDOW_S:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, no checkpoint
 
     def _watch(self) -> None:
         poll = min(1.0, max(self.hang_timeout_s / 20, 0.05))
