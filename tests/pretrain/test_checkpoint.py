@@ -52,13 +52,15 @@ def test_crash_mid_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
             p.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
         ckpt.save_checkpoint(str(tmp_path), 2, model, opt, {"tag": "bad"}, keep_last=1)
-    assert any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # a failed save cleans up after itself
     assert ckpt.latest_checkpoint(str(tmp_path)) == good
     fresh, fresh_opt = model_and_optimizer(0)
     meta = ckpt.load_checkpoint(good, fresh, fresh_opt)
     assert meta["tag"] == "good"
     monkeypatch.setattr(ckpt.dcp, "save", real_save)
-    # The next save succeeds over the stale temporary directory.
+    # The next save succeeds over a stale temporary directory (what a killed process leaves).
+    os.makedirs(tmp_path / ".step_00000002.tmp")
+    (tmp_path / ".step_00000002.tmp" / "__0_0.distcp").write_bytes(b"half-written")
     ckpt.save_checkpoint(str(tmp_path), 2, model, opt, {"tag": "retry"}, keep_last=1)
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000002")
 

@@ -45,7 +45,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert norm_big == pytest.approx(norm_small, rel=1e-4)
 
 
-def test_nan_guard_skips_then_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_guard_skips_then_stops_without_saving_poisoned_weights(tmp_path, monkeypatch):
     real = trainer_mod.lm_loss_sum
     calls = {"n": 0}
 
@@ -57,19 +57,17 @@ def test_nan_guard_skips_then_stops_with_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(trainer_mod, "lm_loss_sum", poisoned)
     t = Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3))
-    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps") as e:
         t.fit()
     assert t.skipped_total == 4 and t.step == 8
-    good = {k: v.clone() for k, v in t.model.state_dict().items()}
-    assert all(torch.isfinite(v).all() for v in good.values())
-    path = ckpt.latest_checkpoint(os.path.join(tmp_path, "checkpoints"))
-    assert path.endswith("step_00000008")
+    # the weights that gave steps 6-8 non-finite losses are never saved (checkpoint.every = 0: no good
+    # checkpoint exists, so the run is to start over; tests/pretrain/test_nan_guard.py covers the rest)
+    assert "no checkpoint holds weights from before it" in str(e.value) and "start over" in str(e.value)
+    assert ckpt.latest_checkpoint(os.path.join(tmp_path, "checkpoints")) is None
     monkeypatch.setattr(trainer_mod, "lm_loss_sum", real)
-    resumed = Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3))
-    for k, v in resumed.model.state_dict().items():
-        assert torch.equal(v, good[k]), k
+    assert Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3)).step == 0
     records = read_losses(tmp_path)
-    assert math.isnan(records[3]) and math.isfinite(records[4])
+    assert records[3] is None and math.isfinite(records[4])  # metrics.jsonl writes NaN as null
 
 
 def test_tensorboard_scalars_are_readable(trained_tiny_run):

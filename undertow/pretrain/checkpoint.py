@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from undertow.pretrain.checkpoint_manifest import (
     write_manifest,
     verify_checkpoint,
 )
+from undertow.pretrain.safe_checkpoint import UnsafeCheckpoint, check_checkpoint, load_dcp, unsafe_cause
 
 META_NAME = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -113,9 +115,13 @@ def _fsync_tree(path: str) -> None:
 
 
 def save_checkpoint(
-    root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep_last: int
+    root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep_last: int,
+    protect: str | None = None, size_hint: int = 0,
 ) -> str:
-    """Write checkpoint `step` atomically; prune to the newest `keep_last`. Returns its path.
+    """Write checkpoint `step` atomically; prune to the newest `keep_last` and `protect` (the trainer's
+    last checkpoint known good). Returns its path. A failed save removes its temporary directory; a full
+    disk is reported as OSError(ENOSPC) naming ROOT, the size needed (`size_hint` bytes, else this rank's
+    tensors) and the space free.
 
     Collective when torch.distributed is initialized: every rank writes its shards (DCP) and hashes
     them, the first rank writes meta.json and the manifest and commits by the rename; ROOT must be
@@ -131,23 +137,84 @@ def save_checkpoint(
         dist.barrier()
     full_state = getattr(model, "full_state", None)  # a DeepSpeed engine maps its state (parallel/deepspeed.py)
     model_sd, optim_sd = full_state.checkpoint_state() if full_state else get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    shards = digest_own_shards(tmp)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        shards = digest_own_shards(tmp)
+        if lead:
+            write_meta(tmp, {"step": step, **meta})
+            write_manifest(tmp, shards)
+            _fsync_tree(tmp)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        if lead:  # a half-written checkpoint would hold the space the next save needs
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _no_space_error(root, size_hint or _tensor_bytes((model_sd, optim_sd)), e)
+        if full is not None:
+            raise full from e
+        raise
     if lead:
-        write_meta(tmp, {"step": step, **meta})
-        write_manifest(tmp, shards)
-        _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
         log.info("checkpoint saved: %s", final)
-        for _, old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, protect)
     if distributed:
         dist.barrier()
     return final
+
+
+def _tensor_bytes(tree) -> int:
+    """Bytes of the tensors (this rank's shards) in nested dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if torch.is_tensor(tree):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _no_space_error(root: str, needed: int, cause: BaseException) -> OSError | None:
+    """OSError(ENOSPC) naming root, the bytes needed and free, when `cause` comes from a full disk: by
+    errno (through DCP's per-rank failures and chained causes) or, since torch's zip writer reports a
+    full disk as 'unexpected pos', by less space free than the checkpoint needs. None otherwise."""
+    errnos, pending = set(), [cause]
+    while pending:
+        error = pending.pop()
+        errnos.add(getattr(error, "errno", None))
+        for failure in (getattr(error, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+        pending += [c for c in (error.__cause__, error.__context__) if c is not None]
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+    if not errnos & {errno.ENOSPC, errno.EDQUOT} and free >= needed:
+        return None
+    return OSError(errno.ENOSPC, f"no space left on device at {root}: the checkpoint needs ~{needed / 2**30:.2f} "
+                                 f"GiB, {free / 2**30:.2f} GiB free ({type(cause).__name__}: {_first_line(cause)})")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def prune_checkpoints(root: str, keep_last: int, protect: str | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints and `protect`. The first rank only."""
+    for _, old in list_checkpoints(root)[:-keep_last]:
+        if protect is None or os.path.abspath(old) != os.path.abspath(protect):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_nonfinite(path: str) -> str:
+    """Rename checkpoint `path`, whose weights led only to non-finite losses, to `<path>.nonfinite` so
+    that no resume picks it; kept (never deleted) for inspection. Returns the new path. The first rank only."""
+    target, n = f"{path}.nonfinite", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.nonfinite-{n}"
+    os.rename(path, target)
+    return target
 
 
 def write_meta(path: str, meta: dict) -> None:
@@ -175,17 +242,22 @@ def replacing_directory(out_dir: str, prefix: str):
 
 
 def read_meta(path: str) -> dict:
-    """The meta.json of a complete checkpoint directory."""
+    """The meta.json of a complete checkpoint directory; ValueError naming the file when it is not JSON."""
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_NAME})")
     with open(meta_path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{meta_path} is not valid JSON (truncated or damaged?): {e}") from None
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta."""
+    """Load model (and optimizer) tensors in place from a checkpoint directory; return its meta.
+    Its `.metadata` is read through the restricted unpickler first (UnsafeCheckpoint: nothing loaded)."""
     meta = read_meta(path)
+    check_checkpoint(path)  # before DCP (or DeepSpeed's loader) opens anything
     full_state = getattr(model, "full_state", None)  # a DeepSpeed engine loads full tensors by name
     if full_state is not None:
         full_state.load(path, with_optimizer=optimizer is not None)
@@ -199,7 +271,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         state = {"model": get_state_dict(model, [])[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=path)
+        load_dcp(state, path)
     if optimizer is not None:
         # DCP keeps one rank's copy of the param groups (names and hyperparameters, not tensors);
         # under pipeline parallelism the ranks hold different parameters, and one whose tied
@@ -227,16 +299,21 @@ def _describe(error: BaseException) -> str:
 def _agreed(path: str, reason: str, read):
     """read() on every rank; when it raises on any rank because of the checkpoint's contents,
     CheckpointDamaged on all of them (the lowest failing rank's cause). Running out of memory is
-    not damage and propagates as it is."""
+    not damage and propagates as it is; nor is a refused unsafe checkpoint (UnsafeCheckpoint on all
+    ranks: an attack is not worked around by falling back, and the file stays where it is)."""
     try:
         value, failure = read(), None
     except (torch.OutOfMemoryError, MemoryError):
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        value, failure = None, _describe(e)
+        unsafe = unsafe_cause(e)
+        value, failure = None, ("unsafe", str(unsafe)) if unsafe else ("damaged", _describe(e))
     failures = [f for f in from_all_ranks([failure]) if f is not None]
+    unsafe = [text for kind, text in failures if kind == "unsafe"]
+    if unsafe:
+        raise UnsafeCheckpoint(unsafe[0])
     if failures:
-        raise CheckpointDamaged(path, reason, f"loading it failed: {failures[0]}")
+        raise CheckpointDamaged(path, reason, f"loading it failed: {failures[0][1]}")
     return value
 
 

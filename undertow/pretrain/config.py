@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +20,15 @@ from undertow.configtools import ConfigError, check, opt, coerce, from_dict, par
 from undertow.models import registry
 
 DEFAULT_RECIPE = "tiny"
+# An AdamW learning rate above this is a typo (a missing minus in 1e-3, or a unit mix-up), not a choice:
+# each step moves every weight by about lr, so it ruins the weights on the first step.
+MAX_LR = 10.0
+
+
+def finite(value: Any) -> bool:
+    """True for a finite number; NaN and +-inf are never a valid setting (comparisons with NaN are
+    all False, but inf passes `> 0`, so every float field checks this first)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -39,7 +49,8 @@ class DataConfig:
             self.weights,
             f"give one weight per source ({len(self.sources)}) or none",
         )
-        check(all(w > 0 for w in self.weights), "data.weights", self.weights, "weights must be > 0")
+        check(all(finite(w) and w > 0 for w in self.weights), "data.weights", self.weights,
+              "weights must be finite numbers > 0")
         check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
         check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -61,15 +72,21 @@ class OptimizerConfig:
     fused: Literal["auto", "on", "off"] = opt("auto", help="Fused AdamW kernel: auto uses it on CUDA and CPU.")
 
     def validate(self) -> None:
-        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
-        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        check(finite(self.lr) and 0 < self.lr <= MAX_LR, "optimizer.lr", self.lr,
+              f"a finite number in (0, {MAX_LR:g}] (AdamW peak rates are typically 1e-4 to 1e-2)")
+        check(finite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay,
+              "a finite number >= 0")
+        # AdamW decays decoupled: every step multiplies the weights by (1 - lr * weight_decay)
+        check(self.lr * self.weight_decay < 1, "optimizer.weight_decay", self.weight_decay,
+              f"lr * weight_decay must be < 1 (with optimizer.lr = {self.lr:g}, weight_decay < {1 / self.lr:g}); "
+              "at 1 or more every step zeroes or flips the sign of the weights")
         check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas),
             "optimizer.betas",
             self.betas,
             "two numbers in [0, 1)",
         )
-        check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0")
+        check(finite(self.eps) and 0 < self.eps < 1, "optimizer.eps", self.eps, "a finite number in (0, 1), e.g. 1e-8")
 
 
 @dataclass
@@ -97,6 +114,7 @@ class TrainingConfig:
     activation_checkpointing: bool = opt(False, help="Recompute each block's activations in the backward pass.")
     compile: bool = opt(False, help="torch.compile each block.")
     max_bad_steps: int = opt(5, help='Consecutive non-finite steps (skipped) that stop the run.')
+    max_param_growth: float = opt(10.0, help="Stop the run when one optimizer step makes the parameters non-finite or multiplies their global norm by more than this (a blow-up: a healthy step changes it by a few percent at most); 0: check finiteness only.")
     val_every: int = opt(100, help="Validate every N steps and at the end (0: never; needs data.val_fraction > 0).")
     val_batches: int = opt(8, help="Validation batches per evaluation (at most one pass over the held-out documents).")
     run_dir: str = opt("runs/{name}", help="Where checkpoints, TensorBoard events and metrics.jsonl go; {name} is the config's name.")
@@ -109,13 +127,19 @@ class TrainingConfig:
         check(self.steps >= 1, "training.steps", self.steps, "must be >= 1")
         check(self.micro_batch_size >= 1, "training.micro_batch_size", self.micro_batch_size, "must be >= 1")
         check(self.grad_accum_steps >= 1, "training.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        check(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "must be >= 0")
+        check(finite(self.grad_clip) and self.grad_clip >= 0, "training.grad_clip", self.grad_clip,
+              "a finite number > 0 (the norm to clip to), or 0 to measure without clipping")
         check(self.max_bad_steps >= 1, "training.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        check(finite(self.max_param_growth) and (self.max_param_growth == 0 or self.max_param_growth > 1),
+              "training.max_param_growth", self.max_param_growth, "a finite number > 1, or 0 (finiteness only)")
         check(self.val_every >= 0, "training.val_every", self.val_every, "must be >= 0 (0: no validation)")
         check(self.val_batches >= 1, "training.val_batches", self.val_batches, "must be >= 1")
-        check(self.peak_tflops >= 0, "training.peak_tflops", self.peak_tflops, "must be >= 0")
-        check(self.collective_timeout_s > 0, "training.collective_timeout_s", self.collective_timeout_s, "must be > 0")
-        check(self.hang_timeout_s >= 0, "training.hang_timeout_s", self.hang_timeout_s, "must be >= 0 (0: off)")
+        check(finite(self.peak_tflops) and self.peak_tflops >= 0, "training.peak_tflops", self.peak_tflops,
+              "a finite number >= 0")
+        check(finite(self.collective_timeout_s) and self.collective_timeout_s > 0, "training.collective_timeout_s",
+              self.collective_timeout_s, "a finite number of seconds > 0")
+        check(finite(self.hang_timeout_s) and self.hang_timeout_s >= 0, "training.hang_timeout_s",
+              self.hang_timeout_s, "a finite number of seconds >= 0 (0: off)")
         dev = self.device
         check(
             dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
@@ -203,7 +227,7 @@ class ParallelConfig:
         elif self.pp_schedule in ("1f1b", "gpipe"):
             check(self.pp_virtual_stages == 1, "parallel.pp_virtual_stages", self.pp_virtual_stages,
                   f"1 with parallel.pp_schedule = {self.pp_schedule} (interleaved_1f1b or zero_bubble run more)")
-        check(isinstance(self.pp_activation_gib, (int, float)) and self.pp_activation_gib >= 0,
+        check(finite(self.pp_activation_gib) and self.pp_activation_gib >= 0,
               "parallel.pp_activation_gib", self.pp_activation_gib, "a number >= 0 (0: balance compute only)")
         check(all(isinstance(k, int) and k >= 1 for k in self.pp_split), "parallel.pp_split", self.pp_split,
               "layer counts >= 1, one per stage (or [] for the automatic split)")

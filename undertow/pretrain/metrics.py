@@ -60,7 +60,8 @@ class MetricsWriter:
     """Writes every step's scalars to RUN_DIR/metrics.jsonl, and TensorBoard/console every N steps.
 
     metrics.jsonl keeps full float precision (JSON floats round-trip exactly), so two runs
-    can be compared bit for bit. With enabled=False (every rank but the first) it writes nothing.
+    can be compared bit for bit, and is strict JSON: a NaN or infinite value is written as null
+    (the record's `skipped` says why). With enabled=False (every rank but the first) it writes nothing.
     """
 
     def __init__(self, run_dir: str, tensorboard: bool, enabled: bool = True):
@@ -78,7 +79,8 @@ class MetricsWriter:
     def record(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+        record = {"kind": kind, "step": step, **{k: _strict(v) for k, v in scalars.items()}}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
 
     def publish(self, step: int, scalars: dict[str, float | None], prefix: str) -> None:
@@ -98,6 +100,11 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _strict(value):
+    """JSON has no NaN or infinity: write them as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _fmt(key: str, value: float | None) -> str:

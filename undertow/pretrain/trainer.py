@@ -29,8 +29,10 @@ from undertow.parallel.tensor import loss_context
 from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_env
 from undertow.parallel.pipeline import PipelineRunner
 from undertow.pretrain import checkpoint as ckpt
+from undertow.pretrain import preflight
 from undertow.pretrain.config import ExperimentConfig, build_model_config
 from undertow.pretrain.loader import PackedLoader, resolve_sources
+from undertow.pretrain.nan_guard import GoodCheckpoints, parameters_norm, resume_command
 from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
 from undertow.pretrain.optim import build_optimizer
 from undertow.pretrain.schedule import lr_multiplier
@@ -41,7 +43,8 @@ MODEL_INPUTS = ("position_ids", "doc_ids", "cu_seqlens", "max_seqlen")
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
+    """Too many consecutive non-finite steps, or a step made the parameters non-finite; the message
+    names the last good checkpoint (protected from pruning) and the command that resumes from it."""
 
 
 @dataclass
@@ -98,6 +101,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.training.seed)
+        ckpt_field = "checkpoint.dir" if cfg.checkpoint.dir else "training.run_dir (its checkpoints/)"
+        preflight.check_writable(cfg.run_dir, cfg.checkpoint_dir, ckpt_field)  # before data and model
 
         init_meta = self._adopt_init_model() if cfg.checkpoint.init_from else None
         if self.rank != 0:
@@ -110,9 +115,11 @@ class Trainer:
 
         with torch.device("meta"):
             model = self.spec.model_cls(cfg.model)
+        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.checkpoint_bytes = preflight.checkpoint_bytes(sum(v.numel() for v in model.state_dict().values()))
+        preflight.check_space(cfg.checkpoint_dir, ckpt_field, self.checkpoint_bytes, cfg.checkpoint.keep_last)
         model.to_empty(device=self.device)
         model.init_weights()  # the same weights on every rank (same seed), whatever the layout
-        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         # pipeline parallel: the model keeps this rank's stages; a schedule runs forward and backward
         self.pipeline = PipelineRunner.from_config(model, self.spec, self.dims, self.mesh, cfg, self._autocast,
                                                    self.amp_dtype or torch.float32) if self.dims.pp > 1 else None
@@ -132,6 +139,8 @@ class Trainer:
         self.consecutive_bad = 0
         self.last_val_loss: float | None = None
         self.resumed_from = self._maybe_resume()
+        self.good_ckpts = GoodCheckpoints(self.cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.rank == 0,
+                                          self.resumed_from)
         if self.resumed_from is None and init_meta is not None:
             ckpt.load_verified(cfg.checkpoint.init_from, self.model, None, cfg.checkpoint.verify)
             log.info("initialized from %s (model weights only; fresh optimizer, step 0)", cfg.checkpoint.init_from)
@@ -243,8 +252,36 @@ class Trainer:
             "last_val_loss": self.last_val_loss,
             "tokenizer": self.vocab,
         }
-        return ckpt.save_checkpoint(
-            self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, meta,
+                                    self.cfg.checkpoint.keep_last, protect=self.good_ckpts.good,
+                                    size_hint=self.checkpoint_bytes)
+        self.good_ckpts.saved(path)
+        return path
+
+    def _check_step_kept_weights(self, before: float, lr: float, grad_norm: float) -> float:
+        """The parameters' norm after an applied step; a step that made them non-finite or blew them up
+        stops the run before anything is computed or saved from them (one fused norm, one sync)."""
+        after = parameters_norm(self.model.parameters(), self.world_size > 1)
+        growth = self.cfg.training.max_param_growth
+        what = None
+        if not math.isfinite(after):
+            what = "made the parameters non-finite"
+        elif growth and before > 0 and after > growth * before:
+            what = f"multiplied the parameter norm by {after / before:.3g} (training.max_param_growth = {growth:g})"
+        if what:
+            raise self._diverged(f"step {self.step} (lr {lr:.3g}, grad norm {grad_norm:.4g}) {what}")
+        return after
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        """The error that stops a poisoned run: pending checkpoints (of the poisoned weights) set aside, the
+        last good one named with the command that resumes from it."""
+        aside = self.good_ckpts.poisoned()
+        good = self.good_ckpts.good
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint holds weights from before it"
+        moved = f"; set aside (poisoned weights, never resumed): {', '.join(aside)}" if aside else ""
+        return TrainingDiverged(
+            f"{reason}; {where}{moved}. Lower optimizer.lr (or check the data) and "
+            f"{'resume' if good else 'start over'}: {resume_command(good, self.cfg.optimizer.lr)}"
         )
 
     # ----------------------------------------------------------------- steps
@@ -338,6 +375,7 @@ class Trainer:
             self.world_size, self.device, self.amp_dtype, self.step, t.steps,
         )
         data = iter(self.train_loader)
+        param_norm = None if self.deepspeed else parameters_norm(self.model.parameters(), self.world_size > 1)
         last_loss, last_ckpt = float("nan"), self.resumed_from
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not (lead and sys.stderr.isatty()),
                    dynamic_ncols=True)
@@ -353,6 +391,7 @@ class Trainer:
                     meter.add(sum(b["input_ids"].numel() for b in micro) * self.dims.dp)
                     finite = math.isfinite(loss) and math.isfinite(grad_norm)
                     if finite:
+                        self.good_ckpts.confirm()  # the weights this loss came from are good
                         self.optimizer.step()
                         self.consecutive_bad = 0
                         last_loss = loss
@@ -361,19 +400,17 @@ class Trainer:
                         self.consecutive_bad += 1
                         log.warning(
                             "step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, %d in all)",
-                            self.step, loss, grad_norm, self.consecutive_bad, self.skipped_total,
+                            self.step + 1, loss, grad_norm, self.consecutive_bad, self.skipped_total,
                         )
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     bar.update(1)
                     writer.record(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite})
+                    if finite and not self.deepspeed:  # DeepSpeed skips non-finite steps itself
+                        param_norm = self._check_step_kept_weights(param_norm, lr, grad_norm)
                     if self.consecutive_bad >= t.max_bad_steps:
-                        path = self.save()
-                        raise TrainingDiverged(
-                            f"{self.consecutive_bad} consecutive non-finite steps (training.max_bad_steps = "
-                            f"{t.max_bad_steps}) at step {self.step}; the last good weights are saved in {path}. "
-                            "Lower optimizer.lr, check the data, or raise training.max_bad_steps."
-                        )
+                        raise self._diverged(f"{self.consecutive_bad} consecutive non-finite steps (training."
+                                             f"max_bad_steps = {t.max_bad_steps}) up to step {self.step}")
                     if self.step % cfg.logging.every == 0 or self.step == t.steps:
                         tps, mfu = meter.read()
                         writer.publish(self.step, {
@@ -389,6 +426,10 @@ class Trainer:
                             writer.publish(self.step, val, "val")
                     every = cfg.checkpoint.every
                     saved = bool(every and self.step % every == 0) or self.step == t.steps
+                    if saved and self.consecutive_bad and self.step < t.steps:
+                        saved = False  # the weights may be poisoned: keep the last good checkpoint newest
+                        log.warning("step %d: checkpoint not saved during %d non-finite steps in a row",
+                                    self.step, self.consecutive_bad)
                     if saved:
                         guard.beat("checkpoint save", self.step)
                         last_ckpt = self.save()
