@@ -155,3 +155,26 @@ def test_recurrent_family_trains_and_resumes_exactly(tmp_path, pattern):
     train(config(tmp_path / "run", **{"checkpoint.resume": step3}))
     expected = {s: loss for s, loss in read_losses(tmp_path / "ref").items() if s > 3}
     assert read_losses(tmp_path / "run") == expected
+
+
+def test_a_resumed_run_records_each_step_once(tmp_path):
+    """Resuming from step 3 of a run that reached step 6: metrics.jsonl and TensorBoard hold steps
+    4..6 once (the replayed ones replace the first run's), and the records stay strict JSON."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = dict(training__steps=6, checkpoint__every=3, checkpoint__keep_last=2, logging__every=1,
+                  logging__tensorboard=True)
+    train(tiny_config(tmp_path, **common))
+    step3 = ckpt.list_checkpoints(str(tmp_path / "checkpoints"))[0][1]
+    assert step3.endswith("step_00000003")
+    first = read_losses(tmp_path)
+    train(tiny_config(tmp_path, checkpoint__resume=step3, **common))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert read_losses(tmp_path) == first  # the replay is exact
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -56,6 +56,26 @@ class Throughput:
         return tps, mfu
 
 
+def _cut_after(path: str, step: int) -> None:
+    """Keep the records of metrics.jsonl up to `step` (atomically: a temporary file renamed over it).
+    A torn last line (a crash mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Writes every step's scalars to RUN_DIR/metrics.jsonl, and TensorBoard/console every N steps.
 
@@ -64,17 +84,24 @@ class MetricsWriter:
     (the record's `skipped` says why). With enabled=False (every rank but the first) it writes nothing.
     """
 
-    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool = True):
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool = True, start_step: int = 0):
+        """start_step: the step a resumed run continues from: records of later steps, which the run
+        will write again, are cut from metrics.jsonl and purged from TensorBoard, so each step
+        appears once. A run from step 0 appends, as before."""
         self.enabled = enabled
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if start_step:
+            _cut_after(path, start_step)
+        self.jsonl = open(path, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            # purge_step: TensorBoard drops the events at or after it that an earlier writer left
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
 
     def record(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:

@@ -365,7 +365,7 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
-        writer = MetricsWriter(cfg.run_dir, cfg.logging.tensorboard, enabled=lead)
+        writer = MetricsWriter(cfg.run_dir, cfg.logging.tensorboard, enabled=lead, start_step=self.step)
         peak = t.peak_tflops or detect_peak_tflops(self.device)
         # tokens/s of the whole job (every data-parallel rank), MFU against every device's peak
         meter = Throughput(self.spec.flops_per_token(cfg.model, cfg.data.seq_len), peak * self.world_size)
