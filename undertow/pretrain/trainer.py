@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from undertow.pretrain.loader import PackedLoader, resolve_sources
 from undertow.pretrain.nan_guard import GoodCheckpoints, parameters_norm, resume_command
 from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
 from undertow.pretrain.optim import build_optimizer
+from undertow.pretrain.run_lock import exit_with_agent, lock_run_dir
 from undertow.pretrain.schedule import lr_multiplier
 from undertow.pretrain.signals import RunGuard, apply_collective_timeout
 
@@ -78,6 +80,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
+        exit_with_agent()  # under torchrun: SIGTERM (checkpoint, exit 75) when the agent dies
         self.cfg = cfg
         self.spec = registry.get(cfg.family)
         # The layout is checked against the world size and the model's shapes before any work.
@@ -102,8 +105,20 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.training.seed)
         ckpt_field = "checkpoint.dir" if cfg.checkpoint.dir else "training.run_dir (its checkpoints/)"
+        # one writer per run directory: rank 0 holds run_dir/.lock until fit() ends (every exit path)
+        self.run_lock = lock_run_dir(cfg.run_dir, self.rank == 0)
         preflight.check_writable(cfg.run_dir, cfg.checkpoint_dir, ckpt_field)  # before data and model
+        if self.run_lock is not None:
+            weakref.finalize(self, self.run_lock.release)  # a Trainer never fitted, or the process ending
+        try:
+            self._build(cfg, ckpt_field)
+        except BaseException:
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
 
+    def _build(self, cfg: ExperimentConfig, ckpt_field: str) -> None:
+        """The rest of __init__, under the run directory's lock."""
         init_meta = self._adopt_init_model() if cfg.checkpoint.init_from else None
         if self.rank != 0:
             self._barrier()  # rank 0 prepares the embedded corpus (if used) first
@@ -359,6 +374,10 @@ class Trainer:
         return loss_sum / n_labels if n_labels else None
 
     def fit(self) -> TrainResult:
+        with self.run_lock if self.run_lock is not None else nullcontext():  # released however fit ends
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.training
         lead = self.rank == 0
         if lead:
