@@ -1,7 +1,8 @@
 """The training loop: data -> model -> loss -> AdamW step, with validation, checkpoints and metrics.
 
 Read top to bottom: `Trainer.__init__` builds everything (data, model on the meta device,
-optimizer, resume), `Trainer.fit` runs the steps. Family-specific code lives in models/;
+optimizer, resume), `Trainer.fit` runs the steps; saving, resuming and the weights' guard are
+trainer_state.py's (a mixin). Family-specific code lives in models/;
 this file only talks to the registry's ModelSpec.
 """
 
@@ -31,22 +32,19 @@ from undertow.parallel.mesh import NAMES, ParallelDims, init_process_group_from_
 from undertow.parallel.pipeline import PipelineRunner
 from undertow.pretrain import checkpoint as ckpt
 from undertow.pretrain import preflight
-from undertow.pretrain.config import ExperimentConfig, build_model_config
+from undertow.pretrain.config import ExperimentConfig
 from undertow.pretrain.loader import PackedLoader, resolve_sources
-from undertow.pretrain.nan_guard import GoodCheckpoints, parameters_norm, resume_command
+from undertow.pretrain.nan_guard import GoodCheckpoints, parameters_norm
 from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
 from undertow.pretrain.optim import build_optimizer
 from undertow.pretrain.run_lock import exit_with_agent, lock_run_dir
 from undertow.pretrain.schedule import lr_multiplier
 from undertow.pretrain.signals import RunGuard, apply_collective_timeout
+from undertow.pretrain.trainer_state import RunState, TrainingDiverged
 
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "autocast_dtype", "pick_device", "train"]
 log = get_logger("undertow.trainer")
 MODEL_INPUTS = ("position_ids", "doc_ids", "cu_seqlens", "max_seqlen")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps, or a step made the parameters non-finite; the message
-    names the last good checkpoint (protected from pruning) and the command that resumes from it."""
 
 
 @dataclass
@@ -78,7 +76,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-class Trainer:
+class Trainer(RunState):
     def __init__(self, cfg: ExperimentConfig):
         exit_with_agent()  # under torchrun: SIGTERM (checkpoint, exit 75) when the agent dies
         self.cfg = cfg
@@ -177,15 +175,6 @@ class Trainer:
             loop=split == "train",
         )
 
-    def _adopt_init_model(self) -> dict:
-        """With checkpoint.init_from, the model is the checkpoint's: take its model config."""
-        meta = ckpt.read_meta(self.cfg.checkpoint.init_from)
-        model_cfg = build_model_config(meta["config"]["model"])
-        if self.cfg.model != model_cfg:
-            log.warning("checkpoint.init_from: using the checkpoint's model config %s", meta["config"]["model"])
-        self.cfg.model = model_cfg
-        return meta
-
     def _set_vocab(self, vocab: dict | None) -> None:
         model_cfg = self.cfg.model
         data_vocab = vocab["vocab_size"] if vocab else None
@@ -200,40 +189,6 @@ class Trainer:
             )
         self.vocab = vocab
 
-    def _maybe_resume(self) -> str | None:
-        resume, root = self.cfg.checkpoint.resume, self.cfg.checkpoint_dir
-        if resume == "none":
-            if ckpt.latest_checkpoint(root):
-                raise RuntimeError(
-                    f"{root} already holds checkpoints; resume them (checkpoint.resume=auto) or use a new training.run_dir"
-                )
-            return None
-        verify = self.cfg.checkpoint.verify
-        if resume == "auto":  # the newest good checkpoint; damaged newer ones are set aside
-            found = ckpt.load_newest_good(root, self.model, self.optimizer, verify, self._check_same_model)
-            if found is None:
-                return None
-            path, meta = found
-        else:  # a path the user named: a damaged one stops the run, and stays where it is
-            path, meta = resume, ckpt.load_verified(resume, self.model, self.optimizer, verify, self._check_same_model)
-        self.step = meta["step"]
-        self.skipped_total = meta["skipped_total"]
-        self.consecutive_bad = meta["consecutive_bad"]
-        self.last_val_loss = meta.get("last_val_loss")
-        # this rank's loader state, or, after a change of data-parallel degree, every saved rank's
-        # streams dealt over this run's ranks (no document skipped or repeated; see PackedLoader.resume_from)
-        self.train_loader.resume_from(meta.get("loaders", [meta["loader"]]))
-        ckpt.set_rng_state(meta["rng"])
-        log.info("resumed from %s at step %d", path, self.step)
-        return path
-
-    def _check_same_model(self, path: str, meta: dict) -> None:
-        """Refuse a checkpoint of another model config before loading it (not damage: it stays)."""
-        saved_model = meta["config"]["model"]
-        current = self.cfg.to_dict()["model"]
-        if saved_model != current:
-            raise RuntimeError(f"checkpoint {path} was trained with model {saved_model}, the config asks for {current}")
-
     # ----------------------------------------------------------------- collectives
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -245,61 +200,6 @@ class Trainer:
             dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())
         return value
 
-    def _loader_states(self) -> list[dict]:
-        """Every data-parallel rank's loader state, indexed by dp rank (tp/cp peers share one)."""
-        state = self.train_loader.state_dict()
-        if self.world_size == 1:
-            return [state]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, (self.dp_rank, state))
-        return [s for _, s in sorted(dict(gathered).items())]
-
-    def save(self) -> str:
-        loaders = self._loader_states()
-        meta = {
-            "config": self.cfg.to_dict(),
-            "loader": loaders[0],
-            "loaders": loaders,
-            "layout": self.dims.describe(),
-            "rng": ckpt.rng_state(),
-            "skipped_total": self.skipped_total,
-            "consecutive_bad": self.consecutive_bad,
-            "last_val_loss": self.last_val_loss,
-            "tokenizer": self.vocab,
-        }
-        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, meta,
-                                    self.cfg.checkpoint.keep_last, protect=self.good_ckpts.good,
-                                    size_hint=self.checkpoint_bytes)
-        self.good_ckpts.saved(path)
-        return path
-
-    def _check_step_kept_weights(self, before: float, lr: float, grad_norm: float) -> float:
-        """The parameters' norm after an applied step; a step that made them non-finite or blew them up
-        stops the run before anything is computed or saved from them (one fused norm, one sync)."""
-        after = parameters_norm(self.model.parameters(), self.world_size > 1)
-        growth = self.cfg.training.max_param_growth
-        what = None
-        if not math.isfinite(after):
-            what = "made the parameters non-finite"
-        elif growth and before > 0 and after > growth * before:
-            what = f"multiplied the parameter norm by {after / before:.3g} (training.max_param_growth = {growth:g})"
-        if what:
-            raise self._diverged(f"step {self.step} (lr {lr:.3g}, grad norm {grad_norm:.4g}) {what}")
-        return after
-
-    def _diverged(self, reason: str) -> TrainingDiverged:
-        """The error that stops a poisoned run: pending checkpoints (of the poisoned weights) set aside, the
-        last good one named with the command that resumes from it."""
-        aside = self.good_ckpts.poisoned()
-        good = self.good_ckpts.good
-        where = f"the last good checkpoint is {good}" if good else "no checkpoint holds weights from before it"
-        moved = f"; set aside (poisoned weights, never resumed): {', '.join(aside)}" if aside else ""
-        return TrainingDiverged(
-            f"{reason}; {where}{moved}. Lower optimizer.lr (or check the data) and "
-            f"{'resume' if good else 'start over'}: {resume_command(good, self.cfg.optimizer.lr)}"
-        )
-
-    # ----------------------------------------------------------------- steps
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
