@@ -39,18 +39,30 @@ GATE_LANES = 64  # (batch, head) lanes per program of the scalar backward
 
 
 @triton.jit
-def _cell(C, n, m, q, k, v, i_raw, f_raw):
-    """One step of the recurrence (reference.py): returns C_t, n_t, m_t, f'_t, i'_t and the weight
-    d m_t / d (logsigmoid(f~_t) + m_{t-1}) as torch.maximum's backward gives it (1 where that side
-    wins, 0 where i~_t wins, 1/2 at a tie). One helper for the forward and the backward's recompute,
-    so both take the same branches; helpers are inlined here, each jit call costs the interpreter ~1 ms."""
+def _step(C, n, m, Q, K, V, I, F, starts, b, t, h, T, H, Dqk, Dv, kk, vv, kmask, vmask, scale):
+    """One step of the recurrence (reference.py) at token t of (b, h), the state reset first where a
+    document starts: returns C_t, n_t, m_t, f'_t, i'_t, the weight d m_t / d (logsigmoid(f~_t) +
+    m_{t-1}) as torch.maximum's backward gives it (1 where that side wins, 0 where i~_t wins, 1/2 at
+    a tie) and the step's (scaled) q, k, v. One helper for the forward and the backward's recompute,
+    so both take the same branches; its loads and the cell are in it because each jit call costs the
+    interpreter ~1 ms."""
+    reset = tl.load(starts + b * T + t) != 0
+    C = tl.where(reset, 0.0, C)
+    n = tl.where(reset, 0.0, n)
+    m = tl.where(reset, 0.0, m)
+    row = (b * T + t) * H + h
+    q = tl.load(Q + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32) * scale
+    k = tl.load(K + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(V + row * Dv + vv, mask=vmask, other=0.0).to(tl.float32)
+    i_raw = tl.load(I + row).to(tl.float32)
+    f_raw = tl.load(F + row).to(tl.float32)
     a = tl.minimum(f_raw, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f_raw))) + m  # logsigmoid(f~) + m_{t-1}
     m_new = tl.maximum(a, i_raw)
     f_act = tl.exp(a - m_new)
     i_act = tl.exp(i_raw - m_new)
     C = f_act * C + i_act * (k[:, None] * v[None, :])
     n = f_act * n + i_act * k
-    return C, n, m_new, f_act, i_act, tl.where(a > i_raw, 1.0, tl.where(a < i_raw, 0.0, 0.5))
+    return C, n, m_new, f_act, i_act, tl.where(a > i_raw, 1.0, tl.where(a < i_raw, 0.0, 0.5)), q, k, v
 
 
 @triton.jit
@@ -83,17 +95,9 @@ def _mlstm_fwd(Q, K, V, I, F, starts, C0, N0, M0, Hout, Cck, Nck, Mck, Cf, Nf, M
                 tl.store(Cck + ck * Dqk * Dv + c_off, C, mask=cmask)
                 tl.store(Nck + ck * Dqk + kk, n, mask=n_mask)
                 tl.store(Mck + ck, m, mask=first)
-        reset = tl.load(starts + b * T + t) != 0
-        C = tl.where(reset, 0.0, C)
-        n = tl.where(reset, 0.0, n)
-        m = tl.where(reset, 0.0, m)
+        C, n, m, f_act, i_act, w_carried, q, k, v = _step(C, n, m, Q, K, V, I, F, starts, b, t, h, T, H, Dqk, Dv,
+                                                          kk, vv, kmask, vmask, scale)
         row = (b * T + t) * H + h
-        q = tl.load(Q + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32) * scale
-        k = tl.load(K + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32)
-        v = tl.load(V + row * Dv + vv, mask=vmask, other=0.0).to(tl.float32)
-        i_raw = tl.load(I + row).to(tl.float32)
-        f_raw = tl.load(F + row).to(tl.float32)
-        C, n, m, f_act, i_act, w_carried = _cell(C, n, m, q, k, v, i_raw, f_raw)
         numerator = tl.sum(C * q[:, None], axis=0)
         denominator = tl.maximum(tl.abs(tl.sum(n * q, axis=0)), tl.exp(-m)) + eps
         tl.store(Hout + row * Dv + vv, numerator / denominator, mask=vmask)
@@ -151,17 +155,9 @@ def _mlstm_bwd(Q, K, V, I, F, starts, DH, DOT, Cck, Nck, Mck, dCf, dNf,
         n = tl.load(Nck + ck * Dqk + kk, mask=kmask, other=0.0)
         m = tl.load(Mck + ck)
         for t in range(t0, t1):
-            reset = tl.load(starts + b * T + t) != 0
-            C = tl.where(reset, 0.0, C)
-            n = tl.where(reset, 0.0, n)
-            m = tl.where(reset, 0.0, m)
+            C, n, m, f_act, i_act, w_carried, q, k, v = _step(C, n, m, Q, K, V, I, F, starts, b, t, h, T, H, Dqk,
+                                                              Dv, kk, vv, kmask, vmask, scale)
             row = (b * T + t) * H + h
-            q = tl.load(Q + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32) * scale
-            k = tl.load(K + row * Dqk + kk, mask=kmask, other=0.0).to(tl.float32)
-            v = tl.load(V + row * Dv + vv, mask=vmask, other=0.0).to(tl.float32)
-            i_raw = tl.load(I + row).to(tl.float32)
-            f_raw = tl.load(F + row).to(tl.float32)
-            C, n, m, f_act, i_act, w_carried = _cell(C, n, m, q, k, v, i_raw, f_raw)
             d = tl.sum(n * q, axis=0)
             exp_neg_m = tl.exp(-m)
             w_n = tl.where(tl.abs(d) > exp_neg_m, 1.0, tl.where(tl.abs(d) < exp_neg_m, 0.0, 0.5))  # as above
