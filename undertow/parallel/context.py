@@ -11,11 +11,11 @@ point, `kernels.context.context_parallel_op(op)`, whether CP is active; `apply_c
 wraps the forward of every block in `model.layers` so that it is, for that model only (a
 ContextVar, set again when activation checkpointing recomputes a block). Ops then run the CP form
 this package installs:
-  - recurrences (ssd, selective_scan, causal_conv1d, ...) pass states between ranks
-    (context_state.py): scan from zero, all-gather (final state, transition), fold, re-run. Each
+  - recurrences whose state after a slice is affine in the state before it pass states between
+    ranks (context_state.py): scan from zero, all-gather (final state, transition), fold, re-run. Each
     op's state math is its `StatePassing`, in its own folder (kernels/<op>/context.py);
-  - recurrences whose state does not compose (sLSTM) run their slices rank after rank, the state
-    sent point to point (context_serial.py);
+  - recurrences whose state does not compose (a SerialPassing) run their slices rank after rank,
+    the state sent point to point (context_serial.py);
   - attention all-gathers K/V and masks with global positions and documents (context_attention.py).
 Nothing here knows a model family or a recurrence op: a new op adds kernels/<op>/context.py and the
 hook call in its public function, and this package does not change.

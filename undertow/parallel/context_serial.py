@@ -1,6 +1,7 @@
-"""Context parallelism for recurrences whose state cannot be composed across a split (sLSTM: the
-state after a slice is a nonlinear function of the state before it; kernels/context.py's
-SerialPassing): the ranks of the cp group run their slices one after another.
+"""Context parallelism for recurrences whose state cannot be composed across a split (the state
+after a slice is a nonlinear function of the state before it; the op declares a SerialPassing,
+kernels/context.py, in its kernels/<op>/context.py): the ranks of the cp group run their slices
+one after another.
 
 Forward, rank r: receive (state, the document id of rank r-1's last token) from rank r-1, zero the
 rows whose document starts at this rank's first token, run the op on the slice from that state,
@@ -11,8 +12,8 @@ the other ops' collectives without deadlock.
 
 Cost: no parallel speed-up for the op (rank r waits for ranks 0..r-1, forward and backward: the
 op's time is cp x one slice's), while its activations are split like every other op's; traffic one
-state per rank boundary and direction (4 B H Dh floats for sLSTM) plus B document ids. A model that
-mixes sLSTM with parallel layers keeps the speed-up of those.
+state per rank boundary and direction (the op's state_shapes) plus B document ids. A model that
+mixes such an op with parallel layers keeps the speed-up of those.
 """
 
 from __future__ import annotations

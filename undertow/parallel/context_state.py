@@ -18,9 +18,9 @@ folds those of the ranks after it, in reverse, into the gradients of its final s
 transition (`_ExchangeStates.backward`); autograd does the rest. A global `initial_state` (the
 state before each row's first token) is read on cp rank 0 only.
 
-An op whose state is affine only in a form it does not store (the mLSTM: C, n scaled by exp(-m),
-m a running max) declares a `combine` instead of the affine form: its states are tuples, folded by
-`fold_combined`, and the backward is autograd through a replay of that fold (`fold_combined_vjp`,
+An op whose state is affine only in a form it does not store (e.g. a state kept scaled by a
+running-max stabilizer) declares a `combine` instead of the affine form: its states are tuples,
+folded by `fold_combined`, and the backward is autograd through a replay of that fold (`fold_combined_vjp`,
 a few small ops per rank) instead of the hand-written adjoint.
 
 An op declares how it passes state with a `StatePassing` in its own folder
