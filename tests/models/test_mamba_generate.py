@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.models.helpers import greedy_by_full_forwards
+
 from undertow.models.mamba.generate import prefill, step
 from tests.models.test_mamba import V, build, rel_err, tiny_cfg
 
@@ -29,11 +31,7 @@ def test_greedy_generation_equals_argmax_of_repeated_full_forwards(extra):
     model = build(tiny_cfg("mM*-", **extra))
     prompt = torch.randint(0, V, (2, 5))
     generated = model.generate(prompt, max_new_tokens=6)
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, expected)
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 6))
 
 
 def test_sampling_is_seeded_and_checks_its_arguments():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from undertow.configtools import ConfigError
+from tests.models.helpers import build, greedy_by_full_forwards
 from undertow.models import registry
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.generate import prefill, step
@@ -24,21 +25,6 @@ def tiny_cfg(**kw):
     base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, chunk_size=4, ffn_proj_factor=1.5,
                 ffn_round_up_to_multiple_of=16)
     return XLSTMConfig(**{**base, **kw})
-
-
-def build(cfg, seed=0, perturb=0.0):
-    """Built on the meta device, materialized, initialized; `perturb` adds noise so that zero-initialized
-    gates and equal heads do not hide mistakes."""
-    with torch.device("meta"):
-        model = registry.build_model(cfg)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * perturb)
-    return model
 
 
 @pytest.mark.parametrize("changes, field, says", [
@@ -132,11 +118,7 @@ def test_greedy_generation_equals_argmax_of_repeated_full_forwards_and_sampling_
     model = build(tiny_cfg(), perturb=0.3)
     prompt = torch.randint(0, V, (2, 5))
     generated = model.generate(prompt, max_new_tokens=6)
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, expected)
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 6))
     torch.manual_seed(5)
     a = model.generate(prompt, 4, greedy=False)
     torch.manual_seed(5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests import oracles
+from tests.models import helpers
 from undertow.configtools import ConfigError
 from undertow.models import registry
 from undertow.models.hf_common import HFConversionError
@@ -34,18 +35,8 @@ def tiny_cfg(**kw):
 
 
 def build(cfg, seed=0, perturb=0.1):
-    """Built on the meta device, materialized, initialized; `perturb` adds noise so that zero-initialized
-    gates, a zero R and equal heads do not hide mistakes."""
-    with torch.device("meta"):
-        model = registry.build_model(cfg)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * perturb)
-    return model
+    """tests/models/helpers.build, perturbed by default (a zero R and zero gates hide mistakes)."""
+    return helpers.build(cfg, seed, perturb)
 
 
 @pytest.mark.parametrize("changes, field, says", [
