@@ -33,13 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-state", type=int, default=64)
     p.add_argument("--headdim", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=64)
+    add_step_args(p)
+    return p.parse_args(argv)
+
+
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The options of a step benchmark that are not the model's shape (shared with bench_xlstm_step.py)."""
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    return p.parse_args(argv)
 
 
 def build_models(args):

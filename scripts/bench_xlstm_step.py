@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mamba2_step import interleaved_times  # noqa: E402
+from bench_mamba2_step import add_step_args, interleaved_times  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,12 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    add_step_args(p)
     return p.parse_args(argv)
 
 
