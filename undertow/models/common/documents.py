@@ -25,3 +25,18 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     first = torch.nonzero(starts.reshape(-1)).reshape(-1)
     end = torch.tensor([B * T], device=doc_ids.device, dtype=first.dtype)
     return torch.cat([first, end]).to(torch.int32)
+
+
+def recurrent_layer_context(rope, input_shape, device, position_ids=None, doc_ids=None, cu_seqlens=None,
+                            max_seqlen=None) -> dict:
+    """The keyword arguments of every block of a stack that mixes recurrences with attention: the
+    documents as doc_ids (B, T) (from cu_seqlens when only those are given: the recurrences reset
+    where doc_ids change) and as cu_seqlens/max_seqlen (flash-attn's varlen), and the attention
+    layers' RoPE tables `rope(position_ids)` -> (cos, sin) or (None, None)."""
+    B, T = input_shape
+    if doc_ids is None and cu_seqlens is not None:
+        doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
+    if position_ids is None:
+        position_ids = torch.arange(T, device=device).expand(B, T)
+    cos, sin = rope(position_ids)
+    return {"cos": cos, "sin": sin, "doc_ids": doc_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}

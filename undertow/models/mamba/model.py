@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from undertow.models.common.documents import doc_ids_from_cu_seqlens
+from undertow.models.common.documents import recurrent_layer_context
 from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import GeluMLP, SwiGLU
 from undertow.models.common.norms import RMSNorm
@@ -91,15 +91,9 @@ class MambaLM(CausalLMShell):
 
     def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
                       max_seqlen=None) -> dict:
-        """RoPE cos/sin for the attention layers (None without RoPE), and the documents (doc_ids from
-        cu_seqlens when only those are given: the recurrences reset where doc_ids change)."""
-        B, T = input_shape
-        if doc_ids is None and cu_seqlens is not None:
-            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=device).expand(B, T)
-        cos, sin = self.rope(position_ids)
-        return {"cos": cos, "sin": sin, "doc_ids": doc_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+        """The documents (doc_ids, and cu_seqlens for attention) and RoPE cos/sin for the attention
+        layers: models/common/documents.py's recurrent_layer_context."""
+        return recurrent_layer_context(self.rope, input_shape, device, position_ids, doc_ids, cu_seqlens, max_seqlen)
 
     def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor]:
         return (self.embed_tokens(input_ids),)

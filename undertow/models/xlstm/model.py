@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from undertow.models.common.documents import doc_ids_from_cu_seqlens
+from undertow.models.common.documents import recurrent_layer_context
 from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
@@ -180,15 +180,9 @@ class XLSTMLM(CausalLMShell):
 
     def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
                       max_seqlen=None) -> dict:
-        """The documents, as doc_ids (B, T) (from cu_seqlens when only those are given) or None, and
-        for attention layers RoPE cos/sin and the documents as cu_seqlens (flash-attn's varlen)."""
-        B, T = input_shape
-        if doc_ids is None and cu_seqlens is not None:
-            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=device).expand(B, T)
-        cos, sin = self.rope(position_ids)
-        return {"doc_ids": doc_ids, "cos": cos, "sin": sin, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+        """The documents (doc_ids, and cu_seqlens for attention) and RoPE cos/sin for the attention
+        layers: models/common/documents.py's recurrent_layer_context."""
+        return recurrent_layer_context(self.rope, input_shape, device, position_ids, doc_ids, cu_seqlens, max_seqlen)
 
     def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
         """Each block takes the part of the context it reads (`reads`: recurrences the documents,
