@@ -3,7 +3,6 @@ sha256; a resume verifies the checkpoint it loads, sets a damaged one aside (ren
 and falls back to the newest good one, and stops with one line (exit 2) when none is good."""
 
 import json
-import logging
 import os
 import shutil
 import warnings
@@ -36,17 +35,6 @@ def run(source_run, tmp_path):
     shutil.copytree(source_run[0], copy)
     os.remove(copy / "metrics.jsonl")
     return copy
-
-
-@pytest.fixture
-def warnings_seen():
-    """Messages of undertow's warnings (its logger does not propagate to pytest's caplog)."""
-    seen = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("undertow").addHandler(handler)
-    yield seen
-    logging.getLogger("undertow").removeHandler(handler)
 
 
 def step_path(run_dir, step):

@@ -1,7 +1,6 @@
 """One writer per run directory (run_dir/.lock), and torchrun workers that end with their agent (issue 13, case 3)."""
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -20,17 +19,6 @@ from undertow.pretrain.signals import EXIT_REQUEUE, Preempted
 from undertow.pretrain.trainer import Trainer
 
 STEPS = {"training.steps": 3}
-
-
-@pytest.fixture
-def warnings_seen():
-    """Messages of undertow's warnings (its logger does not propagate to pytest's caplog)."""
-    seen = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("undertow").addHandler(handler)
-    yield seen
-    logging.getLogger("undertow").removeHandler(handler)
 
 
 @pytest.fixture
