@@ -23,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from undertow.log import get_logger
 from undertow.models import registry
+from undertow.models.common.aux import collect_aux
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.parallel.apply import parallelize
 from undertow.parallel.context import shard_batch
@@ -142,6 +143,8 @@ class Trainer(RunState):
             param_dtype=self.amp_dtype, engine=cfg.parallel.engine,
             roots=self.pipeline.stage_modules if self.pipeline is not None else None,
         )
+        # modules that follow the training step (e.g. a depth drawn per step, the same on every rank)
+        self._step_followers = [m for m in model.modules() if callable(getattr(m, "set_training_step", None))]
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.deepspeed = cfg.parallel.engine == "deepspeed"
         if self.deepspeed:  # ZeRO instead of FSDP2: the engine and an adapter in the optimizer's place
@@ -222,7 +225,19 @@ class Trainer(RunState):
         """One optimizer step over `grad_accum_steps` micro-batches. Returns (loss, grad_norm, counted labels).
 
         The loss is the mean over every counted label of the step (token-weighted across micro-batches).
+        Auxiliary losses the modules add (models/common/aux.py) join the backward once per step,
+        averaged over its forwards; the metrics they record are left in `self.aux_metrics`
+        (this rank's means; `gathered_aux_metrics()` averages them over the ranks).
         """
+        for module in self._step_followers:
+            module.set_training_step(self.step)
+        forwards = self.pipeline.microbatches if self.pipeline is not None else len(micro_batches)
+        with collect_aux(loss_scale=1.0 / forwards) as aux:
+            result = self._train_step(micro_batches)
+        self.aux_metrics = aux.means()
+        return result
+
+    def _train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
         micro_batches = [self._to_device(b) for b in micro_batches]
         local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         n_labels = int(self._dp_sum(torch.tensor(local, dtype=torch.int64, device=self.device)))
@@ -248,6 +263,20 @@ class Trainer(RunState):
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP/TP
             grad_norm = grad_norm.full_tensor()
         return float(self._dp_sum(total)), float(grad_norm), n_labels
+
+    def gathered_aux_metrics(self) -> dict[str, float]:
+        """The last step's aux metrics, each averaged over the ranks that recorded it (a collective:
+        every rank calls it; under pipeline parallelism each stage records its own layers')."""
+        mine = getattr(self, "aux_metrics", {})
+        if self.world_size == 1:
+            return dict(mine)
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        sums: dict[str, list[float]] = {}
+        for metrics in everyone:
+            for name, value in metrics.items():
+                sums.setdefault(name, []).append(value)
+        return {name: sum(values) / len(values) for name, values in sorted(sums.items())}
 
     def _val_batches(self):
         """This data-parallel rank's first training.val_batches batches of the held-out split."""
@@ -332,9 +361,13 @@ class Trainer(RunState):
                                              f"max_bad_steps = {t.max_bad_steps}) up to step {self.step}")
                     if self.step % cfg.logging.every == 0 or self.step == t.steps:
                         tps, mfu = meter.read()
+                        aux = self.gathered_aux_metrics()  # collective: every rank, at the same steps
+                        if aux:
+                            writer.record(self.step, aux, kind="aux")
                         writer.publish(self.step, {
                             "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu,
                             "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_total,
+                            **aux,
                         }, "train")
                     if t.val_every and cfg.data.val_fraction > 0 and (self.step % t.val_every == 0 or self.step == t.steps):
                         guard.beat("validation", self.step)
