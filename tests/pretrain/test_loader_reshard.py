@@ -104,10 +104,10 @@ def test_looping_streams_finish_the_epochs_they_started_then_the_new_plans_begin
     assert [[e["slot"] for e in s.get("inherited", [])] for s in states] == [[0], [1], []]
     for state in states:
         producer = SlotProducer(new_spec, state["slot"], json.loads(json.dumps(state)))
-        chain = producer.streams[0]
+        chain = producer.streams[0].sequence  # under the interleaving lanes (interleave.py)
         while True:
             tokens = chain.remaining().copy()
-            stream = getattr(chain, "_current", chain)  # a slot that inherited nothing has a plain stream
+            stream = getattr(chain, "current", chain)  # a slot that inherited nothing has a plain stream
             if stream is getattr(chain, "own", chain) and stream.epoch > 2:
                 break
             per_epoch[stream.epoch].append(tokens)

@@ -40,8 +40,10 @@ def resumed(kwargs: dict, state: dict) -> PackedLoader:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("blend", [False, True])
-def test_resume_continues_exactly(two_sources, num_workers, blend):
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_resume_continues_exactly(two_sources, num_workers, blend, interleave):
     kwargs = dict(
+        interleave=interleave,
         sources=list(two_sources) if blend else [two_sources[0]],
         weights=[0.6, 0.4] if blend else None,
         seq_len=8,
@@ -71,8 +73,9 @@ def test_resume_continues_exactly(two_sources, num_workers, blend):
     assert any(epoch >= 2 for epoch, *_ in cursors)  # the runs crossed epoch boundaries
 
 
-def test_resume_mid_document_and_mid_shard(two_sources):
-    kwargs = dict(sources=[two_sources[0]], seq_len=8, batch_size=1, shuffle_documents=False)
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_resume_mid_document_and_mid_shard(two_sources, interleave):
+    kwargs = dict(sources=[two_sources[0]], seq_len=8, batch_size=1, shuffle_documents=False, interleave=interleave)
     reference = take(iter(PackedLoader(**kwargs)), 40)
     loader, resumes = PackedLoader(**kwargs), []
     it = iter(loader)
@@ -80,7 +83,8 @@ def test_resume_mid_document_and_mid_shard(two_sources):
         (batch,) = take(it, 1)
         assert_same_batches([batch], [reference[step]])
         state = loader.state_dict()
-        resumes.append(tuple(state["slots"][0]["cursors"][0][1:]))
+        # where the open documents stand (the lanes of interleave.py)
+        resumes += [tuple(lane["cursor"][1:]) for lane in state["slots"][0]["lanes"][0] if lane is not None]
         loader = resumed(kwargs, state)
         it = iter(loader)
     assert any(doc > 0 and offset > 0 for _, doc, offset in resumes)  # inside a document, not the first of a shard

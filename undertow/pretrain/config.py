@@ -39,6 +39,7 @@ class DataConfig:
     val_fraction: float = opt(0.0, help="Fraction of documents held out for validation (stable hash of each document's key).")
     num_workers: int = opt(0, help='DataLoader worker processes per rank (0: load in the training process).')
     seed: int = opt(1234, help="Seed of the data order (shard and document shuffling, blending).")
+    interleave: int = opt(16, help="Documents each reader reads at once per source: row r of a reader comes from the r % N-th, so the rows of a batch come from different documents and a long document is spread over many batches instead of filling consecutive ones (1: one document after another).")
     embedded_vocab_size: int = opt(2048, help='Vocabulary of the tokenizer trained on the embedded corpus.')
 
     def validate(self) -> None:
@@ -54,6 +55,7 @@ class DataConfig:
         check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
         check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check(self.interleave >= 1, "data.interleave", self.interleave, "must be >= 1 (1: no interleaving)")
         check(
             32 <= self.embedded_vocab_size <= 65536,
             "data.embedded_vocab_size",

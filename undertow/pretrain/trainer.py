@@ -176,6 +176,7 @@ class Trainer(RunState):
             split=split,
             val_fraction=d.val_fraction,
             loop=split == "train",
+            interleave=d.interleave,
         )
 
     def _set_vocab(self, vocab: dict | None) -> None:

@@ -16,7 +16,7 @@ log = get_logger("pretrain.loader")
 STATE_FORMAT, STATE_VERSION = "undertow-packed-loader", 1
 # State fields that must match for an exact resume; the others may change (with a warning).
 _MUST_MATCH = ("world_size", "num_workers", "rank", "seed", "split", "val_fraction", "loop", "shuffle_documents")
-_MAY_CHANGE = ("seq_len", "batch_size", "weights")
+_MAY_CHANGE = ("seq_len", "batch_size", "weights", "interleave")
 # What a resharded resume (another world size or number of workers) still needs to match.
 _RESHARD_MUST_MATCH = ("seed", "split", "val_fraction", "loop", "shuffle_documents")
 
@@ -122,6 +122,7 @@ def validate_arguments(args: dict) -> None:
     )
     require(isinstance(args["loop"], bool), "loop", "expected True or False")
     require(isinstance(args["shuffle_documents"], bool), "shuffle_documents", "expected True or False")
+    require(is_int(args["interleave"]) and args["interleave"] >= 1, "interleave", "expected an int >= 1")
     weights = args["weights"]
     if weights is not None:
         require(
@@ -177,6 +178,23 @@ def _check_slots(slots, rank: int, workers: int, num_sources: int) -> None:
             )
         for entry in slot.get("inherited", []):
             _check_inherited(entry, expected, num_sources, bad)
+        for key in ("lanes", "pending"):
+            if key in slot:
+                _check_documents(slot[key], key, expected, num_sources, bad)
+
+
+def _check_documents(lists, key: str, slot: int, num_sources: int, bad) -> None:
+    """Open documents (interleave.py): per source a list of {slot, num_slots, cursor} (lanes: or null)."""
+    def record(r) -> bool:
+        return (isinstance(r, dict) and isinstance(r.get("num_slots"), int) and r["num_slots"] >= 1
+                and isinstance(r.get("slot"), int) and 0 <= r["slot"] < r["num_slots"]
+                and isinstance(r.get("cursor"), list) and len(r["cursor"]) == 4
+                and all(isinstance(v, int) and v >= 0 for v in r["cursor"]))
+    ok = isinstance(lists, list) and len(lists) == num_sources and all(
+        isinstance(docs, list) and all(record(r) or (r is None and key == "lanes") for r in docs) for docs in lists)
+    if not ok:
+        bad(f"slot {slot}: {key!r} must be {num_sources} lists of {{slot, num_slots, cursor: [epoch, item, doc, "
+            f"offset]}}{' or null' if key == 'lanes' else ''}, got {lists!r:.200}")
 
 
 def _check_inherited(entry, slot: int, num_sources: int, bad) -> None:

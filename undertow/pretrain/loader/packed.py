@@ -47,6 +47,9 @@ class PackedLoader:
             of source name and document key). "val" needs val_fraction > 0 and is always one pass.
         loop: train loops over epochs forever; False makes train one pass too.
         shuffle_documents: permute the documents of each shard per epoch (holds a shard in memory).
+        interleave: K, documents of a source each looping slot reads at once; row r comes from the
+            r % K-th (interleave.py), so a batch's rows come from different documents when K >= B and a
+            long document is not read into many batches in a row. 1 reads documents one after another.
 
     Padding (end of a one-pass run only) uses the first manifest tokenizer's pad_id when it is >= 0,
     else 0; padded positions are their own segment with labels -100. `iter_slot(slot)` runs any one
@@ -68,6 +71,7 @@ class PackedLoader:
         val_fraction: float = 0.0,
         loop: bool = True,
         shuffle_documents: bool = True,
+        interleave: int = 1,
     ):
         validate_arguments(locals())
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -88,6 +92,7 @@ class PackedLoader:
             seq_len=seq_len,
             batch_size=batch_size,
             pad_id=pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0,
+            interleave=interleave,
         )
         self._tokenizer = shard_sets[0].tokenizer
         self._settings = self._describe_settings()
@@ -103,7 +108,8 @@ class PackedLoader:
             self.workers_per_rank,
             batch_size,
             seq_len,
-            "" if self._spec.loop else ", one pass",
+            f", {interleave} documents at once per source" if self._spec.loop and interleave > 1 else
+            ("" if self._spec.loop else ", one pass"),
         )
 
     # ---- iteration -------------------------------------------------------------------------------
@@ -180,9 +186,10 @@ class PackedLoader:
         state = {"format", "version",
                  "config": {"sources", "shards", "shard_fingerprints", "world_size", "num_workers", "rank",
                             "seed", "split", "val_fraction", "loop", "shuffle_documents",
-                            "seq_len", "batch_size", "weights"},   # floats as repr strings
+                            "seq_len", "batch_size", "weights", "interleave"},   # floats as repr strings
                  "taken": batches this rank has taken (markers of finished one-pass slots included),
-                 "slots": [{"slot", "rows", "cursors": [[epoch, item, doc, offset] per source]} per worker]}
+                 "slots": [{"slot", "rows", "cursors": [[epoch, item, doc, offset] per source],
+                            "lanes"/"pending": open documents (interleave.py)} per worker]}
         """
         check_state(state, self._config(), self.rank, self.workers_per_rank)
         self._states, self._taken = copy.deepcopy(state["slots"]), state["taken"]
@@ -241,4 +248,5 @@ class PackedLoader:
             "seq_len": spec.seq_len,
             "batch_size": spec.batch_size,
             "weights": [repr(w) for w in spec.weights],
+            "interleave": spec.interleave,
         }

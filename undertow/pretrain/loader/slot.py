@@ -7,10 +7,14 @@ In a one-pass run a row whose source runs out is continued from another source s
 documents (drawn again among those, `attempt` counting the draws) so padding only appears once every
 source is used up.
 
+Interleaving (looping runs): each source's stream is read through `data.interleave` lanes, row r
+from lane r % K (interleave.py), so the rows of a batch come from different documents.
+
 Slot state (JSON): {"slot": int, "rows": int, "cursors": [[epoch, item, doc, offset] per source]},
-plus, after a reshard until the inherited streams are read, "inherited": [{"slot": old slot,
-"num_slots": its number of slots, "until": [end epoch per source], "cursors": [... per source]}]
-(see streams.py).
+with interleaving "lanes": [[open document record or null per lane] per source] and, after a reshard
+until they are read, "pending": [[records] per source] (interleave.py); after a reshard until the
+inherited streams are read, "inherited": [{"slot": old slot, "num_slots": its number of slots,
+"until": [end epoch per source], "cursors": [... per source]}] (see streams.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from undertow.pretrain.loader.interleave import InterleavedStream, reopener
 from undertow.pretrain.loader.packing import Row, pack_rows
 from undertow.pretrain.loader.sources import ShardSet
 from undertow.pretrain.loader.streams import (
@@ -43,6 +48,7 @@ class LoaderSpec(StreamSettings):
     seq_len: int
     batch_size: int
     pad_id: int
+    interleave: int = 1  # lanes per source of a looping slot (interleave.py)
 
 
 def fresh_slot_state(slot: int, num_sources: int) -> dict:
@@ -56,24 +62,32 @@ class SlotProducer:
         state = state if state is not None else fresh_slot_state(slot, len(spec.sources))
         self.spec, self.slot, self.rows = spec, slot, int(state["rows"])
         self.inherited = [dict(e) for e in state.get("inherited", [])]
-        self.streams = [
-            self._stream(i, shards, cursor) for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))
-        ]
+        n = len(spec.sources)
+        lanes, pending = state.get("lanes") or [[]] * n, state.get("pending") or [[]] * n
+        self.streams = [self._stream(i, shards, cursor, lanes[i], pending[i])
+                        for i, (shards, cursor) in enumerate(zip(spec.sources, state["cursors"]))]
         self._blended = [i for i, w in enumerate(spec.weights) if w > 0]
 
-    def _stream(self, i: int, shards: ShardSet, cursor) -> DocumentStream | ChainedStream:
-        own = DocumentStream(shards, i, self.slot, self.spec, cursor)
-        if not self.inherited:
-            return own
-        old = [DocumentStream(shards, i, e["slot"], replace(self.spec, num_slots=e["num_slots"]), e["cursors"][i],
-                              until=e["until"][i]) for e in self.inherited]
-        return ChainedStream(old, own)
+    def _stream(self, i: int, shards: ShardSet, cursor, lanes: list, pending: list):
+        sequence = own = DocumentStream(shards, i, self.slot, self.spec, cursor)
+        if self.inherited:
+            old = [DocumentStream(shards, i, e["slot"], replace(self.spec, num_slots=e["num_slots"]),
+                                  e["cursors"][i], until=e["until"][i]) for e in self.inherited]
+            sequence = ChainedStream(old, own)
+        if not self.spec.loop:
+            return sequence
+        return InterleavedStream(sequence, self.spec.interleave, reopener(shards, i, self.spec), lanes, pending)
 
     def state(self) -> dict:
-        state = {"slot": self.slot, "rows": self.rows, "cursors": [self._own(s).cursor() for s in self.streams]}
+        sequences = [s.sequence if isinstance(s, InterleavedStream) else s for s in self.streams]
+        state = {"slot": self.slot, "rows": self.rows, "cursors": [self._own(s).cursor() for s in sequences]}
+        if self.spec.loop:
+            state["lanes"] = [s.lane_records() for s in self.streams]
+            if any(s.pending_records() for s in self.streams):
+                state["pending"] = [s.pending_records() for s in self.streams]
         inherited = []
         for k, entry in enumerate(self.inherited):
-            streams = [s.inherited[k] for s in self.streams]
+            streams = [s.inherited[k] for s in sequences]
             if not all(s.done for s in streams):  # read entries drop out of the state
                 inherited.append({**entry, "cursors": [s.cursor() for s in streams]})
         if inherited:
@@ -105,6 +119,8 @@ class SlotProducer:
             if not active:
                 break
             last = self.streams[self._choose(active, attempt)]
+            if isinstance(last, InterleavedStream):
+                last.select(self.rows)
             attempt += 1
             while need and (unread := last.remaining()) is not None:
                 piece = unread[:need]
@@ -131,8 +147,9 @@ def reshard_slots(old_slots: list[dict], spec: LoaderSpec, num_slots: int, rank:
     slot state of a run with another number of slots, in slot order): old slot k's streams and
     those it had inherited itself go to new slot k % num_slots, bounded per source by the first
     epoch none of them had started, where every new slot's own streams begin."""
-    entries = []
+    entries, heir = [], []  # heir[k]: the index in `entries` of old slot k's own stream
     for old in old_slots:
+        heir.append(len(entries))
         entries.append({"slot": old["slot"], "num_slots": len(old_slots), "until": None, "cursors": old["cursors"]})
         entries.extend(old.get("inherited", []))
     num_sources = len(spec.sources)
@@ -149,6 +166,13 @@ def reshard_slots(old_slots: list[dict], spec: LoaderSpec, num_slots: int, rank:
         mine = [e for k, e in enumerate(entries) if k % num_slots == slot]
         if mine:
             state["inherited"] = mine
+        # the documents the old slots had open (interleave.py) are finished first by the slot that
+        # inherits their streams
+        pending = [[r for k, old in enumerate(old_slots) if heir[k] % num_slots == slot
+                    for r in [*(old.get("lanes") or [[]] * num_sources)[i], *(old.get("pending") or [[]] * num_sources)[i]]
+                    if r is not None] for i in range(num_sources)]
+        if any(pending):
+            state["pending"] = pending
         states.append(state)
     return states
 

@@ -73,8 +73,12 @@ def _digest(parts: list[str]) -> str:
 class TarShards:
     """Webdataset tar shards opened with `webdataset.gopen` (local paths or URLs such as `pipe:`)."""
 
-    def __init__(self, source: str, name: str, urls: list[str], tokenizer: dict | None):
+    def __init__(self, source: str, name: str, urls: list[str], tokenizer: dict | None,
+                 sha256: list[str | None] | None = None):
         self.source, self.name, self.urls, self.tokenizer = source, name, urls, tokenizer
+        # the manifest's digest per shard: each process checks a shard the first time it reads it whole
+        self.sha256 = sha256 or [None] * len(urls)
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -94,17 +98,43 @@ class TarShards:
             stream = gopen(url, "rb")
         except OSError as e:
             raise ShardReadError(f"cannot open shard {url!r} of source {self.source!r}: {e}") from e
+        expected = self.sha256[shard] if shard not in self._verified else None
+        reader = _HashingReader(stream) if expected else stream
         try:
-            for doc in read_shard(stream):
+            for doc in read_shard(reader):
                 yield doc.key, doc.tokens
             # Read the tar's trailing padding so a pipe's command can exit normally and its status counts.
-            while stream.read(1 << 16):
+            while reader.read(1 << 16):
                 pass
             finished = True
         except (OSError, tarfile.TarError, ValueError) as e:
-            raise ShardReadError(f"reading shard {url!r} of source {self.source!r}: {e}") from e
+            raise ShardReadError(f"reading shard {url!r} of source {self.source!r}: {e}; if the file was damaged, "
+                                 "re-run `undertow prep shards` with the same arguments (it rewrites damaged "
+                                 "shards)") from e
         finally:
             _close(stream, url, finished)
+        if expected:
+            if reader.hexdigest() != expected:
+                raise ShardReadError(f"shard {url!r} of source {self.source!r} is not the file `undertow prep shards` "
+                                     f"wrote (sha256 {reader.hexdigest()[:16]}..., the manifest says "
+                                     f"{expected[:16]}...): re-run `undertow prep shards` with the same arguments "
+                                     "(it rewrites damaged shards)")
+            self._verified.add(shard)
+
+
+class _HashingReader:
+    """A read-only file object that hashes the bytes read through it."""
+
+    def __init__(self, stream):
+        self.stream, self._hash = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self._hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _close(stream, url: str, finished: bool) -> None:
@@ -228,12 +258,20 @@ def _resolve_directory(directory: str, field: str) -> TarShards:
         raise ValueError(
             f"{field}={directory!r}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing: {missing[:5]}"
         )
+    for entry, path in zip(manifest["shards"], paths):  # cheap: before any model is built
+        size, listed = os.path.getsize(path), entry.get("bytes")
+        if listed is not None and size != listed:
+            raise ValueError(
+                f"{field}={directory!r}: shard {path!r} has {size} bytes, {MANIFEST_NAME} says {listed}: it was "
+                "truncated or changed after `undertow prep shards`; re-run that command with the same arguments "
+                "(it rewrites damaged shards and keeps the rest)"
+            )
     if not manifest.get("complete", False):
         log.warning(
             "%s=%r: manifest is not marked complete; reading the %d shards it lists", field, directory, len(paths)
         )
     name = os.path.basename(os.path.normpath(directory))
-    return TarShards(directory, name, paths, manifest.get("tokenizer"))
+    return TarShards(directory, name, paths, manifest.get("tokenizer"), [e.get("sha256") for e in manifest["shards"]])
 
 
 def _resolve_local_pattern(source: str, field: str) -> TarShards:

@@ -210,6 +210,11 @@ class ChainedStream:
                 return unread
         return None
 
+    @property
+    def current(self) -> DocumentStream:
+        """The part that gave the last `remaining()`."""
+        return self._current
+
     def consume(self, n: int) -> None:
         self._current.consume(n)
 
