@@ -206,3 +206,43 @@ def test_uint32_for_a_big_vocabulary(tmp_path, corpus, tokenizer_path, monkeypat
     monkeypatch.setattr(Tokenizer, "vocab_size", property(lambda self: 70_000))
     m = prepare_shards([corpus], tokenizer_path, str(tmp_path / "out"), progress=False)
     assert m["dtype"] == "uint32" and read_docs(str(tmp_path / "out"))[0].tokens.dtype == np.uint32
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "missing"])
+def test_a_rerun_rewrites_damaged_shards_and_keeps_the_others(tmp_path, corpus, messy, tokenizer_path, damage):
+    """A shard damaged after a complete run (cut, bytes flipped at the same size, deleted): the loader
+    refuses it (tests/pretrain/test_loader_checks.py), and re-running the same command rewrites it and
+    everything after it from the inputs, byte-identical, keeping the shards before it."""
+    args = ([messy, corpus], tokenizer_path)
+    out = str(tmp_path / "out")
+    prepare_shards(*args, out, shard_tokens=SHARD_TOKENS, progress=False)
+    reference = dir_bytes(out)
+    assert len(read_manifest(out)["shards"]) >= 3
+    target = os.path.join(out, "shard-000001.tar")
+    if damage == "truncated":
+        os.truncate(target, os.path.getsize(target) // 2)
+    elif damage == "altered":
+        data = bytearray(open(target, "rb").read())
+        data[700] ^= 0xFF
+        open(target, "wb").write(bytes(data))
+    else:
+        os.remove(target)
+    first = os.stat(os.path.join(out, "shard-000000.tar"))
+    prepare_shards(*args, out, shard_tokens=SHARD_TOKENS, progress=False)
+    assert dir_bytes(out) == reference  # the manifest's skip counts included
+    again = os.stat(os.path.join(out, "shard-000000.tar"))
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+
+def test_inputs_without_text_say_so_and_leave_nothing(tmp_path, tokenizer_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="hold no text.*nothing was written"):
+        prepare_shards([empty], tokenizer_path, str(out), progress=False)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="hold no text"):
+        prepare_shards([empty], tokenizer_path, str(existing), progress=False)
+    assert sorted(os.listdir(existing)) == ["notes.txt"]

@@ -16,6 +16,7 @@ from undertow.data_prep.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Document,
+    sha256_file,
     write_json_atomic,
     write_shard,
 )
@@ -58,9 +59,8 @@ def write_shard_dir(
             n_docs, n_tokens = write_shard(f, docs)
         start += size
         paths.append(path)
-        entries.append(
-            {"file": os.path.basename(path), "documents": n_docs, "tokens": n_tokens, "inputs_consumed": start}
-        )
+        entries.append({"file": os.path.basename(path), "documents": n_docs, "tokens": n_tokens,
+                        "inputs_consumed": start, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

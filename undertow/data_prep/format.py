@@ -18,7 +18,9 @@ The manifest (`manifest.json` beside the shards) describes the whole set:
                    "bos_id": int, "eos_id": int, "pad_id": int},
      "settings": {...},                       # everything that determines the bytes
      "shards": [{"file": "shard-000000.tar", "documents": int, "tokens": int,
-                 "inputs_consumed": int}],    # input documents read up to this shard's end
+                 "inputs_consumed": int,      # input documents read up to this shard's end
+                 "bytes": int, "sha256": str, # the file as written (the loader checks both)
+                 "skipped_so_far": {...}}],   # skip counts up to this shard's end
      "documents": int, "tokens": int,
      "skipped": {"reason": count, ...},
      "complete": bool}

@@ -85,18 +85,54 @@ def _existing_manifest(out_dir: str, settings: dict, overwrite: bool) -> dict | 
     return manifest
 
 
+def _first_damaged(out_dir: str, manifest: dict) -> int | None:
+    """The index of the first listed shard that is missing or not the file written (size, sha256)."""
+    for i, shard in enumerate(manifest["shards"]):
+        path = os.path.join(out_dir, shard["file"])
+        if (not os.path.exists(path) or os.path.getsize(path) != shard["bytes"]
+                or ("sha256" in shard and sha256_file(path) != shard["sha256"])):
+            return i
+    return None
+
+
+def _repair(out_dir: str, manifest: dict) -> bool:
+    """Cut the manifest before its first damaged shard (missing, truncated or altered), so the run
+    writes it and everything after again from the inputs; True if it cut. The shards before stay."""
+    damaged = _first_damaged(out_dir, manifest)
+    if damaged is None:
+        return False
+    kept = manifest["shards"][:damaged]
+    log.warning("%s: shard %s is missing or not the file written (size or sha256 differ): rewriting it and the "
+                "%d shard(s) after it from the inputs", out_dir, manifest["shards"][damaged]["file"],
+                len(manifest["shards"]) - damaged - 1)
+    manifest["shards"] = kept
+    manifest["documents"] = sum(s["documents"] for s in kept)
+    manifest["tokens"] = sum(s["tokens"] for s in kept)
+    manifest["skipped"] = dict(kept[-1].get("skipped_so_far", {})) if kept else {}
+    manifest["complete"] = False
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    return True
+
+
 def _clean_for_resume(out_dir: str, manifest: dict) -> None:
-    """Remove temp files and shards the manifest does not list; check the listed ones."""
+    """Remove temp files and shards the manifest does not list (after `_repair`, the damaged ones)."""
     listed = {s["file"] for s in manifest["shards"]}
     for path in _own_files(out_dir):
         name = os.path.basename(path)
         if name.endswith(".tmp") or (name != MANIFEST_NAME and name not in listed):
             os.remove(path)
-    for shard in manifest["shards"]:
-        path = os.path.join(out_dir, shard["file"])
-        if not os.path.exists(path) or os.path.getsize(path) != shard["bytes"]:
-            raise ValueError(f"{path!r} is missing or has the wrong size, so {out_dir!r} cannot be resumed; "
-                             "use overwrite=True (--overwrite)")
+
+
+def _remove_empty_output(out_dir: str, created: bool, had_tokenizer: bool) -> None:
+    """Remove what a run that wrote no document left: its manifest, its tokenizer copy (not one that
+    was there before), and `out_dir` itself when this run created it and nothing else is in it."""
+    for path in _own_files(out_dir):
+        os.remove(path)
+    tokenizer = os.path.join(out_dir, TOKENIZER_NAME)
+    if not had_tokenizer and os.path.exists(tokenizer):
+        os.remove(tokenizer)
+    if created and not os.listdir(out_dir):
+        os.rmdir(out_dir)
 
 
 def _tokenizer_file(tokenizer_path: str, out_dir: str, tok: Tokenizer, copy: bool, overwrite: bool) -> str:
@@ -152,7 +188,8 @@ def _write_shards(stream: Iterator[TokenizedDoc], out_dir: str, manifest: dict, 
         os.replace(f"{path}.tmp", path)
         manifest["shards"].append({"file": name, "documents": n_docs, "tokens": n_tokens,
                                    "inputs_consumed": last[0].ordinal + 1,
-                                   "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
+                                   "bytes": os.path.getsize(path), "sha256": sha256_file(path),
+                                   "skipped_so_far": skips.as_dict()})
         manifest["documents"] += n_docs
         manifest["tokens"] += n_tokens
         manifest["skipped"] = skips.as_dict()
@@ -199,8 +236,12 @@ def prepare_shards(
     check_special_ids(tok, add_bos, append_eos)
     settings = _settings(sources, tok, np_dtype.name, shard_tokens, append_eos, add_bos)
 
+    created = not os.path.exists(out_dir)
+    had_tokenizer = os.path.exists(os.path.join(out_dir, TOKENIZER_NAME))
     os.makedirs(out_dir, exist_ok=True)
     manifest = _existing_manifest(out_dir, settings, overwrite)
+    if manifest is not None:
+        _repair(out_dir, manifest)
     if manifest is not None and manifest["complete"]:
         log.info("%s is already complete: %s", out_dir, summary_line(
             manifest["documents"], manifest["tokens"], manifest["skipped"], len(manifest["shards"])))
@@ -226,8 +267,12 @@ def prepare_shards(
     finally:
         bar.close()
         stream.close()
-    if manifest["documents"] == 0:
-        raise ValueError(f"no documents to write: every input document was skipped ({skips.summary()})")
+    if manifest["documents"] == 0:  # leave nothing behind that looks like a dataset
+        _remove_empty_output(out_dir, created, had_tokenizer)
+        if skips.as_dict():
+            raise ValueError(f"no documents to write: every input document was skipped ({skips.summary()})")
+        raise ValueError(f"no documents to write: the inputs {list(inputs)!r} hold no text "
+                         f"(format {fmt!r}, field {field!r}); nothing was written")
     manifest["skipped"] = skips.as_dict()
     manifest["complete"] = True
     write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
