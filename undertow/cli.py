@@ -15,25 +15,56 @@ def _meta(type_name: str) -> str:
     return type_name if type_name.startswith("{") else type_name.upper()
 
 
-def _config_help() -> str:
+def _config_help(recipe: str | None = None) -> str:
+    """The config fields with their defaults; with `recipe`, the recipe's values (and only its family's
+    model fields), as `undertow pretrain RECIPE --help` shows them."""
     from undertow.models import registry
-    from undertow.pretrain.config import ExperimentConfig, available_recipes
+    from undertow.pretrain.config import ExperimentConfig, available_recipes, load_config
 
+    cfg = load_config(recipe, []) if recipe is not None else None
     lines = [
         "recipes shipped in the package: " + ", ".join(available_recipes()) + " (or a path to a .toml file)",
         "",
-        "Every config field can be overridden as --section.field VALUE (lists: comma-separated):",
+        "Every config field can be overridden as --section.field VALUE (lists: comma-separated)"
+        + (f"; values of recipe {recipe!r}:" if cfg is not None else ":"),
     ]
+
+    def value(name: str, default):
+        if cfg is None:
+            return default
+        obj = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    label = "value" if cfg is not None else "default"
     for name, type_name, default, text in describe(ExperimentConfig, ""):
         if name == "model":
             continue
-        lines.append(f"  --{name} {_meta(type_name)}  (default {default!r})  {text}")
-    for family in registry.families():
+        lines.append(f"  --{name} {_meta(type_name)}  ({label} {value(name, default)!r})  {text}")
+    for family in [cfg.family] if cfg is not None else registry.families():
         spec = registry.get(family)
         lines.append(f"\nmodel fields of family {family!r} (model.family = {family!r}):")
         for name, type_name, default, text in describe(spec.config_cls, "model"):
-            lines.append(f"  --{name} {_meta(type_name)}  (default {default!r})  {text}")
+            lines.append(f"  --{name} {_meta(type_name)}  ({label} {value(name, default)!r})  {text}")
     return "\n".join(lines)
+
+
+def _help_recipe(plain: list[str]) -> str | None:
+    """The recipe of `pretrain RECIPE --help` (None without one, or without --help)."""
+    if "pretrain" not in plain or not {"-h", "--help"} & set(plain):
+        return None
+    after = plain[plain.index("pretrain") + 1:]
+    values = {"--name", "--resume"}  # options of pretrain that take a value
+    i = 0
+    while i < len(after):
+        if after[i] in values:
+            i += 2
+        elif after[i].startswith("-"):
+            i += 1
+        else:
+            return after[i]
+    return None
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -66,6 +97,10 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     if trainer.rank != 0:  # one summary for the job, not one per process
         return 0
     val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
+    if result.already_finished:
+        print(f"already finished at step {result.steps}{val}; nothing to do (raise --training.steps to train on); "
+              f"run dir {result.run_dir}, checkpoint {result.checkpoint}")
+        return 0
     print(
         f"done: {result.steps} steps, last loss {result.last_loss:.4f}{val}, "
         f"{result.skipped_steps} skipped; run dir {result.run_dir}, checkpoint {result.checkpoint}"
@@ -84,7 +119,7 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_recipe: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="undertow",
         description="Pretraining for recurrent-family language models.",
@@ -101,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
             "package). Checkpoints, TensorBoard events and metrics.jsonl go to training.run_dir; an "
             "interrupted run resumes from its newest checkpoint (checkpoint.resume = auto)."
         ),
-        epilog=_config_help(),
+        epilog=_config_help(help_recipe),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pre.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: tiny)")
@@ -147,8 +182,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     plain, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_help_recipe(plain))
+    except (ConfigError, FileNotFoundError) as e:  # `pretrain BAD_RECIPE --help`
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(plain)
     try:
         if getattr(args, "takes_overrides", False):

@@ -91,3 +91,21 @@ def test_cli_name_flag_and_literal_choices_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "{cosine|wsd|constant}" in capsys.readouterr().out
+
+
+def test_a_short_trial_clamps_the_recipes_warmup_with_one_warning(caplog):
+    cfg = load_config("tiny-mamba2", ["--training.steps", "3", "--schedule.warmup_steps", "30"])
+    assert cfg.schedule.warmup_steps == 3
+    assert any("warming up over all 3 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_help_of_a_recipe_shows_its_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "tiny-mamba2", "--help"])
+    out = capsys.readouterr().out
+    assert "values of recipe 'tiny-mamba2'" in out and "--data.seq_len INT  (value 128)" in out
+    assert "--model.layer_pattern STR  (value 'MMMM')" in out and "model fields of family 'transformer'" not in out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "(default 256)" in capsys.readouterr().out  # no recipe: the schema's defaults
+    assert main(["pretrain", "no-such-recipe", "--help"]) == 2

@@ -134,6 +134,9 @@ def test_init_from_takes_weights_and_model_config_with_fresh_optimizer(tmp_path)
         assert torch.equal(a, b), name
     t.fit()
     assert ckpt.latest_checkpoint(str(tmp_path / "b" / "checkpoints")).endswith("step_00000004")
+    # data tokenized with another tokenizer: refused before any model is built, naming both
+    with pytest.raises(ValueError, match=r"tokenizer sha256 .* vocab 512, the data .* tokenized with sha256 .* vocab 1024"):
+        Trainer(tiny_config(tmp_path / "c", checkpoint__init_from=first.checkpoint, data__embedded_vocab_size=1024))
 
 
 @pytest.mark.parametrize("pattern", ["mM", "M*-"])
@@ -178,3 +181,16 @@ def test_a_resumed_run_records_each_step_once(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_rerunning_a_finished_run_says_so(tmp_path, capsys):
+    from undertow.cli import main
+
+    from .helpers import cli_args
+
+    args = ["pretrain", *cli_args(tmp_path, **{"training.steps": 2, "schedule.warmup_steps": 1})]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("already finished at step 2") and "nothing to do" in out and "nan" not in out

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from undertow.configtools import ConfigError, check, opt, coerce, from_dict, parse_overrides, set_dotted
+from undertow.log import get_logger
 from undertow.models import registry
 
 DEFAULT_RECIPE = "tiny"
@@ -94,7 +95,7 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     kind: Literal["cosine", "wsd", "constant"] = opt("cosine", help='cosine: warmup then cosine to min_lr_ratio; wsd: warmup, stable, then linear decay over decay_fraction of the steps; constant: warmup then flat.')
-    warmup_steps: int = opt(100, help="Linear warmup steps.")
+    warmup_steps: int = opt(100, help="Linear warmup steps (more than training.steps: clamped to it, with a warning, so short trials of a recipe need no second override).")
     min_lr_ratio: float = opt(0.1, help="Final learning rate as a fraction of the peak (cosine, wsd).")
     decay_fraction: float = opt(0.2, help="wsd: fraction of all steps spent in the final linear decay.")
 
@@ -276,12 +277,11 @@ class ExperimentConfig:
             section.validate()
         self.parallel.validate()
         self.model.validate()
-        check(
-            self.schedule.warmup_steps <= self.training.steps,
-            "schedule.warmup_steps",
-            self.schedule.warmup_steps,
-            f"must be <= training.steps ({self.training.steps})",
-        )
+        if self.schedule.warmup_steps > self.training.steps:  # a short trial of a long recipe: one line, no error
+            get_logger("pretrain.config").warning(
+                "schedule.warmup_steps = %d > training.steps = %d: warming up over all %d steps",
+                self.schedule.warmup_steps, self.training.steps, self.training.steps)
+            self.schedule.warmup_steps = self.training.steps
         p = self.parallel
         if p.pp > 1 and p.pp_schedule == "zbv" and p.dp_shard * p.dp_replicate * p.cp > 1:
             check(not getattr(self.model, "tie_embeddings", False), "model.tie_embeddings", True,

@@ -56,6 +56,7 @@ class TrainResult:
     skipped_steps: int
     run_dir: str
     checkpoint: str | None
+    already_finished: bool = False  # resumed at training.steps: nothing was run
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,7 +126,10 @@ class Trainer(RunState):
         if self.rank == 0:
             self._barrier()
         self.train_loader = self._loader("train")
-        self._set_vocab(self.train_loader.vocab_info())
+        self.vocab = self.train_loader.vocab_info()
+        if init_meta is not None:  # before any model is built: a checkpoint of another tokenizer is refused
+            self._check_same_tokenizer(cfg.checkpoint.init_from, init_meta)
+        self._set_vocab(self.vocab)
 
         with torch.device("meta"):
             model = self.spec.model_cls(cfg.model)
@@ -310,6 +314,12 @@ class Trainer(RunState):
     def _fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.training
         lead = self.rank == 0
+        if self.resumed_from is not None and self.step >= t.steps:
+            val = f" (validation loss {self.last_val_loss:.4f})" if self.last_val_loss is not None else ""
+            log.info("%s already finished at step %d%s; nothing to do (raise training.steps to train on)",
+                     cfg.run_dir, self.step, val)
+            return TrainResult(self.step, float("nan"), self.last_val_loss, self.skipped_total, cfg.run_dir,
+                               self.resumed_from, already_finished=True)
         if lead:
             os.makedirs(cfg.run_dir, exist_ok=True)
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:

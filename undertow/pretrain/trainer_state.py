@@ -69,6 +69,21 @@ class RunState:
         current = self.cfg.to_dict()["model"]
         if saved_model != current:
             raise RuntimeError(f"checkpoint {path} was trained with model {saved_model}, the config asks for {current}")
+        self._check_same_tokenizer(path, meta)
+
+    def _check_same_tokenizer(self, path: str, meta: dict) -> None:
+        """Refuse a checkpoint whose tokenizer (recorded sha256 and vocabulary size) is not the data's:
+        its token ids would mean other pieces of text. Either side unknown: a warning."""
+        saved, mine = meta.get("tokenizer"), self.vocab
+        if not saved or not mine:
+            if saved != mine:
+                log.warning("checkpoint %s: cannot compare tokenizers (checkpoint %s, data %s)", path,
+                            _describe(saved), _describe(mine))
+            return
+        if (saved.get("sha256"), saved.get("vocab_size")) != (mine.get("sha256"), mine.get("vocab_size")):
+            raise ValueError(f"checkpoint {path} was trained with tokenizer {_describe(saved)}, the data "
+                             f"({', '.join(self.cfg.data.sources)}) is tokenized with {_describe(mine)}: "
+                             "prepare the data with the checkpoint's tokenizer, or start from scratch")
 
     def _loader_states(self) -> list[dict]:
         """Every data-parallel rank's loader state, indexed by dp rank (tp/cp peers share one)."""
@@ -125,3 +140,9 @@ class RunState:
         )
 
     # ----------------------------------------------------------------- steps
+
+
+def _describe(tokenizer: dict | None) -> str:
+    if not tokenizer:
+        return "unknown (none recorded)"
+    return f"sha256 {str(tokenizer.get('sha256'))[:12]}... vocab {tokenizer.get('vocab_size')}"
