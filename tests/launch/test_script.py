@@ -214,6 +214,18 @@ def test_the_layout_must_fill_the_launched_processes(tmp_path, capsys, launcher,
     assert "needs 3 processes" in out.err and f"starts {processes}" in out.err
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["--parallel.tp", "2", "--model.n_kv_heads", "1"], "tp=2 does not divide n_kv_heads=1"),
+    (["--parallel.pp", "2", "--parallel.pp_microbatches", "1"], "use --parallel.pp_microbatches 2"),
+])
+def test_a_layout_the_model_or_schedule_cannot_run_is_refused_before_launch(tmp_path, capsys, overrides, message):
+    code = main(["launch", "local", "--nproc-per-node", "2", "tiny", "--training.run_dir", str(tmp_path / "run"),
+                 *overrides, "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == "" and message in out.err and out.err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_fails_before_anything_is_written(tmp_path, capsys):
     code = main(["launch", "slurm", "tiny", "--training.run_dir", str(tmp_path / "run"), "--model.d_model", "-3"])
     assert code == 2 and "model.d_model" in capsys.readouterr().err

@@ -50,6 +50,8 @@ def check_world_size(cfg: ExperimentConfig, processes: int, how: str) -> None:
     """The parallel layout must fill exactly the processes a launch starts; say so before starting them."""
     from undertow.parallel.mesh import NAMES, ParallelDims
 
+    from undertow.parallel.mesh import LayoutError
+
     dims = ParallelDims(**{name: getattr(cfg.parallel, name) for name in NAMES})
     if dims.world_size != processes:
         raise ConfigError(
@@ -57,3 +59,7 @@ def check_world_size(cfg: ExperimentConfig, processes: int, how: str) -> None:
             f"{processes}; make parallel.pp x dp_replicate x dp_shard x cp x tp = {processes} "
             f"(e.g. --parallel.dp_shard {processes}) or start {dims.world_size}"
         )
+    try:  # the model's shapes (heads, groups, layers, row length) against the degrees, before any process
+        dims.validate(processes, cfg.layout_limits())
+    except LayoutError as e:
+        raise ConfigError(f"{e} (--parallel.* overrides)") from None

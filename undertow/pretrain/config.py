@@ -283,11 +283,47 @@ class ExperimentConfig:
                 self.schedule.warmup_steps, self.training.steps, self.training.steps)
             self.schedule.warmup_steps = self.training.steps
         p = self.parallel
+        if p.pp > 1:
+            self._check_pipeline_microbatches()
         if p.pp > 1 and p.pp_schedule == "zbv" and p.dp_shard * p.dp_replicate * p.cp > 1:
             check(not getattr(self.model, "tie_embeddings", False), "model.tie_embeddings", True,
                   "false with parallel.pp_schedule = zbv and FSDP (dp_shard, dp_replicate or cp > 1): the V puts "
                   "the embedding and the head on one rank in two stages, and FSDP cannot shard one weight in both "
                   "(or use 1f1b, gpipe, interleaved_1f1b or zero_bubble)")
+
+    def layout_limits(self) -> list[tuple[str, str, int]]:
+        """(degree, what it splits, size) for ParallelDims.validate: the family's shape limits, and the
+        row length that context and sequence parallelism split."""
+        spec = registry.get(self.family)
+        limits = list(spec.shape_limits(self.model)) if spec.shape_limits else []
+        if self.parallel.tp > 1:  # sequence parallel splits each cp slice of a row over the tp ranks
+            limits.append(("tp", "seq_len / cp", self.data.seq_len // self.parallel.cp))
+        if self.parallel.cp > 1:
+            limits.append(("cp", "seq_len", self.data.seq_len))
+        return limits
+
+    def _check_pipeline_microbatches(self) -> None:
+        """What the pipeline schedules need of the micro-batch count, checked before any process starts
+        (torch.distributed.pipelining would raise it in every rank, mid-launch)."""
+        p, t = self.parallel, self.training
+        n = p.pp_microbatches or t.grad_accum_steps
+        what = f"parallel.pp_microbatches = {p.pp_microbatches}" if p.pp_microbatches else \
+            f"training.grad_accum_steps = {t.grad_accum_steps} (pipeline micro-batches, as parallel.pp_microbatches = 0)"
+        rows = t.grad_accum_steps * t.micro_batch_size
+        check(n <= rows, "parallel.pp_microbatches", n,
+              f"{what}: a step holds {rows} rows (grad_accum_steps x micro_batch_size), one per micro-batch at "
+              f"least; use --parallel.pp_microbatches {max(1, min(rows, p.pp))} or more rows")
+        if p.pp_schedule in ("1f1b", "zbv"):
+            stages = p.pp * (2 if p.pp_schedule == "zbv" else 1)
+            check(n >= stages, "parallel.pp_microbatches", n,
+                  f"{what}: the {p.pp_schedule} schedule needs at least one micro-batch per stage ({stages}); "
+                  f"use --parallel.pp_microbatches {stages}" + ("" if stages <= rows else
+                                                                f" with at least {stages} rows per step"))
+        elif p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
+            rounds = max(1, n // p.pp)
+            check(n % rounds == 0, "parallel.pp_microbatches", n,
+                  f"{what}: {p.pp_schedule} needs a multiple of pp = {p.pp} micro-batches (or fewer than "
+                  f"{2 * p.pp}); use --parallel.pp_microbatches {rounds * p.pp}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

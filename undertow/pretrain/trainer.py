@@ -85,12 +85,7 @@ class Trainer(RunState):
         self.spec = registry.get(cfg.family)
         # The layout is checked against the world size and the model's shapes before any work.
         self.dims = ParallelDims(**{name: getattr(cfg.parallel, name) for name in NAMES})
-        limits = self.spec.shape_limits(cfg.model) if self.spec.shape_limits else []
-        if self.dims.tp > 1:  # sequence parallel splits each cp slice of a row over the tp ranks
-            limits = limits + [("tp", "seq_len / cp", cfg.data.seq_len // self.dims.cp)]
-        if self.dims.cp > 1:
-            limits = limits + [("cp", "seq_len", cfg.data.seq_len)]
-        self.dims.validate(int(os.environ.get("WORLD_SIZE", "1")), limits)
+        self.dims.validate(int(os.environ.get("WORLD_SIZE", "1")), cfg.layout_limits())
         self.rank, self.world_size = init_process_group_from_env()
         self.device = pick_device(cfg.training.device)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
