@@ -59,3 +59,41 @@ def test_ci_pins_are_inside_the_ranges():
             assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
         elif req.name not in ("flash-attn",):  # CUDA-only: never installed by CI
             pytest.fail(f"{req.name} is not pinned in .ci/constraints.txt")
+
+
+def test_the_package_works_without_triton(tmp_path):
+    """Triton is an extra (CUDA builds of torch bring it): every module but the Triton kernels imports
+    without it, and a model trains a step on CPU. Run in a Python whose packages are this one's but
+    triton (links to each other entry of site-packages, `-S` so no .pth file adds it back)."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    packages = tmp_path / "site"
+    packages.mkdir()
+    for name in os.listdir(site):
+        if not name.startswith("triton"):
+            os.symlink(os.path.join(site, name), packages / name)
+    script = tmp_path / "no_triton.py"
+    script.write_text("""
+import importlib, pkgutil
+import undertow
+for info in pkgutil.walk_packages(undertow.__path__, "undertow."):
+    if not info.name.rsplit(".", 1)[-1].startswith("triton"):
+        importlib.import_module(info.name)
+from undertow.kernels.dispatch import triton_available
+assert not triton_available()
+import torch
+from undertow.pretrain.config import load_config
+from undertow.models import registry
+cfg = load_config("tiny-mamba2", ["--model.d_model", "32", "--model.layer_pattern", "M*", "--model.vocab_size", "64"])
+model = registry.build_model(cfg.model)
+model.init_weights()
+model(torch.randint(0, 64, (1, 16))).sum().backward()
+print("ok")
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(packages)])}
+    out = subprocess.run([sys.executable, "-S", str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

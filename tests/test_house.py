@@ -16,7 +16,7 @@ FLOORS = {
     "parallel": 3,
     "models": 2,
     "kernels": 1, "data_prep": 1,
-    "configtools": 0, "log": 0, "recipes": 0, "versions": 0,
+    "cache": 0, "configtools": 0, "log": 0, "recipes": 0, "versions": 0,
     "": -1,  # the package's own __init__ (its version)
 }
 

@@ -15,7 +15,7 @@ needs_compiler = pytest.mark.skipif(native.find_compiler() is None, reason="no C
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
     """A private cache directory, and a library name the process has not loaded."""
-    monkeypatch.setenv("UNDERTOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("UNDERTOW_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(native.ENV, raising=False)
     name = f"test_{tmp_path.name}"
     yield name

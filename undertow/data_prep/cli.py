@@ -184,7 +184,7 @@ def _add_embedded(sub) -> None:
     p = sub.add_parser("embedded", help="build the embedded corpus dataset and print its directory",
                        description="Train a BPE tokenizer on the corpus shipped in the package and prepare its "
                                    "shards in the cache (once per settings); print the shard directory.")
-    p.add_argument("--cache-dir", default=None, help="cache root (default: $UNDERTOW_CACHE or ~/.cache/undertow)")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $UNDERTOW_CACHE, else $XDG_CACHE_HOME/undertow or ~/.cache/undertow)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default 2048)")
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard (default 65536)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")

@@ -8,8 +8,7 @@ CPU path, never a separate backend: where they cannot be built, the PyTorch loop
 log says why, once).
 
 Build: `$CXX` (else c++, g++ or clang++) with -O3 and -march=native (retried with -mcpu=native,
-then neither, if the compiler refuses), into `$UNDERTOW_CACHE_DIR` (else `$XDG_CACHE_HOME/undertow`, else
-`~/.cache/undertow`) under native/ (a temporary directory where that is read-only). The file name carries a hash of the source, the compiler's
+then neither, if the compiler refuses), into the cache (`$UNDERTOW_CACHE`, see undertow/cache.py) under native/ (a temporary directory where that is read-only). The file name carries a hash of the source, the compiler's
 version, the flags and this CPU's feature flags, so a cache shared between different machines
 (a home directory on a cluster) never loads a library built for another CPU. A build writes a
 temporary file and renames it, so concurrent ranks never load a half-written library.
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from undertow.cache import cache_root
 from undertow.log import get_logger
 
 ENV = "UNDERTOW_NATIVE"
@@ -51,10 +51,7 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
 def cache_dir() -> Path:
-    if os.environ.get("UNDERTOW_CACHE_DIR"):
-        return Path(os.environ["UNDERTOW_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "undertow"
+    return Path(cache_root())
 
 
 def find_compiler() -> str | None:

@@ -56,6 +56,26 @@ class Throughput:
         return tps, mfu
 
 
+class StepClock:
+    """Elapsed time and ETA of a run's steps, for the console line: "step 50/300 (17%), 1:10 elapsed,
+    ETA 5:50". The rate counts only the steps this process ran (a resumed run's own)."""
+
+    def __init__(self, first_step: int, total: int):
+        self.first, self.total, self.start = first_step, total, time.perf_counter()
+
+    def describe(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first
+        eta = _clock(elapsed / done * (self.total - step)) if done > 0 else "?"
+        return f"{step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {_clock(elapsed)} elapsed, ETA {eta}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 def _cut_after(path: str, step: int) -> None:
     """Keep the records of metrics.jsonl up to `step` (atomically: a temporary file renamed over it).
     A torn last line (a crash mid-write) goes too."""
@@ -110,8 +130,8 @@ class MetricsWriter:
         self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
 
-    def publish(self, step: int, scalars: dict[str, float | None], prefix: str) -> None:
-        """TensorBoard scalars under `prefix/` and one console line."""
+    def publish(self, step: int, scalars: dict[str, float | None], prefix: str, progress: str | None = None) -> None:
+        """TensorBoard scalars under `prefix/` and one console line (`progress` in place of the bare step)."""
         if not self.enabled:
             return
         if self.tb is not None:
@@ -119,7 +139,7 @@ class MetricsWriter:
                 if value is not None and math.isfinite(value):
                     self.tb.add_scalar(f"{prefix}/{key}", value, step)
             self.tb.flush()
-        log.info("%s step %d | %s", prefix, step, " | ".join(_fmt(k, v) for k, v in scalars.items()))
+        log.info("%s step %s | %s", prefix, progress or step, " | ".join(_fmt(k, v) for k, v in scalars.items()))
 
     def close(self) -> None:
         if not self.enabled:

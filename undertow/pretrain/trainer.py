@@ -36,7 +36,7 @@ from undertow.pretrain import preflight
 from undertow.pretrain.config import ExperimentConfig
 from undertow.pretrain.loader import PackedLoader, resolve_sources
 from undertow.pretrain.nan_guard import GoodCheckpoints, parameters_norm
-from undertow.pretrain.metrics import MetricsWriter, Throughput, detect_peak_tflops, peak_memory_gib
+from undertow.pretrain.metrics import MetricsWriter, StepClock, Throughput, detect_peak_tflops, peak_memory_gib
 from undertow.pretrain.optim import build_optimizer
 from undertow.pretrain.run_lock import exit_with_agent, lock_run_dir
 from undertow.pretrain.schedule import lr_multiplier
@@ -331,6 +331,7 @@ class Trainer(RunState):
         data = iter(self.train_loader)
         param_norm = None if self.deepspeed else parameters_norm(self.model.parameters(), self.world_size > 1)
         last_loss, last_ckpt = float("nan"), self.resumed_from
+        clock = StepClock(self.step, t.steps)
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not (lead and sys.stderr.isatty()),
                    dynamic_ncols=True)
         try:
@@ -374,7 +375,7 @@ class Trainer(RunState):
                             "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu,
                             "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_total,
                             **aux,
-                        }, "train")
+                        }, "train", progress=clock.describe(self.step))
                     if t.val_every and cfg.data.val_fraction > 0 and (self.step % t.val_every == 0 or self.step == t.steps):
                         guard.beat("validation", self.step)
                         self.last_val_loss = self.validate()

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 from undertow.data_prep.format import MANIFEST_NAME, read_manifest, sha256_file
+from undertow.cache import cache_root
 from undertow.log import get_logger
 
 log = get_logger("undertow.data_prep.corpus")
@@ -24,8 +25,8 @@ RECIPE_VERSION = 1  # bump when the way the dataset is built changes, so old cac
 
 
 def default_cache_dir() -> str:
-    """$UNDERTOW_CACHE, else ~/.cache/undertow."""
-    return os.environ.get("UNDERTOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "undertow")
+    """The package's cache (undertow/cache.py: $UNDERTOW_CACHE, else $XDG_CACHE_HOME/undertow or ~/.cache/undertow)."""
+    return cache_root()
 
 
 def _is_complete(directory: str) -> bool:
