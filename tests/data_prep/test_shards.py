@@ -246,3 +246,29 @@ def test_inputs_without_text_say_so_and_leave_nothing(tmp_path, tokenizer_path):
     with pytest.raises(ValueError, match="hold no text"):
         prepare_shards([empty], tokenizer_path, str(existing), progress=False)
     assert sorted(os.listdir(existing)) == ["notes.txt"]
+
+
+def test_a_small_corpus_gives_min_shards_and_long_documents_can_be_cut(tmp_path, corpus, tokenizer_path, undertow_logs):
+    """Without --shard-tokens, a corpus far below min_shards x the default shard size is cut into
+    about min_shards shards, and the log says why; max_doc_tokens cuts documents into pieces that
+    stay together in one shard and rebuild the document."""
+    out = str(tmp_path / "small")
+    m = prepare_shards([corpus], tokenizer_path, out, min_shards=6, progress=False)
+    assert 5 <= len(m["shards"]) <= 8 and m["settings"]["min_shards"] == 6
+    assert "shard_tokens lowered from 33,554,432" in undertow_logs.text
+    whole = read_docs(out)
+
+    cut = str(tmp_path / "cut")
+    longest = max(len(d.tokens) for d in whole)
+    m = prepare_shards([corpus], tokenizer_path, cut, shard_tokens=SHARD_TOKENS, max_doc_tokens=longest // 3,
+                       progress=False)
+    pieces = read_docs(cut)
+    assert max(len(p.tokens) for p in pieces) <= longest // 3 and len(pieces) > len(whole)
+    by_input = {}
+    for p in pieces:
+        by_input.setdefault(p.meta["index"], []).append(p.tokens)
+    assert [np.concatenate(by_input[d.meta["index"]]).tolist() for d in whole] == [d.tokens.tolist() for d in whole]
+    # an input document's pieces never straddle a shard end: a resume skips whole input documents
+    assert [s["inputs_consumed"] for s in m["shards"]][-1] == len(whole)
+    ends = np.cumsum([s["documents"] for s in m["shards"]])
+    assert all(pieces[e - 1].meta["index"] != pieces[e].meta["index"] for e in ends[:-1])

@@ -83,7 +83,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     m = prepare_shards(args.inputs, args.tokenizer, args.out, shard_tokens=args.shard_tokens, workers=args.workers,
                        dtype=args.dtype, append_eos=args.append_eos, add_bos=args.add_bos, fmt=args.fmt,
                        field=args.field, text_split=args.text_split, overwrite=args.overwrite,
-                       copy_tokenizer=args.copy_tokenizer, progress=args.progress)
+                       copy_tokenizer=args.copy_tokenizer, progress=args.progress, min_shards=args.min_shards,
+                       max_doc_tokens=args.max_doc_tokens)
     print(f"{args.out}: {summary_line(m['documents'], m['tokens'], m['skipped'], len(m['shards']))}")
     return 0
 
@@ -148,7 +149,7 @@ def _add_tokenizer(sub, inputs: argparse.ArgumentParser) -> None:
 
 
 def _add_shards(sub, inputs: argparse.ArgumentParser, tokens: argparse.ArgumentParser) -> None:
-    from undertow.data_prep.shards import DEFAULT_SHARD_TOKENS
+    from undertow.data_prep.shards import DEFAULT_MIN_SHARDS, DEFAULT_SHARD_TOKENS
 
     p = sub.add_parser("shards", parents=[inputs, tokens], help="tokenize inputs into webdataset shards",
                        description="Tokenize inputs into webdataset .tar shards plus manifest.json. Rerunning an "
@@ -157,8 +158,15 @@ def _add_shards(sub, inputs: argparse.ArgumentParser, tokens: argparse.ArgumentP
     p.add_argument("inputs", nargs="+", help="input files or glob patterns (globs expand in sorted order)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--out", required=True, help="output directory (created; resumed if it holds an unfinished run)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                   help=f"close a shard once it holds this many tokens (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--shard-tokens", type=int, default=None,
+                   help=f"close a shard once it holds this many tokens (default {DEFAULT_SHARD_TOKENS:,}, lowered "
+                        "for a small corpus: see --min-shards)")
+    p.add_argument("--min-shards", type=int, default=DEFAULT_MIN_SHARDS,
+                   help=f"without --shard-tokens, shards are made smaller for a small corpus so it still gives about "
+                        f"this many, one per rank and loader worker (default {DEFAULT_MIN_SHARDS}; 1: never)")
+    p.add_argument("--max-doc-tokens", type=int, default=0,
+                   help="cut documents longer than this into pieces stored as documents (default 0: never cut; "
+                        "the loader interleaves long documents with others anyway, see data.interleave)")
     p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"),
                    help="token id dtype; auto: the smallest that holds the vocabulary")
     p.add_argument("--overwrite", action="store_true",

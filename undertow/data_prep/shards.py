@@ -3,7 +3,9 @@
     manifest = prepare_shards(["data/*.jsonl.gz"], "tok.model", "shards/", shard_tokens=1 << 25, workers=8)
 
 Documents are tokenized by `workers` processes and written by this one in input order;
-a shard closes once it holds `shard_tokens` tokens (documents are never split), is
+a shard closes once it holds `shard_tokens` tokens at the end of an input document (documents
+longer than `max_doc_tokens` are cut into pieces, which stay in one shard; `shard_tokens` is
+lowered for a corpus too small to give `min_shards` shards), is
 written to `NAME.tmp`, fsynced and renamed, and then the manifest is rewritten atomically.
 The bytes of every shard and of the manifest depend only on the inputs and the settings
 recorded in `manifest["settings"]`, never on the number of workers.
@@ -49,12 +51,50 @@ def check_special_ids(tok: Tokenizer, add_bos: bool, append_eos: bool) -> None:
         raise ValueError(f"append_eos is set but tokenizer {tok.path!r} has no EOS piece (eos_id -1)")
 
 
+DEFAULT_MIN_SHARDS = 16  # enough for e.g. 2 nodes x 8 ranks, or 4 ranks x 4 loader workers, one shard each
+BYTES_PER_TOKEN_ESTIMATE = 3  # text: ~4 bytes a token; compressed inputs hold more tokens per byte
+
+
 def _settings(sources: Sources, tok: Tokenizer, dtype: str, shard_tokens: int, append_eos: bool,
-              add_bos: bool) -> dict:
-    """Everything that determines the bytes of the shards (workers and progress do not)."""
-    return {"inputs": sources.describe(), "field": sources.field, "text_split": sources.text_split,
-            "tokenizer_sha256": tok.sha256, "dtype": dtype, "shard_tokens": shard_tokens,
-            "append_eos": append_eos, "add_bos": add_bos}
+              add_bos: bool, max_doc_tokens: int, min_shards: int) -> dict:
+    """Everything that determines the bytes of the shards (workers and progress do not). The newer
+    options appear only when they change the bytes, so directories of older versions still resume."""
+    settings = {"inputs": sources.describe(), "field": sources.field, "text_split": sources.text_split,
+                "tokenizer_sha256": tok.sha256, "dtype": dtype, "shard_tokens": shard_tokens,
+                "append_eos": append_eos, "add_bos": add_bos}
+    if max_doc_tokens:
+        settings["max_doc_tokens"] = max_doc_tokens
+    if shard_size_for(sources, shard_tokens, min_shards)[1]:
+        settings["min_shards"] = min_shards
+    return settings
+
+
+def shard_size_for(sources: Sources, shard_tokens: int, min_shards: int) -> tuple[int, str | None]:
+    """The tokens per shard to use: `shard_tokens`, lowered for a corpus too small to give `min_shards`
+    shards of it, so every rank and loader worker can read shards of its own (the loader shares
+    shards at document level otherwise: correct, but slower and less shuffled). The size is
+    estimated from the input files' sizes (deterministic: the same inputs give the same shards).
+    Returns (tokens per shard, why it was lowered or None)."""
+    estimate = sum(entry["bytes"] for entry in sources.describe()) // BYTES_PER_TOKEN_ESTIMATE
+    if min_shards <= 1 or estimate >= min_shards * shard_tokens:
+        return shard_tokens, None
+    lowered = max(1, estimate // min_shards)
+    return lowered, (f"shard_tokens lowered from {shard_tokens:,} to {lowered:,}: the inputs hold ~{estimate:,} "
+                     f"tokens (estimated from their size), and min_shards = {min_shards} asks for that many shards "
+                     "so ranks and loader workers each read their own")
+
+
+def split_long_documents(stream: Iterator[TokenizedDoc], max_tokens: int) -> Iterator[tuple[TokenizedDoc, bool]]:
+    """(document or piece, whether it ends its input document): documents longer than `max_tokens`
+    cut into consecutive pieces of at most `max_tokens` (0: never cut)."""
+    for doc in stream:
+        n = int(doc.tokens.shape[0])
+        if not max_tokens or n <= max_tokens:
+            yield doc, True
+            continue
+        for start in range(0, n, max_tokens):
+            piece = TokenizedDoc(doc.ordinal, doc.source, doc.index, doc.tokens[start:start + max_tokens])
+            yield piece, start + max_tokens >= n
 
 
 def _own_files(out_dir: str) -> list[str]:
@@ -153,28 +193,31 @@ def _tokenizer_file(tokenizer_path: str, out_dir: str, tok: Tokenizer, copy: boo
     return os.path.relpath(model, root) if os.path.commonpath([model, root]) == root else model
 
 
-def _shard_documents(first: TokenizedDoc, stream: Iterator[TokenizedDoc], key_start: int, shard_tokens: int,
-                     last: list, bar: Progress) -> Iterator[Document]:
-    """Documents of one shard: `first`, then more from `stream` until `shard_tokens` is reached.
+def _shard_documents(first: tuple[TokenizedDoc, bool], stream: Iterator[tuple[TokenizedDoc, bool]], key_start: int,
+                     shard_tokens: int, last: list, bar: Progress) -> Iterator[Document]:
+    """Documents (or pieces) of one shard: `first`, then more from `stream` until `shard_tokens` is
+    reached at the end of an input document (its pieces stay in one shard, so a resume that skips
+    the input documents a shard consumed never cuts one).
 
     The stream is not advanced past the shard's last document, so the skip counts seen when
     the shard closes are exactly those before its end. `last` receives the last document.
     """
-    doc: TokenizedDoc | None = first
+    item: tuple[TokenizedDoc, bool] | None = first
     tokens = 0
-    while doc is not None:
+    while item is not None:
+        doc, ends = item
         n = int(doc.tokens.shape[0])
         yield Document(f"{key_start:012d}", doc.tokens, {"source": doc.source, "index": doc.index, "tokens": n})
         last[:] = [doc]
         bar.update(n)
         key_start += 1
         tokens += n
-        if tokens >= shard_tokens:
+        if tokens >= shard_tokens and ends:
             return
-        doc = next(stream, None)
+        item = next(stream, None)
 
 
-def _write_shards(stream: Iterator[TokenizedDoc], out_dir: str, manifest: dict, skips: SkipCounter,
+def _write_shards(stream: Iterator[tuple[TokenizedDoc, bool]], out_dir: str, manifest: dict, skips: SkipCounter,
                   shard_tokens: int, bar: Progress) -> None:
     while (first := next(stream, None)) is not None:
         name = SHARD_NAME.format(len(manifest["shards"]))
@@ -201,7 +244,7 @@ def prepare_shards(
     tokenizer_path: str,
     out_dir: str,
     *,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    shard_tokens: int | None = None,
     workers: int = 1,
     dtype: str = "auto",
     append_eos: bool = True,
@@ -212,6 +255,8 @@ def prepare_shards(
     overwrite: bool = False,
     copy_tokenizer: bool = True,
     progress: bool = True,
+    max_doc_tokens: int = 0,
+    min_shards: int = DEFAULT_MIN_SHARDS,
 ) -> dict:
     """Tokenize `inputs` into webdataset shards plus `manifest.json` in `out_dir`; return the manifest.
 
@@ -219,22 +264,36 @@ def prepare_shards(
         inputs: file paths / glob patterns (see `Sources`); fmt, field, text_split: how to read them.
         tokenizer_path: SentencePiece model file.
         out_dir: created if missing; resumed if it holds an incomplete run with the same settings.
-        shard_tokens: a shard closes at the first document that brings it to this many tokens.
+        shard_tokens: a shard closes at the first document that brings it to this many tokens (None:
+            DEFAULT_SHARD_TOKENS, lowered for a small corpus to give `min_shards` shards).
         workers: tokenizer processes (not part of the settings: any count gives the same bytes).
         dtype: "auto" (smallest that fits the vocabulary), "uint16" or "uint32".
         append_eos, add_bos: put EOS after / BOS before every document.
         overwrite: delete shards and manifest already in `out_dir` (other files are kept).
         copy_tokenizer: copy the model into `out_dir` as tokenizer.model, making it self-contained.
         progress: show a tqdm bar.
+        max_doc_tokens: cut documents longer than this into pieces of at most this many tokens, each
+            stored as a document (0: never cut).
+        min_shards: with the default shard_tokens, lower it for a small corpus so it still gives about
+            this many shards (`shard_size_for`; 1: never lower it). An explicit shard_tokens is kept.
     """
+    if shard_tokens is None:
+        shard_tokens = DEFAULT_SHARD_TOKENS
+    else:
+        min_shards = 1  # the size asked for
     if not isinstance(shard_tokens, int) or shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    if not isinstance(max_doc_tokens, int) or max_doc_tokens < 0:
+        raise ValueError(f"max_doc_tokens must be an integer >= 0 (0: never cut), got {max_doc_tokens!r}")
+    if not isinstance(min_shards, int) or min_shards < 1:
+        raise ValueError(f"min_shards must be an integer >= 1, got {min_shards!r}")
     check_workers(workers)
     sources = Sources(inputs, fmt=fmt, field=field, text_split=text_split)
     tok = Tokenizer.load(tokenizer_path)
     np_dtype = resolve_token_dtype(tok.vocab_size, dtype)
     check_special_ids(tok, add_bos, append_eos)
-    settings = _settings(sources, tok, np_dtype.name, shard_tokens, append_eos, add_bos)
+    settings = _settings(sources, tok, np_dtype.name, shard_tokens, append_eos, add_bos, max_doc_tokens, min_shards)
+    shard_tokens, lowered = shard_size_for(sources, shard_tokens, min_shards)
 
     created = not os.path.exists(out_dir)
     had_tokenizer = os.path.exists(os.path.join(out_dir, TOKENIZER_NAME))
@@ -262,8 +321,10 @@ def prepare_shards(
     stream = tokenize_stream(sources.items(), tokenizer_path, dtype=np_dtype, add_bos=add_bos,
                              append_eos=append_eos, skips=skips, workers=workers, skip_documents=consumed)
     bar = Progress(progress, "prep shards", manifest["documents"], manifest["tokens"])
+    if lowered:
+        log.info("%s", lowered)
     try:
-        _write_shards(stream, out_dir, manifest, skips, shard_tokens, bar)
+        _write_shards(split_long_documents(stream, max_doc_tokens), out_dir, manifest, skips, shard_tokens, bar)
     finally:
         bar.close()
         stream.close()
@@ -276,6 +337,8 @@ def prepare_shards(
     manifest["skipped"] = skips.as_dict()
     manifest["complete"] = True
     write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    log.info("prepared %s: %s", out_dir, summary_line(manifest["documents"], manifest["tokens"],
-                                                     manifest["skipped"], len(manifest["shards"])))
+    log.info("prepared %s: %s; %d shards of <= ~%s tokens%s", out_dir,
+             summary_line(manifest["documents"], manifest["tokens"], manifest["skipped"], len(manifest["shards"])),
+             len(manifest["shards"]), f"{shard_tokens:,}",
+             f" (shard_tokens lowered for min_shards = {min_shards})" if lowered else "")
     return manifest

@@ -44,7 +44,7 @@ def _build(directory: str, vocab_size: int, shard_tokens: int, workers: int) -> 
     texts = (doc.text for doc in Sources([EMBEDDED_CORPUS]).documents(SkipCounter()))
     train_tokenizer(texts, tokenizer_path, vocab_size=vocab_size, model_type="bpe", byte_fallback=True)
     prepare_shards([EMBEDDED_CORPUS], tokenizer_path, directory, shard_tokens=shard_tokens, workers=workers,
-                   progress=False)
+                   progress=False, min_shards=1)  # its shard size is chosen (shard_tokens), and keyed in the cache
 
 
 def ensure_embedded_dataset(cache_dir: str | None = None, vocab_size: int = 2048, shard_tokens: int = 65536,
