@@ -1,11 +1,15 @@
 """CPU speed of ParaRNN's Newton solver (the "chunked" backend, `--iterations` steps) against the
-reference per-step loop, forward only (issue 16's target: >= 20x at T = 2048, hidden 512).
+reference per-step loop, forward only (issue 16's target: >= 20x at T = 2048, hidden 512): its
+fused native pass (native_pararnn.cpp, float32) and its PyTorch form (what UNDERTOW_NATIVE=0 runs).
 
     python scripts/bench_pararnn_cpu.py [--T 2048] [--hidden 512] [--batch 1] [--iterations 3] [--threads 1]
 
 Median of `--trials` runs after a warm-up (bench_kernels_cpu.py's timing), float32, no_grad, with
 document boundaries and a carried-in state; recurrent weights of scale 0.1 (where 3 iterations
-converge, the residual column shows it). Prints a markdown table with the command, machine and date.
+converge, the residual column shows it). Beside the wall time, the median CPU time of the calling
+thread (time.thread_time; with --threads 1 all the work runs there): on a machine shared with other
+jobs it leaves out the time the process waits for a core, so its ratio is the steadier one. Prints
+a markdown table with the command, machine and date.
 """
 
 from __future__ import annotations
@@ -14,14 +18,28 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels_cpu import _median_seconds  # noqa: E402
 
+from undertow.kernels.pararnn import native as pararnn_native  # noqa: E402
 from undertow.kernels.pararnn import pararnn  # noqa: E402
+
+
+def _median_cpu_seconds(step, trials: int) -> float:
+    """Median CPU time of this thread over `trials` runs after one warm-up."""
+    step()
+    times = []
+    for _ in range(trials):
+        start = time.thread_time()
+        step()
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
 
 
 def main() -> int:
@@ -41,8 +59,8 @@ def main() -> int:
     print(f"`python {' '.join(sys.argv)}` on {platform.processor() or platform.machine()}, {args.threads} torch "
           f"threads, torch {torch.__version__}, {datetime.date.today().isoformat()}, load average "
           f"{os.getloadavg()[0]:.1f} at the start\n")
-    print("| cell | shape | backend | forward ms | speed-up | residual |")
-    print("|---|---|---|---:|---:|---:|", flush=True)
+    print("| cell | shape | backend | forward ms | speed-up | CPU ms | CPU speed-up | residual |")
+    print("|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     for cell in ("gru", "lstm"):
         u = torch.randn(B, T, 3, D)
         a = torch.randn(3, D) * 0.1
@@ -55,13 +73,20 @@ def main() -> int:
                                backend=backend, **newton)
 
         ref = _median_seconds(lambda: run("reference"), args.trials)
+        ref_cpu = _median_cpu_seconds(lambda: run("reference"), args.trials)
         newton_kwargs = dict(iterations=args.iterations, chunk_size=args.chunk_size)
-        fast = _median_seconds(lambda: run("chunked", **newton_kwargs), args.trials)
-        residual = run("chunked", **newton_kwargs)[1].item()
         shape = f"B={B} T={T} D={D}"
-        print(f"| {cell} | {shape} | reference (per-step loop) | {ref * 1e3:.1f} | 1.0x | 0 |")
-        print(f"| {cell} | {shape} | chunked (Newton, {args.iterations} it., chunk {args.chunk_size}) | "
-              f"{fast * 1e3:.1f} | {ref / fast:.1f}x | {residual:.1e} |", flush=True)
+        print(f"| {cell} | {shape} | reference (per-step loop) | {ref * 1e3:.1f} | 1.0x | {ref_cpu * 1e3:.1f} | "
+              "1.0x | 0 |")
+        for form, enabled in (("native", True), (f"PyTorch, chunk {args.chunk_size}", False)):
+            pararnn_native.ENABLED = enabled
+            fast = _median_seconds(lambda: run("chunked", **newton_kwargs), args.trials)
+            fast_cpu = _median_cpu_seconds(lambda: run("chunked", **newton_kwargs), args.trials)
+            residual = run("chunked", **newton_kwargs)[1].item()
+            print(f"| {cell} | {shape} | chunked (Newton, {args.iterations} it., {form}) | "
+                  f"{fast * 1e3:.1f} | {ref / fast:.1f}x | {fast_cpu * 1e3:.1f} | {ref_cpu / fast_cpu:.1f}x | "
+                  f"{residual:.1e} |", flush=True)
+        pararnn_native.ENABLED = True
     return 0
 
 

@@ -18,6 +18,9 @@
 #      time and the host time to issue one call (is it launch-bound?);                  PROFILE_LIMIT 40
 #  (2c) scripts/bench_mlstm_gpu.py: our Triton mLSTM (exact gradients) beside mlstm_kernels' TFLA
 #      xl_chunk (anchor wheels on PYTHONPATH), B=8, T=2048, 16 heads x 128, bf16;          MLSTM_LIMIT 60
+#  (2d) scripts/bench_pararnn_gpu.py: ParaRNN's triton backend (Newton, 3 iterations, Triton scans)
+#      against the sequential PyTorch loop, B=4 T=4096 D=1024, float32 (not yet in the sums above;
+#      expected ~30 s, most of it the loop's rows);                                      PARARNN_LIMIT 60
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
@@ -28,7 +31,7 @@
 # killed by its limit still leaves the rows it finished in its log.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
 # profile.log, bench_ssd_profile.md, mlstm.log, bench_mlstm_gpu.md, bench_mlstm.json, train.log,
-# bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json.
+# bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json, pararnn.log, bench_pararnn_gpu.md.
 # Exit status: 0 when the tests passed and the benchmarks ran (SSD beside mamba_ssm), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +68,9 @@ PYTHONPATH="$PWD" timeout ${PROFILE_LIMIT:-40} python3 -u scripts/bench_ssd.py g
 echo "== mLSTM benchmark" | tee "$OUT/mlstm.log"
 PYTHONPATH="$PWD:$SITE" timeout ${MLSTM_LIMIT:-60} python3 -u scripts/bench_mlstm_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/mlstm.log" || status=1
 
+echo "== ParaRNN benchmark (Triton Newton vs the sequential loop, T=4096)" | tee "$OUT/pararnn.log"
+PYTHONPATH="$PWD" timeout ${PARARNN_LIMIT:-60} python3 -u scripts/bench_pararnn_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/pararnn.log" || status=1
+
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
@@ -82,6 +88,7 @@ echo "-- kernel tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -
 echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || grep -E "^\||undertow / mamba_ssm|Error" "$OUT/bench.log" | tail -n 12
 echo "-- SSD profile (ours, forward+backward):"; grep -E "^\||host time|sum of device" "$OUT/profile.log" | head -n 16
 echo "-- mLSTM vs TFLA:"; cat "$OUT/bench_mlstm_gpu.md" 2>/dev/null || grep -E "^\||undertow / TFLA|Error" "$OUT/mlstm.log" | tail -n 8
+echo "-- ParaRNN triton vs loop:"; cat "$OUT/bench_pararnn_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/pararnn.log" | tail -n 8
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status

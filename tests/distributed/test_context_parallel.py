@@ -1,8 +1,9 @@
 """Context parallelism in gloo process groups against the single-process run: kernels with an
 initial state and any batch size (the mLSTM's log-space state combine: cp_mlstm.py; the sLSTM's
-serial passing: cp_slstm.py), and whole models (Mamba-1, Mamba-2, a hybrid with attention and
-MLP layers, the transformer) — loss and every parameter gradient, on rows whose documents end
-inside slices, at a slice start and span whole slices."""
+serial passing: cp_slstm.py; ParaRNN's Newton systems spanning the ranks: cp_pararnn.py), and
+whole models (Mamba-1, Mamba-2, a hybrid with attention and MLP layers, the transformer) — loss
+and every parameter gradient, on rows whose documents end inside slices, at a slice start and span
+whole slices."""
 
 import copy
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import cp_mlstm, cp_slstm
+from tests.distributed import cp_mlstm, cp_pararnn, cp_slstm
 from tests.distributed.harness import run_distributed
 from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.kernels.selective_scan import selective_scan
@@ -103,6 +104,7 @@ def _all_checks(rank, world):
     return {"kernels": _kernels_under_cp(rank, world, rows=3 if world == 2 else 1),
             "mlstm": cp_mlstm.check(rank, world),
             "slstm": cp_slstm.check(rank, world),
+            "pararnn": cp_pararnn.check(rank, world),
             "models": _models_under_cp(rank, world),
             "misuse": _misuse(rank, world)}
 
@@ -203,6 +205,10 @@ def test_mlstm_state_combine_matches_the_full_scan(cp_results):
 
 def test_slstm_serial_passing_matches_the_full_scan(cp_results):
     cp_slstm.assert_matches([r["slstm"] for r in cp_results])
+
+
+def test_pararnn_newton_spanning_the_ranks_matches_one_process(cp_results):
+    cp_pararnn.assert_matches([r["pararnn"] for r in cp_results])
 
 
 def _misuse(rank, world):

@@ -139,6 +139,29 @@ def test_chunked_scan_matches_the_loop(S):
     assert relative_error(reverse_linear_recurrence(J, r, 8), torch.stack(backward, 1)) < 1e-14
 
 
+@pytest.mark.parametrize("S", [1, 2])
+def test_scans_with_transitions_resume_from_any_carry(S):
+    """What a context-parallel slice uses: the solution from a carry = the zero-carry solution plus the
+    cumulative transitions applied to the carry, forward and reverse (scan.py)."""
+    from undertow.kernels.pararnn.scan import (
+        linear_recurrence_with_transitions, matvec, reverse_linear_recurrence_with_transitions,
+    )
+
+    B, T, D = 2, 21, 3
+    gen = torch.Generator().manual_seed(10 + S)
+    J = torch.randn(B, T, S, S, D, generator=gen, dtype=torch.float64) * 0.7
+    r = torch.randn(B, T, S, D, generator=gen, dtype=torch.float64)
+    carry = torch.randn(B, S, D, generator=gen, dtype=torch.float64)
+    x, P = linear_recurrence_with_transitions(J, r, 4)
+    shifted = r.clone()
+    shifted[:, 0] += matvec(J[:, 0], carry)  # x_0 = J_0 carry + r_0
+    assert relative_error(x + matvec(P, carry[:, None]), linear_recurrence(J, shifted, 4)) < 1e-13
+    lam, Q = reverse_linear_recurrence_with_transitions(J, r, 4)
+    shifted = r.clone()
+    shifted[:, -1] += carry  # lam_{T-1} = g_{T-1} + the carry from after the slice
+    assert relative_error(lam + matvec(Q, carry[:, None]), reverse_linear_recurrence(J, shifted, 4)) < 1e-13
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("T, chunk, docs, init", [
@@ -191,12 +214,24 @@ def test_reference_backend_and_bad_arguments():
                                  backend="reference")
     y_ref, final_ref = pararnn_reference("gru", u, a, initial_state=state0, return_final_state=True)
     assert torch.equal(y, y_ref) and torch.equal(final, final_ref) and residual == 0
-    for kwargs, message in [({"iterations": 0}, "iterations"), ({"tol": 0.0}, "tol"), ({"chunk_size": 0}, "chunk_size")]:
-        with pytest.raises(ValueError, match=message):
-            pararnn("gru", u, a, backend="chunked", **kwargs)
+    bad = [({"iterations": 0}, "iterations must be an integer >= 1, got 0"), ({"iterations": 2.5}, "iterations"),
+           ({"iterations": True}, "iterations"), ({"tol": 0.0}, "tol must be > 0"), ({"tol": -1e-3}, "tol"),
+           ({"tol": float("nan")}, "tol"), ({"chunk_size": 0}, "chunk_size must be an integer >= 1")]
+    for backend in ("chunked", "reference"):  # refused also where the setting is unused
+        for kwargs, message in bad:
+            with pytest.raises(ValueError, match=message):
+                pararnn("gru", u, a, backend=backend, **kwargs)
     with pytest.raises(ValueError, match="peepholes"):
         pararnn("gru", u, a, torch.ones(2, 4, dtype=u.dtype))
     with pytest.raises(ValueError, match="p \\(2, 4\\)"):
         pararnn("lstm", u, a)
     with pytest.raises(ValueError, match="unknown"):
         pararnn("rnn", u, a)
+
+
+def test_meta_tensors_run_without_reading_the_residual():
+    """The planner profiles models on the meta device: shapes only, no residual to check or warn about."""
+    with torch.device("meta"):
+        u, a, p = torch.randn(2, 9, 3, 4), torch.randn(3, 4), torch.randn(2, 4)
+    y, (c, h), residual = pararnn("lstm", u, a, p, return_final_state=True, return_residual=True)
+    assert y.shape == (2, 9, 4) and c.shape == h.shape == (2, 4) and residual.device.type == "meta"

@@ -7,8 +7,9 @@ A recurrence op's public function (ssd, selective_scan, causal_conv1d, ...) star
         return handler(ssd, x, dt, ..., doc_ids=doc_ids, ...)
 
 an op whose state after a slice is a nonlinear function of the state before it (sLSTM) passes a
-`SerialPassing` instead, and an op whose CP form is not state passing (attention) names only
-itself. Outside CP `context_parallel_op` returns None and the kernel runs as always. Inside a block that
+`SerialPassing` instead, an op that solves its nonlinear recurrence by linear systems spanning the
+ranks (ParaRNN's Newton solver) a `SpanningSolve`, and an op whose CP form is not state passing
+(attention) names only itself. Outside CP `context_parallel_op` returns None and the kernel runs as always. Inside a block that
 `parallel.context.apply_context_parallel` wrapped, it returns the handler that parallel/ installed,
 bound to the active context (and to the op's `StatePassing`); the handler calls the kernel back for
 its local slice inside `local_only()`, where the seam is closed again.
@@ -36,6 +37,7 @@ from typing import Any
 
 STATE_PASSING = "state_passing"  # the handler kind of every op that declares a StatePassing
 SERIAL = "serial"  # the handler kind of every op that declares a SerialPassing
+SPANNING = "spanning"  # the handler kind of every op that declares a SpanningSolve
 
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("undertow_context_parallel", default=None)
 _HANDLERS: dict[str, Callable[..., Any]] = {}
@@ -83,27 +85,44 @@ class SerialPassing:
     state_shapes: Callable[[tuple, dict], list[tuple[int, ...]]]
 
 
+@dataclass(frozen=True)
+class SpanningSolve:
+    """How an op solves its recurrence over the whole split sequence itself, talking to the other cp
+    ranks through `links` (an iterative solver whose every step is a linear system spanning the
+    ranks: kernels/pararnn/context.py). The op owns the math and the autograd; parallel/ provides
+    the communication.
+
+    solve(links, args, kwargs) -> what the op's public function returns. `links` has `rank`,
+    `world` and `all_gather(tensor) -> [every rank's tensor, in rank order]` (same shape and dtype
+    on every rank, no autograd; every rank must call it the same number of times).
+    """
+
+    solve: Callable[[Any, tuple, dict], Any]
+
+
 def install_handler(kind: str, handler: Callable[..., Any]) -> None:
     """Install the CP form of an op (kind = its name), of every state-passing op (kind =
-    STATE_PASSING) or of every serially passing op (kind = SERIAL): `handler(cp, fn, *args, **kwargs)`,
-    or `handler(cp, spec, fn, *args, **kwargs)` for STATE_PASSING and SERIAL. Installing the same
+    STATE_PASSING), of every serially passing op (kind = SERIAL) or of every op that solves across the
+    ranks itself (kind = SPANNING): `handler(cp, fn, *args, **kwargs)`, or `handler(cp, spec, fn,
+    *args, **kwargs)` for STATE_PASSING, SERIAL and SPANNING. Installing the same
     handler again is a no-op; a different one raises."""
     if _HANDLERS.get(kind, handler) is not handler:
         raise ValueError(f"a different context-parallel handler for {kind!r} is installed already")
     _HANDLERS[kind] = handler
 
 
-def context_parallel_op(op: str, state_passing: StatePassing | SerialPassing | None = None) -> Callable[..., Any] | None:
+def context_parallel_op(op: str, state_passing: StatePassing | SerialPassing | SpanningSolve | None = None) -> Callable[..., Any] | None:
     """The CP handler of `op` bound to the active context, or None when CP is not active here."""
     cp = _ACTIVE.get()
     if cp is None:
         return None
-    kind = op if state_passing is None else SERIAL if isinstance(state_passing, SerialPassing) else STATE_PASSING
+    kinds = {SerialPassing: SERIAL, SpanningSolve: SPANNING, StatePassing: STATE_PASSING}
+    kind = op if state_passing is None else kinds[type(state_passing)]
     handler = _HANDLERS.get(kind)
     if handler is None:
         raise RuntimeError(
             f"{op} runs under context parallelism but no context-parallel handler for {kind!r} is installed "
-            f"(installed: {sorted(_HANDLERS)}); a recurrence op passes its StatePassing or SerialPassing "
+            f"(installed: {sorted(_HANDLERS)}); a recurrence op passes its StatePassing, SerialPassing or SpanningSolve "
             "(kernels/<op>/context.py)")
     if state_passing is not None:
         return functools.partial(handler, cp, state_passing)

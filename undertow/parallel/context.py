@@ -16,6 +16,8 @@ this package installs:
     op's state math is its `StatePassing`, in its own folder (kernels/<op>/context.py);
   - recurrences whose state does not compose (a SerialPassing) run their slices rank after rank,
     the state sent point to point (context_serial.py);
+  - ops that solve across the ranks themselves (a SpanningSolve: an iterative solver whose linear
+    systems span the ranks) get the cp group as their `links` (rank, world, counted all_gather);
   - attention all-gathers K/V and masks with global positions and documents (context_attention.py).
 Nothing here knows a model family or a recurrence op: a new op adds kernels/<op>/context.py and the
 hook call in its public function, and this package does not change.
@@ -31,8 +33,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from undertow.kernels.context import SERIAL, STATE_PASSING, SerialPassing, StatePassing, active, install_handler
+from undertow.kernels.context import (
+    SERIAL, SPANNING, STATE_PASSING, SerialPassing, SpanningSolve, StatePassing, active, install_handler,
+)
 from undertow.parallel.context_attention import attention_handler
+from undertow.parallel.context_comm import all_gather
 from undertow.parallel.context_serial import run_serial
 from undertow.parallel.context_state import run_state_passing
 
@@ -54,6 +59,10 @@ class ContextParallel:
     def world(self) -> int:
         return dist.get_world_size(self.group)
 
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every cp rank's `tensor`, in rank order (counted; no autograd): the links of a SpanningSolve."""
+        return all_gather(tensor, self.group)
+
 
 def _state_passing_handler(cp: ContextParallel, spec: StatePassing, fn, *args, **kwargs):
     return run_state_passing(cp, spec, fn, args, kwargs)
@@ -63,8 +72,13 @@ def _serial_handler(cp: ContextParallel, spec: SerialPassing, fn, *args, **kwarg
     return run_serial(cp, spec, fn, args, kwargs)
 
 
+def _spanning_handler(cp: ContextParallel, spec: SpanningSolve, fn, *args, **kwargs):
+    return spec.solve(cp, args, kwargs)
+
+
 install_handler(STATE_PASSING, _state_passing_handler)
 install_handler(SERIAL, _serial_handler)
+install_handler(SPANNING, _spanning_handler)
 install_handler("attention", attention_handler)
 
 

@@ -1,6 +1,7 @@
-"""ParaRNN's parallel-in-time solver (the dispatch's "chunked" backend): the whole sequence's
-recurrence s_t = f(s_{t-1}, u_t) solved by Newton's method, every Newton step a linear recurrence
-solved by a chunked scan (scan.py).
+"""ParaRNN's parallel-in-time solver (the dispatch's "chunked" and "triton" backends): the whole
+sequence's recurrence s_t = f(s_{t-1}, u_t) solved by Newton's method, every Newton step a linear
+recurrence solved by a chunked scan (scan.py; on CPU in float32 all steps fused into one native
+pass, native.py; on "triton" fused Triton passes, triton_newton.py).
 
 Newton on the residual F_t(s) = s_t - f(s_{t-1}, u_t), all t at once:
     guess      s_t = f(0, u_t)                                               (N0)
@@ -32,6 +33,7 @@ import warnings
 import torch
 
 from undertow.kernels.dispatch import segment_starts
+from undertow.kernels.pararnn.native import native_backward, native_solve
 from undertow.kernels.pararnn.reference import (
     cell_step, check_inputs, gru_gates, lstm_gates, public_state, state_tensor,
 )
@@ -94,10 +96,16 @@ class _NewtonSolve(torch.autograd.Function):
     """(u, a, p, init) -> (states (B, T, S, D), residual 0-d); backward by eqs. B1-B2."""
 
     @staticmethod
-    def forward(ctx, cell, u, a, p, init, keep, iterations, tol, chunk_size):
-        states, residual = newton_solve(cell, u, a, p, init, keep, iterations, tol, chunk_size)
+    def forward(ctx, cell, u, a, p, init, keep, iterations, tol, chunk_size, fused):
+        if fused == "triton":  # fused Triton passes (triton_newton.py)
+            from undertow.kernels.pararnn.triton_newton import newton_solve_triton  # imports triton: on first use
+            solved = newton_solve_triton(cell, u, a, p, init, keep, iterations, tol)
+        else:  # CPU float32: one fused C++ pass (native.py) when it builds
+            solved = native_solve(cell, u, a, p, init, keep, iterations, tol)
+        states, residual = solved if solved is not None else newton_solve(cell, u, a, p, init, keep, iterations,
+                                                                          tol, chunk_size)
         ctx.save_for_backward(u, a, p, init, keep, states)
-        ctx.cell, ctx.chunk_size = cell, chunk_size
+        ctx.cell, ctx.chunk_size, ctx.fused = cell, chunk_size, fused
         ctx.mark_non_differentiable(residual)
         return states, residual
 
@@ -105,6 +113,14 @@ class _NewtonSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_states, _):
         u, a, p, init, keep, states = ctx.saved_tensors
+        if ctx.fused == "triton":  # one fused Triton pass (triton_newton.py)
+            from undertow.kernels.pararnn.triton_newton import newton_backward_triton
+            grads = newton_backward_triton(ctx.cell, u, a, p, init, keep, states, g_states)
+        else:  # CPU float32: one C++ pass (native.py) when it builds
+            grads = native_backward(ctx.cell, u, a, p, init, keep, states, g_states)
+        if grads is not None:
+            d_u, d_a, d_p, d_init = grads
+            return None, d_u, d_a, d_p, d_init, None, None, None, None, None
         prev = previous_states(states, init, keep)
         _, J = step_and_jacobian(ctx.cell, prev, u, a, p)
         lam = reverse_linear_recurrence(J * keep[..., None], g_states, ctx.chunk_size)  # B1
@@ -115,7 +131,7 @@ class _NewtonSolve(torch.autograd.Function):
         d_u, d_a, d_prev = grads[:3]
         d_p = grads[3] if p is not None else None
         # s_{-1} feeds token 0 only, which never starts a document (segment_starts), so keep is 1 there
-        return None, d_u, d_a, d_p, d_prev[:, 0], None, None, None, None
+        return None, d_u, d_a, d_p, d_prev[:, 0], None, None, None, None, None
 
 
 def pararnn_newton(
@@ -131,31 +147,50 @@ def pararnn_newton(
     doc_ids: torch.Tensor | None = None,
     return_final_state: bool = False,
     return_residual: bool = False,
+    scan: str = "chunked",
 ):
     """Same contract as `pararnn_reference` (reference.py), solved by `iterations` Newton steps
-    (stopping early once max |F_t| <= tol when tol is given), each a chunked scan of `chunk_size`
-    tokens. Returns h (B, T, D) [, final_state] [, residual (0-d, compute dtype: max |F_t| at the
-    returned states)]; warns `NewtonNotConvergedWarning` when the residual stays above tol (or above
-    sqrt(eps) of the compute dtype without tol). The warning reads the residual on the host."""
+    (stopping early once max |F_t| <= tol when tol is given). `scan` "chunked": each step a chunked
+    scan of `chunk_size` tokens (scan.py), or on CPU in float32 all steps in one fused native pass
+    (native.py); "triton": fused Triton passes forward and one fused reverse pass backward
+    (triton_newton.py; float32 or lower inputs, computed in float32). Returns h (B, T, D)
+    [, final_state] [, residual (0-d, compute dtype: max |F_t| at the returned states)]; warns
+    `NewtonNotConvergedWarning` when the residual stays above tol (or above sqrt(eps) of the compute
+    dtype without tol). The warning reads the residual on the host."""
     check_inputs(cell, inputs, a, p)
-    if iterations < 1:
-        raise ValueError(f"pararnn: iterations must be >= 1, got {iterations}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"pararnn: tol must be > 0 (or None: run every iteration), got {tol}")
-    if chunk_size < 1:
-        raise ValueError(f"pararnn: chunk_size must be >= 1, got {chunk_size}")
+    check_solver_args(iterations, tol, chunk_size)
     B, T, _, D = inputs.shape
     work = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    if scan == "triton" and work == torch.float64:
+        raise ValueError("pararnn: the triton backend computes in float32; run float64 inputs on 'chunked'")
     init = state_tensor(cell, initial_state, B, D, inputs.device, work)
     keep = (~segment_starts(doc_ids, (B, T), inputs.device)).to(work)[:, :, None, None]
     states, residual = _NewtonSolve.apply(cell, inputs.to(work), a.to(work), None if p is None else p.to(work),
-                                          init, keep, iterations, tol, chunk_size)
-    limit = tol if tol is not None else torch.finfo(work).eps ** 0.5
-    if not residual <= limit:  # NaN included
+                                          init, keep, iterations, tol, chunk_size, scan)
+    return solver_outputs(cell, inputs, states, residual, iterations, tol, return_final_state, return_residual)
+
+
+def check_solver_args(iterations: int, tol: float | None, chunk_size: int) -> None:
+    """Refuses a Newton setting the solver cannot run, naming the value and the valid range."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"pararnn: iterations must be an integer >= 1, got {iterations!r}")
+    if tol is not None and not tol > 0:  # NaN included
+        raise ValueError(f"pararnn: tol must be > 0 (or None: run every iteration), got {tol!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"pararnn: chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def solver_outputs(cell, inputs, states, residual, iterations, tol, return_final_state, return_residual):
+    """Warns when the residual (0-d) stays above tol (or sqrt(eps) of the compute dtype) and packs
+    h (B, T, D) in inputs' dtype [, final state] [, residual] from the states (B, T, S, D)."""
+    limit = tol if tol is not None else torch.finfo(states.dtype).eps ** 0.5
+    # NaN included; meta tensors (the planner's shape-only runs) have no value to read
+    if residual.device.type != "meta" and not residual <= limit:
         warnings.warn(f"pararnn: Newton ended with residual {residual.item():.3g} > {limit:.3g} after "
-                      f"{iterations} iteration(s) at T = {T}; the outputs are not the cell's. "
-                      "Raise `iterations` (T iterations are always exact) or weaken the recurrence.",
-                      NewtonNotConvergedWarning, stacklevel=2)
+                      f"{iterations} iteration(s) at T = {states.shape[1]} (per cp rank under context parallelism); "
+                      "the outputs are not the cell's. Raise `iterations` (T iterations are always exact) "
+                      "or weaken the recurrence.",
+                      NewtonNotConvergedWarning, stacklevel=3)
     out = (states[:, :, -1].to(inputs.dtype),)
     if return_final_state:
         out += (public_state(cell, states[:, -1]),)

@@ -70,3 +70,35 @@ def reverse_linear_recurrence(J: torch.Tensor, g: torch.Tensor, chunk_size: int 
     shifted = torch.zeros_like(J)
     shifted[:, :-1] = J[:, 1:].transpose(-3, -2)
     return linear_recurrence(shifted.flip(1), g.flip(1), chunk_size).flip(1)
+
+
+def linear_recurrence_with_transitions(J: torch.Tensor, r: torch.Tensor, chunk_size: int = 64, solve=None) -> tuple:
+    """`linear_recurrence` from a zero carry and the cumulative transitions P_t = J_t ... J_0, so that
+    the solution from a carry x_{-1} is x_t = x~_t + P_t x_{-1} (what a context-parallel slice needs:
+    its carry comes from the ranks before it). J: (B, T, S, S, D), r: (B, T, S, D) -> (x~ (B, T, S, D),
+    P (B, T, S, S, D)). Column i of P_t solves the same recurrence with r_0 = J_0 e_i and r_t = 0
+    after, so all S + 1 solves run as one scan over a batch S + 1 times larger. `solve(J, r)`: the
+    scan to use (None: `linear_recurrence` with chunk_size; the Triton one on CUDA, context.py)."""
+    B, T, S, _, D = J.shape
+    solve = solve or (lambda J, r: linear_recurrence(J, r, chunk_size))
+    columns = torch.zeros(S, B, T, S, D, dtype=r.dtype, device=r.device)
+    columns[:, :, 0] = J[:, 0].permute(2, 0, 1, 3)  # (S_col, B, S_row, D): column i of J_0
+    stacked = solve(J.repeat(S + 1, 1, 1, 1, 1), torch.cat((r, columns.flatten(0, 1))))
+    x, cols = stacked[:B], stacked[B:].view(S, B, T, S, D)
+    return x, cols.permute(1, 2, 3, 0, 4)  # P[b, t, row, col, d]
+
+
+def reverse_linear_recurrence_with_transitions(J: torch.Tensor, g: torch.Tensor, chunk_size: int = 64,
+                                               solve=None) -> tuple:
+    """`reverse_linear_recurrence` from a zero carry after the end and its transitions Q_t =
+    J_{t+1}^T ... J_{T-1}^T (Q_{T-1} = I), so that with a carry c entering the last token (lam_{T-1} =
+    g_{T-1} + c) the solution is lam_t = lam~_t + Q_t c. J: (B, T, S, S, D), g: (B, T, S, D) ->
+    (lam~ (B, T, S, D), Q (B, T, S, S, D)); the columns of Q solve it with g = e_i at the last token.
+    `solve(J, g)`: the reverse scan to use (None: `reverse_linear_recurrence` with chunk_size)."""
+    B, T, S, _, D = J.shape
+    solve = solve or (lambda J, g: reverse_linear_recurrence(J, g, chunk_size))
+    columns = torch.zeros(S, B, T, S, D, dtype=g.dtype, device=g.device)
+    columns[:, :, -1] = torch.eye(S, dtype=g.dtype, device=g.device)[:, None, :, None]
+    stacked = solve(J.repeat(S + 1, 1, 1, 1, 1), torch.cat((g, columns.flatten(0, 1))))
+    lam, cols = stacked[:B], stacked[B:].view(S, B, T, S, D)
+    return lam, cols.permute(1, 2, 3, 0, 4)
