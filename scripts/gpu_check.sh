@@ -21,6 +21,9 @@
 #  (2d) scripts/bench_pararnn_gpu.py: ParaRNN's triton backend (Newton, 3 iterations, Triton scans)
 #      against the sequential PyTorch loop, B=4 T=4096 D=1024, float32 (not yet in the sums above;
 #      expected ~30 s, most of it the loop's rows);                                      PARARNN_LIMIT 60
+#  (2e) scripts/bench_moe_gpu.py: one OLMoE MLP (64 experts of 1024, top-8, 8192 tokens, bf16) forward
+#      + backward against a dense SwiGLU of the same active FLOPs, torch._grouped_mm and split GEMMs
+#      (issue 18's target: <= 1.3x the dense; not yet in the sums above, expected ~15 s);   MOE_LIMIT 45
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
@@ -71,6 +74,9 @@ PYTHONPATH="$PWD:$SITE" timeout ${MLSTM_LIMIT:-60} python3 -u scripts/bench_mlst
 echo "== ParaRNN benchmark (Triton Newton vs the sequential loop, T=4096)" | tee "$OUT/pararnn.log"
 PYTHONPATH="$PWD" timeout ${PARARNN_LIMIT:-60} python3 -u scripts/bench_pararnn_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/pararnn.log" || status=1
 
+echo "== MoE layer vs dense SwiGLU of the same active FLOPs (OLMoE MLP shape)" | tee "$OUT/moe.log"
+PYTHONPATH="$PWD" timeout ${MOE_LIMIT:-45} python3 -u scripts/bench_moe_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/moe.log" || status=1
+
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
@@ -89,6 +95,7 @@ echo "-- SSD vs mamba_ssm:"; cat "$OUT/bench_ssd_gpu.md" 2>/dev/null || grep -E 
 echo "-- SSD profile (ours, forward+backward):"; grep -E "^\||host time|sum of device" "$OUT/profile.log" | head -n 16
 echo "-- mLSTM vs TFLA:"; cat "$OUT/bench_mlstm_gpu.md" 2>/dev/null || grep -E "^\||undertow / TFLA|Error" "$OUT/mlstm.log" | tail -n 8
 echo "-- ParaRNN triton vs loop:"; cat "$OUT/bench_pararnn_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/pararnn.log" | tail -n 8
+echo "-- MoE vs dense:"; cat "$OUT/bench_moe_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/moe.log" | tail -n 6
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status

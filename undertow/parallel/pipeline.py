@@ -14,6 +14,10 @@ its slice; the batch's side inputs (position_ids, doc_ids) go to every stage, wh
 blocks' context (RoPE, document boundaries) itself, and stages send each other the tuple of
 carried activations (one tensor or more).
 
+Modules of the shell that every block uses (`model.shared_by_blocks`, e.g. RMoE's router GRU, whose
+state the stages send on with the activations): each pp rank keeps a copy, broadcast from pp rank 0,
+their gradients summed over the stages like tied embeddings (not yet with data or context parallelism).
+
 Loss: the last stage computes the token-sum cross-entropy of each micro-batch divided by the
 step's global label count (times `grad_scale`, as Trainer.train_step does), so gradients equal
 the single-process step's. Tied embeddings: with the embedding and the head on different ranks,
@@ -230,6 +234,7 @@ class PipelineRunner:
 
         _prune(model, [i for s in self.stage_ids for i in ranges[s]], self.has_first, self.has_last)
         self.model = model
+        self._check_shared_by_blocks(model, dims)
         # the modules the schedule runs, one per stage of this rank: parallel/apply.py hooks them (TP)
         # and makes each one an FSDP root
         self.stage_modules = [StageModule(model, ranges[s], s == 0, s == last, seq_shards=dims.tp)
@@ -359,7 +364,30 @@ class PipelineRunner:
                 for tensor in carried:
                     dist.send(tensor.contiguous(), dst=peer(stage + 1), group=self.group)
 
+    def _check_shared_by_blocks(self, model: nn.Module, dims: ParallelDims) -> None:
+        """Modules the shell names in `shared_by_blocks` are used by the blocks of every stage (e.g. RMoE's
+        router GRU): every pp rank keeps a copy, equal from the start (broadcast from pp rank 0) and
+        kept equal by summing their gradients over the pp group each step (sync_tied_grads)."""
+        params = self.shared
+        if params and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+            raise LayoutError(f"{type(model).__name__} shares {list(model.shared_by_blocks)} across pipeline stages, "
+                              "which is not yet supported together with data or context parallelism; use pp with "
+                              "tp only, or pp = 1")
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(_local(p), group=self.group, group_src=0)
+
+    @property
+    def shared(self) -> list[nn.Parameter]:
+        """The parameters shared by blocks of every stage, looked up each time (tensor parallelism replaces them)."""
+        modules = [getattr(self.model, name) for name in getattr(self.model, "shared_by_blocks", ())]
+        return [p for m in modules if m is not None for p in m.parameters()]
+
     def sync_tied_grads(self) -> None:
+        for p in self.shared:  # summed over the stages that used them (zeros where none did)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(_local(p.grad), group=self.group)
         if self.tied_group is None:
             return
         weight = self.model.embed.weight if self.has_first else self.model.lm_head.weight
@@ -371,8 +399,10 @@ class PipelineRunner:
 
     def _norm_parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, a tied copy counted on stage 0's rank only."""
-        skip = self.model.lm_head.weight if self.tied_group is not None and not self.has_first else None
-        return [p for p in self.model.parameters() if p is not skip]
+        skip = {id(self.model.lm_head.weight)} if self.tied_group is not None and not self.has_first else set()
+        if self.pp_rank != 0:  # copies of modules shared by the blocks: counted on pp rank 0
+            skip |= {id(p) for p in self.shared}
+        return [p for p in self.model.parameters() if id(p) not in skip]
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The 2-norm of every gradient of the model (all stages); scales them to `max_norm` if above (> 0)."""

@@ -17,7 +17,9 @@ This file places the shared ends of the model:
   norm     the final RMSNorm on sequence shards (SequenceParallel);
   lm_head  ColwiseParallel with the logits left sharded on the vocabulary (a DTensor), for
            loss_parallel's cross-entropy (no rank ever holds the full logits). Tied embeddings
-           share one parameter, sharded on the vocabulary for both uses.
+           share one parameter, sharded on the vocabulary for both uses;
+  shared   modules of the shell its blocks use (`model.shared_by_blocks`, e.g. RMoE's router GRU):
+           replicated, computed whole on every rank.
 Sequence parallelism (Megatron-LM's) keeps the residual stream (B, T / tp, d_model) per rank
 between blocks; each mixer all-gathers its input and sees the whole sequence, so position ids,
 document ids and cu_seqlens, which the model passes whole to every mixer, stay correct.
@@ -121,6 +123,10 @@ def apply_tensor_parallel(
         parallelize_module(block, tp_mesh, spec.plan.block_styles(block, sequence_parallel))
         for name, placement in spec.plan.block_params(block).items():
             _distribute_parameter(block, name, tp_mesh, placement)
+    for shared in getattr(model, "shared_by_blocks", ()):  # modules of the shell every block uses (a router GRU)
+        if getattr(model, shared, None) is not None:
+            for name, _ in list(getattr(model, shared).named_parameters()):
+                _distribute_parameter(model, f"{shared}.{name}", tp_mesh, Replicate())
     for root in roots or [model]:
         root.register_forward_pre_hook(_keep_gradients_placed_like_parameters)
         if sequence_parallel:

@@ -29,6 +29,7 @@ class Plan:
     seq_len: int
     parameters: int
     embedding_parameters: int
+    active_parameters: int  # per token: all but the experts a token is not routed to (= parameters without MoE)
     flops_per_token: float
     layer_flops: list[float] | None  # the family's per-layer cost (pipeline balancing), if it has one
 
@@ -39,6 +40,10 @@ class Plan:
             ("layers", str(self.layers)),
             ("parameters", f"{_si(self.parameters)} ({self.parameters:,})"),
             ("  of which embeddings/head", f"{_si(self.embedding_parameters)}"),
+        ]
+        if self.active_parameters != self.parameters:
+            rows.append(("active parameters per token", f"{_si(self.active_parameters)} ({self.active_parameters:,})"))
+        rows += [
             (f"training FLOPs/token @ seq_len {self.seq_len}", f"{self.flops_per_token:.3e}"),
         ]
         if self.layer_flops:
@@ -95,7 +100,9 @@ def make_plan(recipe: str | None, overrides: list[str] | None = None) -> Plan:
     with torch.device("meta"):
         model = spec.model_cls(cfg.model)
     unique = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    embedding_ids = {id(p) for name, p in model.named_parameters() if not name.startswith("layers.") and p.ndim == 2}
+    embedding_ids = {id(p) for name, p in model.named_parameters() if name.split(".")[0] in ("embed", "lm_head")}
+    # modules that hold weights a token does not use (MoE layers: the experts it is not routed to)
+    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
     return Plan(
         recipe=recipe or DEFAULT_RECIPE,
         family=cfg.family,
@@ -103,6 +110,7 @@ def make_plan(recipe: str | None, overrides: list[str] | None = None) -> Plan:
         seq_len=cfg.data.seq_len,
         parameters=sum(p.numel() for p in unique),
         embedding_parameters=sum(p.numel() for p in unique if id(p) in embedding_ids),
+        active_parameters=sum(p.numel() for p in unique) - inactive,
         flops_per_token=spec.flops_per_token(cfg.model, cfg.data.seq_len),
         layer_flops=spec.layer_cost(cfg.model, cfg.data.seq_len) if spec.layer_cost else None,
     )

@@ -1,7 +1,7 @@
 """Hyper-parameters of Mamba-1, Falcon-Mamba, Mamba-2 and hybrid stacks (one config for all).
 
 The stack is spelled by `layer_pattern`, one letter per layer (Megatron-LM's hybrid notation):
-`m` Mamba-1 mixer, `M` Mamba-2 mixer, `*` attention, `-` MLP. Every layer is a pre-norm residual
+`m` Mamba-1 mixer, `M` Mamba-2 mixer, `*` attention, `-` MLP, `E` mixture-of-experts MLP (`moe`). Every layer is a pre-norm residual
 block around its mixer. `mlp` picks the `-` layers' MLP (SwiGLU, or Megatron-LM's default
 fc1 -> exact GELU -> fc2) and `position_embedding` whether `*` layers rotate queries and keys (RoPE)
 or use no positional encoding (Megatron-LM's `--position-embedding-type none`: the recurrent layers
@@ -16,9 +16,10 @@ from typing import Literal
 
 from undertow.configtools import check, opt
 from undertow.models.common.mlp import swiglu_hidden
+from undertow.models.moe.config import MoEConfig
 from undertow.models.transformer.config import TransformerConfig
 
-LAYER_KINDS = {"m": "Mamba-1 mixer", "M": "Mamba-2 mixer", "*": "attention", "-": "MLP"}
+LAYER_KINDS = {"m": "Mamba-1 mixer", "M": "Mamba-2 mixer", "*": "attention", "-": "MLP", "E": "MoE MLP (model.moe)"}
 MLP_KINDS = {"swiglu": "down(silu(gate x) * up x)", "gelu": "fc2(gelu(fc1 x)), Megatron-LM's default"}
 POSITION_EMBEDDINGS = {"rope": "rotary embeddings on queries and keys", "none": "no positional encoding"}
 
@@ -57,6 +58,8 @@ class MambaConfig:
     mixer_norm_eps: float = opt(1e-6, help="Epsilon of the weightless RMSNorm on dt, B, C (falcon_norm; Falcon-Mamba's mixer_rms_eps).")
     tie_embeddings: bool = opt(True, help="Share the input embedding and the LM head.")
     init_std: float = opt(0.02, help="Std of the normal initialization (output projections scaled by 1/sqrt(2 n_layers)).")
+    moe: MoEConfig = opt(factory=MoEConfig, help="The `E` layers' mixture of experts (SwiGLU experts; width "
+                                                   "moe.expert_hidden, 0: the `-` layers' SwiGLU width).")
     residual_in_fp32: bool = opt(True, help="Keep the residual stream in float32 even when weights are half precision.")
 
     @property
@@ -118,6 +121,7 @@ class MambaConfig:
               "choose one of " + ", ".join(f"{k!r} ({v})" for k, v in POSITION_EMBEDDINGS.items()))
         check(self.ffn_hidden >= 0, "model.ffn_hidden", self.ffn_hidden, "must be >= 0")
         check(self.multiple_of >= 1, "model.multiple_of", self.multiple_of, "must be >= 1")
+        self.moe.validate(required="E" in self.layer_pattern)
 
     def _validate_mamba2(self) -> None:
         divisors = [p for p in range(1, self.d_inner + 1) if self.d_inner % p == 0]

@@ -56,8 +56,13 @@ def prefill(model, input_ids: torch.Tensor):
     B, T = input_ids.shape
     cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
     x = model.embed_tokens(input_ids)
+    router = model.add_router_state(x, input_ids)[1:]  # the rmoe router's h_0 (B, T, r), or nothing
     states = []
     for layer in model.layers:
+        if layer.is_moe:  # per token; carries nothing across positions (the router state runs over layers)
+            x, *router = model.call_layer(layer, (x, *router))
+            states.append(None)
+            continue
         h = layer.mixer_input(x)
         if layer.kind in "mM":
             out, state = layer.mixer(h, return_state=True)
@@ -75,7 +80,11 @@ def step(model, tokens: torch.Tensor, position: int, states: list):
     B = tokens.shape[0]
     cos, sin = model.rope(torch.full((B, 1), position, device=tokens.device))
     x = model.embed_tokens(tokens)
+    router = model.add_router_state(x, tokens)[1:]
     for i, layer in enumerate(model.layers):
+        if layer.is_moe:
+            x, *router = model.call_layer(layer, (x, *router))
+            continue
         h = layer.mixer_input(x)
         if layer.kind == "m":
             out, states[i] = mamba1_step(layer.mixer, h, states[i])

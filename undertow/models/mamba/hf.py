@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from undertow.configtools import from_dict
 from undertow.log import get_logger
 from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
 from undertow.models.mamba.config import MambaConfig
@@ -287,7 +288,7 @@ def config_from_hf(config: dict) -> MambaConfig:
     stored.pop("family", None)
     known = {f.name for f in dataclasses.fields(MambaConfig)}
     if stored and set(stored) <= known:
-        candidate = MambaConfig(**stored)
+        candidate = from_dict(MambaConfig, stored, "model")  # nested tables (model.moe) too
         try:
             same = _architecture_keys(hf_config(candidate, {})) == _architecture_keys(hf_config(derived, {}))
         except HFConversionError:  # a stored config that cannot be this file's architecture (hand-edited)

@@ -12,18 +12,20 @@ from torch import nn
 
 from undertow.models.common.documents import recurrent_layer_context
 from undertow.models.common.lm import CausalLMShell
-from undertow.models.common.mlp import GeluMLP, SwiGLU
+from undertow.models.common.mlp import GeluMLP, SwiGLU, swiglu_hidden
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import rope_cos_sin
 from undertow.models.mamba import generate as decoding
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
+from undertow.models.moe.carry import RouterCarry
+from undertow.models.moe.layer import MoELayer
 from undertow.models.transformer.model import Attention
 
 
-def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
-    """The mixer of one `layer_pattern` letter."""
+def build_mixer(kind: str, cfg: MambaConfig, index: int = 0) -> nn.Module:
+    """The mixer of one `layer_pattern` letter at depth `index`."""
     if kind == "m":
         return Mamba1Mixer(cfg)
     if kind == "M":
@@ -32,18 +34,21 @@ def build_mixer(kind: str, cfg: MambaConfig) -> nn.Module:
         return Attention(cfg.attention_config(), rope=cfg.position_embedding == "rope")
     if kind == "-":
         return (GeluMLP if cfg.mlp == "gelu" else SwiGLU)(cfg.d_model, cfg.hidden)
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
+    if kind == "E":  # SwiGLU experts of the `-` layers' SwiGLU width unless moe.expert_hidden
+        return MoELayer(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.multiple_of), cfg.moe, index)
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -, E")
 
 
 class Block(nn.Module):
     """x + mixer(norm(x)). x: (B, T, d_model) -> (B, T, d_model), in x's dtype (float32 residual
     when residual_in_fp32); the mixer runs in the weights' dtype (or autocast's)."""
 
-    def __init__(self, kind: str, cfg: MambaConfig):
+    def __init__(self, kind: str, cfg: MambaConfig, index: int = 0):
         super().__init__()
         self.kind = kind
+        self.is_moe = kind == "E"  # takes and returns the router state (models/moe/carry.py)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(kind, cfg)
+        self.mixer = build_mixer(kind, cfg, index)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.init_weights()
@@ -57,8 +62,12 @@ class Block(nn.Module):
         on = torch.is_autocast_enabled(device)
         return self.norm(x, out_dtype=torch.get_autocast_dtype(device) if on else self.norm.weight.dtype)
 
-    def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None, router_state=None,
+                router_gru=None):
         h = self.mixer_input(x)
+        if self.is_moe:  # -> (x, the router state after this layer)
+            out, router_state = self.mixer(h, router_state, router_gru)
+            return x + out.to(x.dtype), router_state
         if self.kind == "*":
             out = self.mixer(h, cos, sin, doc_ids, cu_seqlens, max_seqlen)
         elif self.kind == "-":
@@ -68,12 +77,21 @@ class Block(nn.Module):
         return x + out.to(x.dtype)
 
 
-class MambaLM(CausalLMShell):
-    """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size) (CausalLMShell.forward)."""
+class MambaLM(RouterCarry, CausalLMShell):
+    """forward(input_ids (B, T), ...) -> logits (B, T, vocab_size) (CausalLMShell.forward). `E` layers
+    with the rmoe router carry its state from layer to layer (models/moe/carry.py)."""
 
     def __init__(self, cfg: MambaConfig):
         cfg.validate()
-        super().__init__(cfg, (Block(kind, cfg) for kind in cfg.layer_pattern))
+        super().__init__(cfg, (Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_pattern)))
+        self.setup_router(cfg.moe, "E" in cfg.layer_pattern)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.init_router()
+
+    def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.call_layer(layer, carried, **ctx)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none or
@@ -95,8 +113,8 @@ class MambaLM(CausalLMShell):
         layers: models/common/documents.py's recurrent_layer_context."""
         return recurrent_layer_context(self.rope, input_shape, device, position_ids, doc_ids, cu_seqlens, max_seqlen)
 
-    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor]:
-        return (self.embed_tokens(input_ids),)
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.add_router_state(self.embed_tokens(input_ids), input_ids)
 
     def head_stage(self, carried: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.logits(carried[0])

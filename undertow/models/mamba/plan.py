@@ -30,6 +30,8 @@ from undertow.models.transformer.plan import (
     attention_styles,
     mixer_input,
     mlp_styles,
+    moe_params,
+    moe_styles,
     norm_styles,
     output_projection,
 )
@@ -79,12 +81,15 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
         "M": _mamba2_styles,
         "*": lambda sp: attention_styles("mixer", sp),
         "-": lambda sp: mlp_styles("mixer", block.mixer, sp),
+        "E": lambda sp: moe_styles("mixer", sp),
     }[block.kind](sequence_parallel)
     return {**norm_styles(["norm"], sequence_parallel), **mixer}
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
     mixer = block.mixer
+    if block.kind == "E":
+        return moe_params("mixer", mixer)
     if block.kind == "m":
         names = ["conv_weight", "conv_bias", "A_log", "D"]
         placements = {name: Shard(0) for name in names}

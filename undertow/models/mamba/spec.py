@@ -15,6 +15,7 @@ plus the LM head, 2 * d_model * vocab_size.
 from __future__ import annotations
 
 from undertow.models.common.flops import lm_training_flops, pattern_layer_costs
+from undertow.models.common.mlp import swiglu_hidden
 from undertow.models.mamba import hf, plan
 from undertow.models.mamba.config import MambaConfig
 from undertow.models.mamba.model import MambaLM
@@ -34,7 +35,10 @@ def layer_matmul_params(cfg: MambaConfig, kind: str) -> int:
         return d * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
     if kind == "-":  # SwiGLU: gate, up, down; GELU MLP: fc1, fc2
         return (2 if cfg.mlp == "gelu" else 3) * d * cfg.hidden
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -")
+    if kind == "E":  # the ACTIVE weights: top_k experts, the shared expert, the router (and RMoE's GRU)
+        _, active = cfg.moe.layer_params(d, swiglu_hidden(d, cfg.multiple_of))
+        return active + cfg.moe.shared_router_params()
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, M, *, -, E")
 
 
 def layer_forward_flops(cfg: MambaConfig, kind: str, seq_len: int) -> float:

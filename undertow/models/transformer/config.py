@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from undertow.configtools import check, opt
 from undertow.models.common.mlp import swiglu_hidden
+from undertow.models.moe.config import MoEConfig
 
 
 @dataclass
@@ -19,6 +20,7 @@ class TransformerConfig:
     norm_eps: float = opt(1e-5, help="RMSNorm epsilon.")
     tie_embeddings: bool = opt(True, help="Share the input embedding and the LM head.")
     init_std: float = opt(0.02, help="Std of the normal initialization (output projections scaled by 1/sqrt(2 n_layers)).")
+    moe: MoEConfig = opt(factory=MoEConfig, help="Mixture of experts in place of every block's MLP (moe.n_experts > 0).")
 
     @property
     def kv_heads(self) -> int:
@@ -59,3 +61,4 @@ class TransformerConfig:
         check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be > 0")
         check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        self.moe.validate()

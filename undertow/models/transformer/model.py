@@ -15,6 +15,8 @@ from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import apply_rope, rope_cos_sin
+from undertow.models.moe.carry import RouterCarry
+from undertow.models.moe.layer import MoELayer
 from undertow.models.transformer.config import TransformerConfig
 
 
@@ -60,14 +62,19 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, cfg: TransformerConfig):
+    With cfg.moe.n_experts > 0 the MLP is an MoELayer and the block returns (x, router state): the
+    RMoE router's state h (B, T, router_dim) comes in as `router_state` with the model's shared
+    `router_gru` and leaves updated (None for the linear router)."""
+
+    def __init__(self, cfg: TransformerConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+        self.is_moe = cfg.moe.enabled
+        self.mlp = MoELayer(cfg.d_model, cfg.hidden, cfg.moe, index) if self.is_moe else SwiGLU(cfg.d_model, cfg.hidden)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attn_norm.init_weights()
@@ -75,16 +82,32 @@ class TransformerBlock(nn.Module):
         self.attn.init_weights(std, out_std)
         self.mlp.init_weights(std, out_std)
 
-    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None, router_state=None,
+                router_gru=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.mlp_norm(x))
+        out, router_state = self.mlp(self.mlp_norm(x), router_state, router_gru)
+        return x + out, router_state
 
 
-class TransformerLM(CausalLMShell):
-    """Decoder-only LM. forward(input_ids (B, T), ...) -> logits (B, T, vocab_size)."""
+class TransformerLM(RouterCarry, CausalLMShell):
+    """Decoder-only LM. forward(input_ids (B, T), ...) -> logits (B, T, vocab_size). With MoE and the
+    rmoe router, the router state travels with the activations (models/moe/carry.py)."""
 
     def __init__(self, cfg: TransformerConfig):
-        super().__init__(cfg, (TransformerBlock(cfg) for _ in range(cfg.n_layers)))
+        super().__init__(cfg, (TransformerBlock(cfg, i) for i in range(cfg.n_layers)))
+        self.setup_router(cfg.moe, cfg.moe.enabled)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.init_router()
+
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.add_router_state(self.embed(input_ids), input_ids)
+
+    def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.call_layer(layer, carried, **ctx)
 
     def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
                       max_seqlen=None) -> dict:

@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -86,13 +87,34 @@ def mlp_styles(prefix: str, mlp: nn.Module, sequence_parallel: bool) -> dict[str
     }
 
 
+def moe_styles(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """An MoE layer (models/moe) at `prefix`, called as moe(x, router_state, router_gru): replicated
+    experts. Every rank routes and computes the whole sequence's tokens on plain tensors (its
+    weights are replicated DTensors, `moe_params`, whose local values it uses: equal gradients on
+    every rank); the input is all-gathered
+    from the sequence shards, and each rank keeps its shard of the output (no communication back).
+    The RMoE router state is whole on every rank and passes untouched."""
+    residual = residual_layout(sequence_parallel)
+    return {prefix: PrepareModuleInputOutput(
+        input_layouts=(residual, None, None), desired_input_layouts=(Replicate(), None, None),
+        use_local_input=True, output_layouts=(Replicate(), None), desired_output_layouts=(residual, None),
+        use_local_output=True)}
+
+
+def moe_params(prefix: str, moe: nn.Module) -> dict[str, Placement]:
+    """Every weight of the MoE layer at `prefix` (experts, router, shared expert): replicated."""
+    return {f"{prefix}.{name}": Replicate() for name, _ in moe.named_parameters()}
+
+
 def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    mlp = moe_styles("mlp", sequence_parallel) if block.is_moe else mlp_styles("mlp", block.mlp, sequence_parallel)
     return {
         **norm_styles(["attn_norm", "mlp_norm"], sequence_parallel),
         **attention_styles("attn", sequence_parallel),
-        **mlp_styles("mlp", block.mlp, sequence_parallel),
+        **mlp,
     }
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
-    return {}  # every parameter belongs to a Linear or an RMSNorm that a style places
+    # every other parameter belongs to a Linear or an RMSNorm that a style places
+    return moe_params("mlp", block.mlp) if block.is_moe else {}

@@ -1,16 +1,25 @@
 """Registry entry of the baseline transformer."""
 
 from undertow.models.model_spec import ModelSpec
-from undertow.models.transformer import plan
+from undertow.models.transformer import hf, plan
 from undertow.models.transformer.config import TransformerConfig
 from undertow.models.transformer.model import TransformerLM
 
 
+def mlp_active_params(cfg: TransformerConfig) -> int:
+    """Weights one token's MLP multiplies by: the SwiGLU, or with MoE its top_k experts, the shared
+    expert and the router (the RMoE GRU too: it runs once per layer)."""
+    if not cfg.moe.enabled:
+        return 3 * cfg.d_model * cfg.hidden
+    _, active = cfg.moe.layer_params(cfg.d_model, cfg.hidden)
+    return active + cfg.moe.shared_router_params()
+
+
 def matmul_params(cfg: TransformerConfig) -> int:
-    """Parameters that take part in matmuls per token (all but the embedding lookup and norms)."""
+    """Parameters that take part in matmuls per token (all but the embedding lookup and norms); with
+    MoE the ACTIVE ones (top_k experts of every layer)."""
     attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    mlp = 3 * cfg.d_model * cfg.hidden
-    return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+    return cfg.n_layers * (attn + mlp_active_params(cfg)) + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
@@ -25,8 +34,10 @@ def layer_cost(cfg: TransformerConfig, seq_len: int) -> list[float]:
 
 
 def shape_limits(cfg: TransformerConfig) -> list[tuple[str, str, int]]:
-    """Tensor parallelism splits query and key/value heads and the SwiGLU hidden units."""
-    return [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads), ("tp", "ffn_hidden", cfg.hidden)]
+    """Tensor parallelism splits query and key/value heads and the SwiGLU hidden units (MoE layers'
+    experts are replicated: nothing of theirs is split)."""
+    heads = [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads)]
+    return heads if cfg.moe.enabled else heads + [("tp", "ffn_hidden", cfg.hidden)]
 
 
 SPEC = ModelSpec(
@@ -36,5 +47,6 @@ SPEC = ModelSpec(
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
     plan=plan,
+    hf_adapter=hf,
     shape_limits=shape_limits,
 )

@@ -17,6 +17,7 @@ hybrids add `*` and `-` as the Mamba family's patterns do ("msm*-").
                 x += down((GroupNorm(h) + skip * c) * SiLU(z)).
   *  attention: x += Attention(RMSNorm(x)), RoPE, causal with document masks (attn_heads heads).
   -  MLP: x += SwiGLU(RMSNorm(x)) of the `m` blocks' FFN width.
+  E  MoE MLP: x += MoE(RMSNorm(x)), SwiGLU experts (model.moe), linear or RMoE router.
 
 Norm is the paper's LayerNorm (no bias) or RMSNorm (`paper_norm`). Automatic widths (SwiGLU, the
 sLSTM FFN, the `M` up-projection) are rounded up to ffn_round_up_to_multiple_of, as the xLSTM code does.
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from undertow.configtools import check, opt
+from undertow.models.moe.config import MoEConfig
 
 LAYER_KINDS = {
     "m": "xLSTM-7B mLSTM block (mLSTM layer + SwiGLU FFN)",
@@ -36,6 +38,7 @@ LAYER_KINDS = {
     "M": "xLSTM paper mLSTM block (up-projection, conv, mLSTM, learnable skip, SiLU gate)",
     "*": "attention (RoPE, document masks)",
     "-": "MLP (SwiGLU)",
+    "E": "MoE MLP (model.moe; SwiGLU experts)",
 }
 PAPER_NORMS = {"layernorm": "LayerNorm without bias (the paper's)", "rmsnorm": "RMSNorm"}
 
@@ -87,6 +90,8 @@ class XLSTMConfig:
     attn_heads: int = opt(0, help="Query heads of `*` layers (0: n_heads); head dim d_model / attn_heads, even.")
     attn_kv_heads: int = opt(0, help="Key/value heads of `*` layers (0: attn_heads).")
     rope_theta: float = opt(10000.0, help="RoPE base of `*` layers.")
+    moe: MoEConfig = opt(factory=MoEConfig, help="The `E` layers' mixture of experts (expert width "
+                                                 "moe.expert_hidden, 0: the SwiGLU width).")
 
     @property
     def pattern(self) -> str:
@@ -163,6 +168,7 @@ class XLSTMConfig:
         check(self.fgate_bias_init_max >= self.fgate_bias_init_min, "model.fgate_bias_init_max",
               self.fgate_bias_init_max, f"must be >= fgate_bias_init_min ({self.fgate_bias_init_min})")
         kinds = set(self.pattern)
+        self.moe.validate(required="E" in kinds)
         if kinds & {"s", "M"}:
             self._validate_paper_blocks(kinds)
         if "*" in kinds:

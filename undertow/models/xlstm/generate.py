@@ -26,9 +26,13 @@ def prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     B, T = input_ids.shape
     cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
     x = model.embed(input_ids)
+    router = model.add_router_state(x, input_ids)[1:]  # the rmoe router's h_0 (B, T, r), or nothing
     states = []
     for block in model.layers:
-        if block.kind == "*":
+        if block.kind == "E":  # per token; the router state runs over the layers, not the positions
+            x, *router = model.call_layer(block, (x, *router))
+            state = None
+        elif block.kind == "*":
             x, state = block.prefill(x, cos, sin)
         elif block.kind == "-":
             x, state = block(x), None
@@ -42,8 +46,11 @@ def step(model, tokens: torch.Tensor, position: int, states: list) -> torch.Tens
     """One new token per row, tokens (B,) at `position` -> logits (B, V); `states` advance in place."""
     cos, sin = model.rope(torch.full((tokens.shape[0], 1), position, device=tokens.device))
     x = model.embed(tokens)
+    router = model.add_router_state(x, tokens)[1:]
     for i, block in enumerate(model.layers):
-        if block.kind == "*":
+        if block.kind == "E":
+            x, *router = model.call_layer(block, (x, *router))
+        elif block.kind == "*":
             x, states[i] = block.step(x, states[i], cos, sin)
         elif block.kind == "-":
             x = block(x)

@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from undertow.configtools import from_dict
 from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
 from undertow.models.xlstm.config import XLSTMConfig, round_up
 
@@ -192,7 +193,7 @@ def config_from_hf(config: dict) -> XLSTMConfig:
     stored = dict((config.get(UNDERTOW_KEY) or {}).get("model") or {})
     stored.pop("family", None)
     if stored and set(stored) <= {f.name for f in dataclasses.fields(XLSTMConfig)}:
-        candidate = XLSTMConfig(**stored)
+        candidate = from_dict(XLSTMConfig, stored, "model")  # nested tables (model.moe) too
         try:
             candidate.validate()
             same = hf_config(candidate, {}) == hf_config(derived, {})

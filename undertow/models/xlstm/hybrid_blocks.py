@@ -1,4 +1,4 @@
-"""The attention (`*`) and MLP (`-`) layers of xLSTM hybrids: x + mixer(RMSNorm(x)).
+"""The attention (`*`), MLP (`-`) and MoE (`E`) layers of xLSTM hybrids: x + mixer(RMSNorm(x)).
 
 The attention is the transformer's (`Attention`: grouped-query, RoPE, document masks through
 models/common's causal attention) built from the xLSTM config's attn_heads / attn_kv_heads; the MLP
@@ -14,6 +14,7 @@ from torch import nn
 from undertow.models.common.decoding import KVCache, attention_with_cache
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
+from undertow.models.moe.layer import MoELayer
 from undertow.models.transformer.config import TransformerConfig
 from undertow.models.transformer.model import Attention
 from undertow.models.xlstm.config import XLSTMConfig
@@ -72,3 +73,25 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
+
+
+class MoEBlock(nn.Module):
+    """x + moe(norm(x)) -> (x, router state): SwiGLU experts of the SwiGLU width (model.moe), the
+    router state in and out (models/moe/carry.py). x: (B, T, d_model)."""
+
+    kind = "E"
+    reads = ()
+    is_moe = True
+
+    def __init__(self, cfg: XLSTMConfig, index: int):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MoELayer(cfg.d_model, cfg.hidden, cfg.moe, index)
+
+    def init_weights(self, std: float, out_std: float, ffn_out_std: float) -> None:
+        self.norm.init_weights()
+        self.mlp.init_weights(std, ffn_out_std)
+
+    def forward(self, x: torch.Tensor, router_state=None, router_gru=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, router_state = self.mlp(self.norm(x), router_state, router_gru)
+        return x + out, router_state

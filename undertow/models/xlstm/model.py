@@ -20,7 +20,8 @@ from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import rope_cos_sin
 from undertow.models.xlstm import generate as decoding
 from undertow.models.xlstm.config import XLSTMConfig
-from undertow.models.xlstm.hybrid_blocks import AttentionBlock, MLPBlock
+from undertow.models.moe.carry import RouterCarry
+from undertow.models.xlstm.hybrid_blocks import AttentionBlock, MLPBlock, MoEBlock
 from undertow.models.xlstm.mlstm_layer import MLSTMLayer, soft_cap
 from undertow.models.xlstm.paper_parts import GatedGeluFFN, pre_norm
 from undertow.models.xlstm.slstm_layer import SLSTMLayer
@@ -138,16 +139,19 @@ def build_block(kind: str, cfg: XLSTMConfig, index: int) -> nn.Module:
         return AttentionBlock(cfg)
     if kind == "-":
         return MLPBlock(cfg)
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, s, M, *, -")
+    if kind == "E":
+        return MoEBlock(cfg, index)
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, s, M, *, -, E")
 
 
-class XLSTMLM(CausalLMShell):
+class XLSTMLM(RouterCarry, CausalLMShell):
     """forward(input_ids (B, T), *, doc_ids=None, cu_seqlens=None, ...) -> logits (B, T, vocab_size),
     float32 and soft-capped to (-logit_soft_cap, logit_soft_cap)."""
 
     def __init__(self, cfg: XLSTMConfig):
         cfg.validate()
         super().__init__(cfg, (build_block(kind, cfg, i) for i, kind in enumerate(cfg.pattern)))
+        self.setup_router(cfg.moe, "E" in cfg.pattern)  # `E` layers with the rmoe router: models/moe/carry.py
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -171,6 +175,7 @@ class XLSTMLM(CausalLMShell):
         self.norm.init_weights()
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
+        self.init_router()
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """cos, sin (B, T, head_dim) for the attention layers, or (None, None) without any."""
@@ -187,7 +192,10 @@ class XLSTMLM(CausalLMShell):
     def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
         """Each block takes the part of the context it reads (`reads`: recurrences the documents,
         attention also RoPE and cu_seqlens, MLPs nothing)."""
-        return (layer(carried[0], **{name: ctx[name] for name in layer.reads}),)
+        return self.call_layer(layer, carried, **{name: ctx[name] for name in layer.reads})
+
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.add_router_state(self.embed(input_ids), input_ids)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_model) after the last block -> soft-capped float32 logits (..., vocab_size)."""

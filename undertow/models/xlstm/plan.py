@@ -31,6 +31,8 @@ from undertow.models.transformer.plan import (
     attention_styles,
     mixer_input,
     mlp_styles,
+    moe_params,
+    moe_styles,
     norm_styles,
     output_projection,
 )
@@ -43,6 +45,8 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
         return {**norm_styles(["norm"], sequence_parallel), **attention_styles("attn", sequence_parallel)}
     if block.kind == "-":
         return {**norm_styles(["norm"], sequence_parallel), **mlp_styles("mlp", block.mlp, sequence_parallel)}
+    if block.kind == "E":
+        return {**norm_styles(["norm"], sequence_parallel), **moe_styles("mlp", sequence_parallel)}
     if block.kind != "m":
         raise ValueError(f"the xLSTM block {block.kind!r} has no tensor-parallel plan (see models/xlstm/plan.py); "
                          "use tp = 1 for layer patterns with s or M blocks")
@@ -56,6 +60,8 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
+    if block.kind == "E":
+        return moe_params("mlp", block.mlp)
     if block.kind != "m":
         return {}  # attention and MLP parameters all belong to styled Linears and norms
     return {"mlstm.norm.weight": Shard(0)}  # per head, beside the heads' channels

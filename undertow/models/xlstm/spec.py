@@ -40,7 +40,10 @@ def block_matmul_params(cfg: XLSTMConfig, kind: str = "m") -> int:
         return 2 * d * d + 2 * d * (d // cfg.q_heads) * cfg.kv_heads
     if kind == "-":
         return 3 * d * cfg.hidden
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, s, M, *, -")
+    if kind == "E":  # the ACTIVE weights: top_k experts, the shared expert, the router (and RMoE's GRU)
+        _, active = cfg.moe.layer_params(d, cfg.hidden)
+        return active + cfg.moe.shared_router_params()
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: m, s, M, *, -, E")
 
 
 def mlstm_flops(heads: int, dqk: int, dv: int, chunk: int) -> float:
