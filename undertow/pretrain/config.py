@@ -313,12 +313,11 @@ class ExperimentConfig:
         check(n <= rows, "parallel.pp_microbatches", n,
               f"{what}: a step holds {rows} rows (grad_accum_steps x micro_batch_size), one per micro-batch at "
               f"least; use --parallel.pp_microbatches {max(1, min(rows, p.pp))} or more rows")
-        if p.pp_schedule in ("1f1b", "zbv"):
-            stages = p.pp * (2 if p.pp_schedule == "zbv" else 1)
-            check(n >= stages, "parallel.pp_microbatches", n,
-                  f"{what}: the {p.pp_schedule} schedule needs at least one micro-batch per stage ({stages}); "
-                  f"use --parallel.pp_microbatches {stages}" + ("" if stages <= rows else
-                                                                f" with at least {stages} rows per step"))
+        if p.pp_schedule == "1f1b":  # torch's Schedule1F1B: at least one micro-batch per stage
+            check(n >= p.pp, "parallel.pp_microbatches", n,
+                  f"{what}: the 1f1b schedule needs at least one micro-batch per stage ({p.pp}); "
+                  f"use --parallel.pp_microbatches {p.pp}" + ("" if p.pp <= rows else
+                                                              f" with at least {p.pp} rows per step"))
         elif p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
             rounds = max(1, n // p.pp)
             check(n % rounds == 0, "parallel.pp_microbatches", n,
