@@ -54,10 +54,13 @@ def select_backend(q: torch.Tensor, backend: str | None = None) -> str:
     return "sdpa"
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids: (B, T) -> bool mask (B, 1, T, T), True where query i may attend key j."""
+def document_causal_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """doc_ids: (B, T) -> bool mask (B, 1, T, T), True where query i may attend key j (j <= i, the
+    same document, and i - j < window when a sliding window is given)."""
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
 
@@ -71,14 +74,18 @@ def causal_attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     backend: str | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0 (grouped-query attention).
 
     doc_ids (B, T) and/or cu_seqlens (S+1,) over the flattened B*T tokens mark documents;
-    no token attends across a boundary. Returns (B, T, H, D).
+    no token attends across a boundary. window: a sliding window, each query sees its last
+    `window` keys (itself included); None: all earlier keys. Returns (B, T, H, D).
     """
     handler = context_parallel_op("attention")
     if handler is not None:  # context parallelism: local queries against the whole row's keys
+        if window is not None:
+            raise NotImplementedError("sliding-window attention under context parallelism is not implemented")
         return handler(causal_attention, q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                        backend=backend)
     B, T, H, D = q.shape
@@ -100,13 +107,16 @@ def causal_attention(
             max_seqlen,
             max_seqlen,
             causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
         )
         return out.reshape(B, T, H, D)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     gqa = kt.shape[1] != H
-    if doc_ids is None:
+    if doc_ids is None and (window is None or window >= T):
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:
-        mask = document_causal_mask(doc_ids)
+        if doc_ids is None:
+            doc_ids = torch.zeros(B, T, dtype=torch.long, device=q.device)
+        mask = document_causal_mask(doc_ids, window)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
