@@ -40,6 +40,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,6 +54,7 @@ from undertow.models.common.documents import (
     cu_seqlens_from_doc_ids,
     doc_ids_from_cu_seqlens,
 )
+from undertow.models.common.aux import paused
 from undertow.models.common.loss import lm_loss_sum
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.pipeline_split import (
@@ -143,6 +146,21 @@ def _prune(shell: nn.Module, layer_ids: list[int], has_first: bool, has_last: bo
     if not has_last:
         shell.norm = None
         shell.lm_head = None
+
+
+def _quiet_shape_inference(stage: PipelineStage) -> PipelineStage:
+    """A stage whose shape inference (torch runs the stage module once on uninitialized inputs before
+    the first step) records no aux metric and warns nothing: its values are not the step's (a NaN
+    Newton residual, say)."""
+    for name in ("_forward_metadata_inference", "_shape_inference"):  # torch 2.13 / older releases
+        method = getattr(stage, name, None)
+        if callable(method):
+            def quiet(*args, _method=method, **kwargs):
+                with paused(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return _method(*args, **kwargs)
+            setattr(stage, name, quiet)
+    return stage
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,7 +260,7 @@ class PipelineRunner:
         # A PipelineStage keeps its module by reference and checks at run time whether it is an FSDP
         # module, so FSDP2 applied to the stage modules after this still gets its gradient reduction
         # held back to the step's last micro-batch.
-        stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+        stages = [_quiet_shape_inference(PipelineStage(m, s, self.n_stages, self.device, group=self.group))
                   for m, s in zip(self.stage_modules, self.stage_ids)]
         cls = getattr(schedules, class_name)
         self.schedule = cls(stages[0] if style == "one" else stages, n_microbatches=microbatches,

@@ -166,5 +166,5 @@ def _fmt(key: str, value: float | None) -> str:
     if key == "peak_mem_gib":
         return f"mem {value:.2f}GiB"
     if isinstance(value, float):
-        return f"{key} {value:.4f}"
+        return f"{key} {value:.3g}" if 0 < abs(value) < 1e-3 else f"{key} {value:.4f}"
     return f"{key} {value}"

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 _ACTIVE: list["StepAux"] = []
+_PAUSED: list[bool] = []
 
 
 class StepAux:
@@ -60,13 +61,24 @@ def collect_aux(loss_scale: float = 1.0) -> Iterator[StepAux]:
         _ACTIVE.remove(step)
 
 
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Record no metric inside (a forward that is not one of the step's, e.g. a pipeline stage run
+    on uninitialized inputs to learn its output shapes)."""
+    _PAUSED.append(True)
+    try:
+        yield
+    finally:
+        _PAUSED.pop()
+
+
 def current_loss_scale() -> float:
     return _ACTIVE[-1].loss_scale if _ACTIVE else 1.0
 
 
 def record_metric(name: str, value: torch.Tensor | float) -> None:
     """Record a scalar under `name` for this step's log (no-op outside a collector, e.g. in eval)."""
-    if _ACTIVE and torch.is_grad_enabled():
+    if _ACTIVE and not _PAUSED and torch.is_grad_enabled():
         _ACTIVE[-1].record(name, value)
 
 
