@@ -162,8 +162,10 @@ def _add_shards(sub, inputs: argparse.ArgumentParser, tokens: argparse.ArgumentP
                    help=f"close a shard once it holds this many tokens (default {DEFAULT_SHARD_TOKENS:,}, lowered "
                         "for a small corpus: see --min-shards)")
     p.add_argument("--min-shards", type=int, default=DEFAULT_MIN_SHARDS,
-                   help=f"without --shard-tokens, shards are made smaller for a small corpus so it still gives about "
-                        f"this many, one per rank and loader worker (default {DEFAULT_MIN_SHARDS}; 1: never)")
+                   help="without --shard-tokens, make shards smaller for a corpus too small to give this many, so "
+                        "many ranks and loader workers each read whole files of their own (default 1: never; "
+                        "fewer shards than readers is correct, they split shards by document, and one big "
+                        "shuffled shard mixes a small corpus best)")
     p.add_argument("--max-doc-tokens", type=int, default=0,
                    help="cut documents longer than this into pieces stored as documents (default 0: never cut; "
                         "the loader interleaves long documents with others anyway, see data.interleave)")

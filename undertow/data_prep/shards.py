@@ -51,7 +51,12 @@ def check_special_ids(tok: Tokenizer, add_bos: bool, append_eos: bool) -> None:
         raise ValueError(f"append_eos is set but tokenizer {tok.path!r} has no EOS piece (eos_id -1)")
 
 
-DEFAULT_MIN_SHARDS = 16  # enough for e.g. 2 nodes x 8 ranks, or 4 ranks x 4 loader workers, one shard each
+# Off by default: measured on a 4M-token corpus (docs/benchmarks.md), cutting it into 16 shards made
+# one reader see 2 of them in a 250-step run (each reader reads its shards one after another, shuffled
+# within a shard) and the validation loss rose and fell; one shard, shuffled whole, fell at every
+# evaluation. Readers that share a shard split it at document level, so fewer shards than readers is
+# correct; --min-shards N is for many readers of a mid-sized corpus, where reading whole files pays.
+DEFAULT_MIN_SHARDS = 1
 BYTES_PER_TOKEN_ESTIMATE = 3  # text: ~4 bytes a token; compressed inputs hold more tokens per byte
 
 
