@@ -86,11 +86,16 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad data, resume or launch: before any step
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from undertow.pretrain.loader import ShardReadError
+
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ShardReadError as e:  # damaged data found mid-run (a worker's traceback text: its last line)
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix(type(e).__module__ + '.')}", file=sys.stderr)
+        return 2
     except Preempted as e:  # SIGTERM/SIGUSR1: checkpointed; the exit code asks for a restart or requeue
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_REQUEUE

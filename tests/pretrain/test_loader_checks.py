@@ -49,3 +49,21 @@ def test_intact_shards_are_hashed_once_per_process(shard_dir, monkeypatch):
             docs = shards.documents(i)
             assert len(list(docs)) == 6
     assert shards._verified == {0, 1}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_altered_after_the_start_stops_the_run_with_one_line(shard_dir, capsys, tmp_path, workers):
+    from undertow.cli import main
+
+    from .helpers import cli_args
+
+    path, shards = shard_dir
+    data = bytearray(open(shards[1], "rb").read())
+    magic = data.index(b"\x93NUMPY")
+    data[magic + 10 + int.from_bytes(data[magic + 8:magic + 10], "little")] ^= 0x01
+    open(shards[1], "wb").write(bytes(data))
+    args = cli_args(tmp_path / "run", **{"data.sources": path, "model.vocab_size": 1000, "training.steps": 20,
+                                         "data.num_workers": workers, "data.val_fraction": 0.0})
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "shard-000001.tar" in err[0] and "sha256" in err[0]
