@@ -7,7 +7,7 @@ import argparse
 import sys
 
 _TO_HF = """\
-Write a Hugging Face directory that stock transformers loads without trust_remote_code:
+Write a Hugging Face directory that transformers loads (stock classes without trust_remote_code):
 config.json, model.safetensors, tokenizer.json + tokenizer_config.json (rebuilt from the run's
 SentencePiece model and checked to encode exactly like it) and tokenizer.model.
 
@@ -19,6 +19,11 @@ Mamba family layer patterns and their transformers classes:
                              always rotary)
 xLSTM family:
   all m (the xLSTM-7B block)  xLSTMForCausalLM (its own code; qk and v widths multiples of 64)
+Recurrent-depth family (no stock class): remote code. The directory gets
+configuration_undertow_depth.py and modeling_undertow_depth.py (self-contained: torch and
+transformers only) and config.json's auto_map; load it with
+  AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
+Huginn runs config.num_steps core steps (the eval depth); model(ids, num_steps=r) picks another.
 Other patterns and settings are refused with the reason.
 
 example:
@@ -28,7 +33,7 @@ example:
 
 _FROM_HF = """\
 Import a Hugging Face directory (config.json with model_type mamba, falcon_mamba, mamba2,
-bamba or xlstm; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
+bamba, xlstm or undertow_depth; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
 step 0, the config and the tokenizer entry (tokenizer.model is copied beside it). No optimizer
 state: start training from it with --checkpoint.init_from OUT_DIR.
 

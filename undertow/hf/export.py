@@ -18,6 +18,7 @@ import torch
 
 from undertow.data_prep.format import sha256_file
 from undertow.hf import adapter_for_family
+from undertow.hf.remote import remote_sources, write_remote_code
 from undertow.hf.tokenizer import write_hf_tokenizer
 from undertow.log import get_logger
 
@@ -122,6 +123,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     meta, family, model_cfg = read_checkpoint(checkpoint)
     adapter = adapter_for_family(family)
     architecture = adapter.hf_architecture(model_cfg)  # refuse before loading anything
+    remote = getattr(adapter, "REMOTE_CODE", None)  # a family without a stock transformers class
+    if remote is not None:
+        remote_sources(remote)  # refuse a missing or non-self-contained modeling file early
     spm_path = find_tokenizer(checkpoint, meta, tokenizer)
     model = load_model(checkpoint, model_cfg)
     config, tensors = adapter.to_hf(model_cfg, model.state_dict(), _special_ids(meta.get("tokenizer") or {}))
@@ -130,6 +134,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
 
     with ckpt.replacing_directory(out_dir, ".hf-export-") as tmp:
         write_hf_tokenizer(spm_path, tmp)
+        if remote is not None:
+            write_remote_code(remote, tmp, config)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

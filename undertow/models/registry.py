@@ -18,6 +18,7 @@ FAMILY_SPECS = {  # family name -> module whose SPEC describes it
     "transformer": "undertow.models.transformer.spec",
     "mamba": "undertow.models.mamba.spec",
     "xlstm": "undertow.models.xlstm.spec",
+    "depth": "undertow.models.depth.spec",
     "pararnn": "undertow.models.pararnn.spec",
     "titans": "undertow.models.titans.spec",
 }
