@@ -1,5 +1,6 @@
 """Speed of our Triton mLSTM beside mlstm_kernels' TFLA (`mlstm_chunkwise__xl_chunk`) on one GPU.
-Prints a markdown table with the command, machine and date.
+Prints a markdown table with the command, machine and date. Rows: our chunkwise form (triton_chunk.py,
+the default "triton" backend), TFLA, then our fused recurrent form (triton.py) for comparison.
 
     python scripts/bench_mlstm_gpu.py [--batch 8] [--T 2048] [--heads 16] [--dqk 128] [--dv 128]
                                       [--chunk 64] [--tfla-chunk 128] [--reps 10] [--out DIR]
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dqk", type=int, default=128)
     parser.add_argument("--dv", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=64, help="ours: the backward's checkpoint interval")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="ours: the chunkwise form's chunk (the recurrent form's checkpoint interval)")
+    parser.add_argument("--no-recurrent", action="store_true", help="skip the fused recurrent form's row")
     parser.add_argument("--tfla-chunk", type=int, default=128, help="TFLA's chunk (the anchors' bench uses 128)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="also write bench_mlstm_gpu.md and bench_mlstm.json here")
@@ -78,14 +81,21 @@ def make_inputs(B: int, T: int, H: int, Dqk: int, Dv: int, device, seed: int = 0
 def kernels(args, tfla) -> dict:
     """name -> (fn(inputs) -> h, whether fn takes TFLA's heads-first layout). The inputs are transposed
     once per kernel (`heads_first`), outside the timed calls, so only the kernels are timed."""
-    def ours(x):
-        return IMPLEMENTATIONS["triton"](x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=args.chunk)
+    from undertow.kernels.mlstm.triton import mlstm_triton
+    from undertow.kernels.mlstm.triton_chunk import mlstm_triton_chunk
 
-    found = {"undertow triton (exact grads)": (ours, False)}
+    def call(fn):
+        return lambda x: fn(x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=args.chunk)
+
+    found = {OURS: (call(mlstm_triton_chunk), False)}
     if tfla is not None:
-        found["mlstm_kernels TFLA xl_chunk"] = (lambda x: tfla(x["q"], x["k"], x["v"], x["i"], x["f"],
-                                                               chunk_size=args.tfla_chunk), True)
+        found[TFLA] = (lambda x: tfla(x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=args.tfla_chunk), True)
+    if not args.no_recurrent:
+        found["undertow triton fused recurrent (exact grads)"] = (call(mlstm_triton), False)
     return found
+
+
+OURS, TFLA = "undertow triton chunkwise (exact grads)", "mlstm_kernels TFLA xl_chunk"
 
 
 def heads_first(inputs: dict) -> dict:
@@ -98,7 +108,7 @@ def run(args) -> list[str]:
     B, T, H, Dqk, Dv = args.batch, args.T, args.heads, args.dqk, args.dv
     rows: list[str] = []
     emit(rows, header(), "", f"B={B}, T={T}, {H} heads, Dqk={Dqk}, Dv={Dv}, bf16 q/k/v, float32 gates; ours "
-         f"checkpoint every {args.chunk} steps, TFLA chunk {args.tfla_chunk}; median of {args.reps} calls, L2 flushed",
+         f"chunk {args.chunk}, TFLA chunk {args.tfla_chunk}; median of {args.reps} calls, L2 flushed",
          "", "| kernel | forward ms | forward+backward ms | rel. L2 diff of h from TFLA's |", "|---|---:|---:|---:|")
     inputs = make_inputs(B, T, H, Dqk, Dv, "cuda")
     dh = torch.randn(B, T, H, Dv, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
@@ -117,13 +127,14 @@ def run(args) -> list[str]:
             emit(rows, f"| {name} | FAILED: {type(error).__name__}: {str(error)[:120]} | | |")
             continue
         diff = ""
-        if transposed and len(outputs) == 2:
-            ours, theirs = outputs.values()
-            diff = f"{((ours - theirs).norm() / theirs.norm()).item():.2e}"
+        mine = outputs.get(OURS) if name == TFLA else outputs[name]  # TFLA's row: our chunkwise h against it
+        if TFLA in outputs and mine is not None:
+            diff = f"{((mine - outputs[TFLA]).norm() / outputs[TFLA].norm()).item():.2e}"
         results.append({"kernel": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_diff_h": diff})
         emit(rows, f"| {name} | {fwd:.3f} | {fwd_bwd:.3f} | {diff} |")
-    if len(results) == 2:
-        ours, theirs = results
+    by_name = {r["kernel"]: r for r in results}
+    if OURS in by_name and TFLA in by_name:
+        ours, theirs = by_name[OURS], by_name[TFLA]
         emit(rows, f"\nundertow / TFLA = {ours['fwd_ms'] / theirs['fwd_ms']:.2f} forward, "
                    f"{ours['fwd_bwd_ms'] / theirs['fwd_bwd_ms']:.2f} forward+backward (target <= 1.0)")
     if args.out:

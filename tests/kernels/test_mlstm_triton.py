@@ -1,4 +1,4 @@
-"""mlstm's Triton form (fused recurrent kernel, hand-written backward) against autograd through the
+"""mlstm's fused recurrent Triton form (triton.py: kernel, hand-written backward) against autograd through the
 reference in float64 on the same input values: outputs, final (C, n, m) and the gradients of q, k, v,
 i, f and of the initial (C, n, m), in every gate regime of test_mlstm.py (each side of each max wins),
 with several chunks (the backward's checkpoints), documents inside and across chunks, head dims that
@@ -18,6 +18,13 @@ TRITON = triton_runnable(IMPLEMENTATIONS, "undertow.kernels.mlstm.triton")
 pytestmark = pytest.mark.skipif(not TRITON,
                                 reason="the Triton form runs on CUDA or in the interpreter (TRITON_INTERPRET=1)")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def recurrent_form(monkeypatch):
+    """This file tests the fused recurrent form: "triton" picks it only under UNDERTOW_MLSTM_TRITON=recurrent
+    (the chunkwise form, the default, is tested in test_mlstm_triton_chunk.py)."""
+    monkeypatch.setenv("UNDERTOW_MLSTM_TRITON", "recurrent")
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from undertow.kernels.context import context_parallel_op
@@ -13,12 +15,26 @@ from undertow.kernels.mlstm.reference import State, mlstm_reference, mlstm_step
 __all__ = ["mlstm", "mlstm_step", "IMPLEMENTATIONS"]
 
 
-def _mlstm_triton(*args, **kwargs):
-    """The Triton form, imported on first use (whether its kernels run in the interpreter,
-    TRITON_INTERPRET, is fixed when the kernel module is imported)."""
-    from undertow.kernels.mlstm.triton import mlstm_triton
+TRITON_FORM_ENV = "UNDERTOW_MLSTM_TRITON"  # "chunk" (default) or "recurrent": which Triton form is "triton"
+TRITON_FORMS = ("chunk", "recurrent")
 
-    return mlstm_triton(*args, **kwargs)
+
+def _mlstm_triton(*args, **kwargs):
+    """The "triton" backend: the chunkwise form (triton_chunk.py: forward kernels parallel over chunks,
+    exact backward) by default for every length; UNDERTOW_MLSTM_TRITON=recurrent picks the fused
+    recurrent form (triton.py: one token at a time, forward and backward in Triton) for A/B timing on a
+    GPU. Imported on first use (whether the kernels run in the interpreter, TRITON_INTERPRET, is fixed
+    when the kernel module is imported). Decoding does not come here: it steps with `mlstm_step`."""
+    form = os.environ.get(TRITON_FORM_ENV, "chunk")
+    if form not in TRITON_FORMS:
+        raise ValueError(f"{TRITON_FORM_ENV}={form!r}: choose one of {TRITON_FORMS}")
+    if form == "recurrent":
+        from undertow.kernels.mlstm.triton import mlstm_triton
+
+        return mlstm_triton(*args, **kwargs)
+    from undertow.kernels.mlstm.triton_chunk import mlstm_triton_chunk
+
+    return mlstm_triton_chunk(*args, **kwargs)
 
 
 IMPLEMENTATIONS = {"reference": mlstm_reference, "chunked": mlstm_chunked}
