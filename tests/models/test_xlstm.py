@@ -198,3 +198,11 @@ def test_small_recipes_plan_through_the_registry(recipe):
     cfg = load_config(recipe)
     plan = make_plan(recipe)
     assert plan.family == "xlstm" and plan.layers == cfg.model.n_layers
+
+
+def test_a_qk_head_wider_than_the_kernels_tile_is_refused_at_load():
+    from undertow.configtools import ConfigError
+    from undertow.pretrain.config import load_config
+
+    with pytest.raises(ConfigError, match=r"model.n_heads = 1 .* q/k head width of 512, above .* 256; valid n_heads: \[2, 4"):
+        load_config("tiny-xlstm", ["--model.d_model", "1024", "--model.n_heads", "1"])

@@ -6,11 +6,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from undertow.kernels.mlstm.limits import MAX_DQK  # noqa: F401  (re-exported for the kernels)
+
 BLOCK_V = 64  # widest v tile (the grid's second level); a test lowers it so tiny Dv still splits
 # 8 warps: compiled for sm_90 (bf16, Dqk = 128, BV = 64, chunk 64) the kernels spill 2-10x less than at 4
 # (scripts/mlstm_sm90_compile.py; docs/mlstm_kernel_notes.md); untuned on a GPU
 NUM_WARPS = 8
-MAX_DQK = 256  # all of Dqk is one tile: xLSTM-7B's 256 compiles for sm_90 (with spills), 512 would not fit
 
 
 @triton.jit

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from undertow.kernels.mlstm.limits import MAX_DQK
 from undertow.configtools import check, opt
 from undertow.models.moe.config import MoEConfig
 
@@ -155,6 +156,11 @@ class XLSTMConfig:
         heads = [h for h in range(1, common + 1) if common % h == 0]
         check(self.n_heads >= 1 and common % self.n_heads == 0, "model.n_heads", self.n_heads,
               f"must divide qk_dim = {self.qk_dim} and v_dim = {self.v_dim}; valid: {heads[:16]}")
+        if "m" in self.pattern:  # the 7B block's heads go to the chunkwise kernel whole
+            fits = [h for h in heads if self.qk_dim // h <= MAX_DQK]
+            check(self.qk_head_dim <= MAX_DQK, "model.n_heads", self.n_heads,
+                  f"gives a q/k head width of {self.qk_head_dim}, above the mLSTM kernel's one-tile limit of "
+                  f"{MAX_DQK}; valid n_heads: {fits[:16]}")
         check(self.ffn_proj_factor > 0, "model.ffn_proj_factor", self.ffn_proj_factor, "must be > 0")
         check(self.ffn_round_up_to_multiple_of >= 1, "model.ffn_round_up_to_multiple_of",
               self.ffn_round_up_to_multiple_of, "must be >= 1")
