@@ -1,7 +1,7 @@
 """Apply a parallel layout to a materialized single-device model, in DESIGN.md's fixed order:
 
-    tensor/sequence parallel -> context parallel -> activation checkpointing -> torch.compile
-    -> FSDP2 (data parallel)
+    tensor/sequence parallel -> context parallel -> expert parallel -> activation checkpointing
+    -> torch.compile -> FSDP2 (data parallel; the expert weights left to expert parallelism)
 
 The model arrives materialized and initialized identically on every rank (same seed), so every
 layout starts from the weights a single process would have: runs under different layouts are
@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from undertow.log import get_logger
 from undertow.parallel.context import apply_context_parallel
 from undertow.parallel.data import apply_fsdp, fsdp_mesh, uses_fsdp
+from undertow.parallel.expert import apply_expert_parallel
 from undertow.parallel.mesh import ParallelDims
 from undertow.parallel.tensor import apply_tensor_parallel
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
@@ -49,6 +50,7 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True, roots=roots)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"])
+    experts = apply_expert_parallel(model, dims, mesh) if dims.ep > 1 else None
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -58,6 +60,7 @@ def parallelize(
         # step's last backward (as torchtitan does): resharding would all-gather again for every
         # micro-batch, and torch 2.13's zero-bubble schedules lose the final norm's and the head's
         # gradients when it reshards between forward and the split backward.
-        apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1, roots=roots)
+        apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1, roots=roots,
+                   ignored=experts)
         log.info("FSDP2 over %s (param dtype %s, gradients reduced in float32)", dims.describe(), param_dtype)
     return model

@@ -38,6 +38,7 @@ def apply_fsdp(
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool = True,
     roots: list[nn.Module] | None = None,
+    ignored: set[nn.Parameter] | None = None,
 ) -> None:
     """Shard `model` in place with FSDP2. param_dtype: the dtype parameters are gathered in for
     compute (bf16 on GPU with bf16 training; None keeps float32); gradients are reduced in float32.
@@ -50,11 +51,20 @@ def apply_fsdp(
     layers = model.layers
     for i, block in enumerate(layers):
         # the last block's parameters are needed again at once by the backward: keep them gathered
-        fully_shard(block, mesh=mesh, mp_policy=policy,
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=_within(block, ignored),
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     for root in roots or [model]:
-        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params=_within(root, ignored))
     _retie(shared)
+
+
+def _within(module: nn.Module, ignored: set[nn.Parameter] | None) -> set[nn.Parameter] | None:
+    """The ignored parameters that `module` holds (None when there are none)."""
+    if not ignored:
+        return None
+    inside = {p for p in module.parameters() if p in ignored}
+    return inside or None
 
 
 def _shared_parameters(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[nn.Module, str]]]]:

@@ -1,10 +1,14 @@
-"""ParallelDims: the layout of a run (pp, dp_replicate, dp_shard, cp, tp) and its named DeviceMesh.
+"""ParallelDims: the layout of a run (pp, dp_replicate, dp_shard, cp, tp; ep) and its named DeviceMesh.
 
 The layout is validated against the world size and the model's shapes before any process does
 work, with errors that say what to change. Mesh dimensions are named "pp", "dp_replicate",
 "dp_shard", "cp", "tp" (outermost first: tp ranks are neighbours, so they share a node); the
 flattened "dp" (dp_replicate x dp_shard) is what the loader splits data over and "dp_shard_cp"
 (dp_shard x cp) is what FSDP2 shards parameters over.
+
+ep (expert parallelism) is not a mesh dimension of its own: it splits the MoE experts over the
+"dp_shard_cp" ranks (parallel/expert.py), so it adds no processes. This version runs
+ep = dp_shard x cp with pp = 1 (dp_replicate ranks hold copies of the same experts, tp ranks too).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+from undertow.parallel.expert_layout import expert_layout_problem
+
+MESH_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # the mesh's dimensions, outermost first
+NAMES = MESH_NAMES + ("ep",)  # every degree of a layout (parallel.<name> in the config)
 
 
 def divisors(n: int) -> list[int]:
@@ -34,6 +41,7 @@ class ParallelDims:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1
 
     def __post_init__(self):
         for name in NAMES:
@@ -43,7 +51,7 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp  # ep adds no processes
 
     @property
     def dp(self) -> int:
@@ -67,6 +75,9 @@ class ParallelDims:
                 f"parallel layout {self.describe()} needs {self.world_size} processes, but the world size is "
                 f"{world_size}; make pp x dp_replicate x dp_shard x cp x tp = {world_size}"
             )
+        problem = expert_layout_problem(self)
+        if problem:
+            raise LayoutError(problem)
         for degree, what, size in shape_limits or []:
             value = getattr(self, degree)
             if degree == "pp":
@@ -80,7 +91,7 @@ class ParallelDims:
         """The named mesh over the current process group (which must be initialized), with the
         flattened "dp", "dp_shard_cp" and "dp_cp" dimensions added."""
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in NAMES), mesh_dim_names=NAMES)
+        mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in MESH_NAMES), mesh_dim_names=MESH_NAMES)
         mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
         mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")

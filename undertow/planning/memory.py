@@ -25,6 +25,11 @@ states       context parallelism only: each rank keeps the final state and cumul
              correction (ModelSpec.state_elements, float32), split by tp. Without cp a sequence's
              states live inside the activations.
 reserve      a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
+experts      expert parallelism (ep > 1, MoE models): the experts' weights, gradients and AdamW
+             moments are split by ep and never gathered (FSDP2 leaves them alone); the rest as above.
+             The all-to-all volume per GPU and step is reported (`all_to_all`): per MoE layer each
+             routed (token, expert) pair's d_model activations leave the rank (fraction (ep-1)/ep)
+             and come back, forward and backward (and the recomputed forward with checkpointing).
 
 Step time = training FLOPs per token (ModelSpec.flops_per_token) x tokens per step, x 4/3 with
 activation checkpointing (one more forward), / (GPUs x peak x MFU), x (1 + (pp - 1) / m), the 1F1B
@@ -50,12 +55,13 @@ class Layout:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1  # expert parallelism: the MoE experts split over the dp_shard ranks
     ac: bool = False  # activation checkpointing of every block
     zero: int = 0  # 0: replicated; 1: optimizer sharded; 2: + gradients; 3: + weights (FSDP)
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        return ParallelDims(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep)
 
     @property
     def shard_group(self) -> int:
@@ -84,6 +90,9 @@ class ModelFacts:
     stage_costs: StageCosts  # per block and the end stages' extras, for the pipeline split (as a run splits)
     state_elements: list[int]  # float32 recurrent state per block and sequence
     shape_limits: list[tuple[str, str, int]]  # (degree, what, size)
+    expert_elements: list[int] = dataclasses.field(default_factory=list)  # per block: MoE expert weights ([]: none)
+    n_experts: int = 0  # experts per MoE layer (0: no MoE layers)
+    routed_per_token: int = 0  # sum over MoE layers of top_k x d_model: activation elements a token sends
 
 
 @dataclasses.dataclass
@@ -98,6 +107,7 @@ class Estimate:
     micro_batches: int = 0  # per step and data-parallel rank
     tokens: int = 0  # per step
     step_time: float | None = None  # seconds
+    all_to_all: float = 0.0  # expert parallelism: bytes each GPU sends per step (not in step_time)
     problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -124,12 +134,15 @@ def stage_memory(layout: Layout, facts: ModelFacts, setup: Setup, pieces: list[P
     """Bytes per GPU of one pipeline stage holding `pieces` (its blocks, indices `blocks`)."""
     profile, tp, group = facts.profile, layout.tp, layout.shard_group
     elements, tensors = profile.parameters(pieces)
-    weights = 4.0 * elements / tp / (group if layout.zero >= 3 else 1)
-    if layout.zero >= 3 and blocks:
-        largest = max(profile.parameters([profile.blocks[i]])[0] for i in blocks)
+    experts = [facts.expert_elements[i] if layout.ep > 1 and facts.expert_elements else 0 for i in blocks]
+    split = sum(experts) / layout.ep  # per-rank experts, outside FSDP (ep > 1)
+    elements -= sum(experts)
+    weights = 4.0 * elements / tp / (group if layout.zero >= 3 else 1) + 4.0 * split
+    if layout.zero >= 3 and blocks:  # the gathered block: its experts stay split
+        largest = max(profile.parameters([profile.blocks[i]])[0] - e for i, e in zip(blocks, experts))
         weights += 2 * 4.0 * largest / tp
-    gradients = 4.0 * elements / tp / (group if layout.zero >= 2 else 1)
-    optimizer = 8.0 * elements / tp / (group if layout.zero >= 1 else 1) + 4.0 * tensors
+    gradients = 4.0 * elements / tp / (group if layout.zero >= 2 else 1) + 4.0 * split
+    optimizer = 8.0 * elements / tp / (group if layout.zero >= 1 else 1) + 8.0 * split + 4.0 * tensors
 
     b, t = setup.micro_batch, setup.seq_len // layout.cp
     saved = [p.saved_bytes(b, t) / tp for p in pieces]
@@ -154,6 +167,11 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
     est = Estimate(layout=layout, reserve=setup.reserve)
     profile = facts.profile
     limits = [*facts.shape_limits, ("cp", "seq_len", setup.seq_len), ("pp", "layers", len(profile.blocks))]
+    if layout.ep > 1:
+        if not facts.n_experts:
+            est.problems.append(f"ep={layout.ep}: the model has no MoE layers")
+            return est
+        limits.append(("ep", "n_experts", facts.n_experts))
     try:
         layout.dims.validate(setup.gpus, limits)
     except LayoutError as e:
@@ -187,6 +205,10 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
     compute = flops / (setup.gpus * setup.peak_tflops * 1e12 * setup.mfu)
     est.step_time = compute * (1.0 + (layout.pp - 1) / m)
     est.tokens = tokens
+    if layout.ep > 1:  # dispatch + combine, forward and backward (+ the recomputed forward)
+        exchanges = 6 if layout.ac else 4
+        per_rank = tokens / (dims.dp * layout.cp) * facts.routed_per_token * profile.compute_dtype.itemsize
+        est.all_to_all = exchanges * per_rank * (layout.ep - 1) / layout.ep
     if est.total > setup.gpu_memory:
         est.problems.append(f"needs {est.total / GIB:.1f} GiB > {setup.gpu_memory / GIB:.0f} GiB")
     return est

@@ -122,10 +122,33 @@ def model_facts(cfg, seq_len: int, compute_dtype: torch.dtype, base_len: int = B
     spec = registry.get(cfg.family)
     profile = profile_model(spec.model_cls, cfg.model, compute_dtype, base_len)
     n = len(profile.blocks)
+    experts, n_experts, routed = expert_facts(spec.model_cls, cfg.model)
     return ModelFacts(
         profile=profile,
         flops_per_token=spec.flops_per_token(cfg.model, seq_len),
         stage_costs=stage_costs(spec, cfg.model, seq_len),
         state_elements=spec.state_elements(cfg.model) if spec.state_elements else [0] * n,
         shape_limits=spec.shape_limits(cfg.model) if spec.shape_limits else [],
+        expert_elements=experts,
+        n_experts=n_experts,
+        routed_per_token=routed,
     )
+
+
+def expert_facts(model_cls, model_config) -> tuple[list[int], int, int]:
+    """(expert weight elements per block ([] without MoE layers), experts per layer, activation
+    elements a token sends to its experts summed over the MoE layers (top_k x d_model each)), from
+    a meta build and the layers' expert-parallel hook (`expert_parallel_plan`)."""
+    with torch.device("meta"):
+        model = model_cls(model_config)
+    per_block, n_experts, routed = [], 0, 0
+    for block in model.layers:
+        elements = 0
+        for m in block.modules():
+            if callable(getattr(m, "expert_parallel_plan", None)):
+                n_experts, names = m.expert_parallel_plan()
+                weights = [getattr(m, name) for name in names]
+                elements += sum(w.numel() for w in weights)
+                routed += m.cfg.top_k * weights[0].shape[1]
+        per_block.append(elements)
+    return (per_block if n_experts else []), n_experts, routed

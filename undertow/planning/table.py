@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from undertow.planning.memory import GIB, Estimate, Setup
 
-COLUMNS = ("pp", "dp_r", "dp_s", "cp", "tp", "AC", "ZeRO", "weights", "grads", "optim", "activ", "states",
-           "total GiB", "step s", "tokens/s")
+COLUMNS = ("pp", "dp_r", "dp_s", "cp", "tp", "ep", "AC", "ZeRO", "weights", "grads", "optim", "activ", "states",
+           "total GiB", "a2a GiB", "step s", "tokens/s")
 
 
 def _row(est: Estimate) -> list[str]:
     lay = est.layout
-    gib = [f"{v / GIB:.1f}" for v in (est.weights, est.gradients, est.optimizer, est.activations, est.states, est.total)]
+    gib = [f"{v / GIB:.1f}" for v in (est.weights, est.gradients, est.optimizer, est.activations, est.states, est.total,
+                                      est.all_to_all)]
     timing = ["-", "-"] if est.step_time is None else [f"{est.step_time:.2f}", f"{est.tokens_per_s:,.0f}"]
-    degrees = [str(v) for v in (lay.pp, lay.dp_replicate, lay.dp_shard, lay.cp, lay.tp)]
+    degrees = [str(v) for v in (lay.pp, lay.dp_replicate, lay.dp_shard, lay.cp, lay.tp, lay.ep)]
     return [*degrees, "on" if lay.ac else "off", str(lay.zero), *gib, *timing]
 
 
@@ -38,7 +39,8 @@ def render(estimates: list[Estimate], setup: Setup, top: int = 10) -> str:
         f"{setup.gpus} GPUs x {setup.gpu_memory / GIB:.0f} GiB, peak {setup.peak_tflops:.0f} TFLOP/s at MFU "
         f"{setup.mfu:.2f}; seq_len {setup.seq_len}, global batch {setup.global_batch} sequences "
         f"({setup.global_batch * setup.seq_len:,} tokens), micro-batch {setup.micro_batch}; "
-        f"memory in GiB per GPU (heaviest pipeline stage), reserve {setup.reserve / GIB:.1f} GiB included"
+        f"memory in GiB per GPU (heaviest pipeline stage), reserve {setup.reserve / GIB:.1f} GiB included; "
+        f"a2a: expert-parallel all-to-all GiB sent per GPU and step (not in the step time)"
     )
     lines = [
         title,

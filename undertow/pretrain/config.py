@@ -19,6 +19,7 @@ from typing import Any, Literal
 from undertow.configtools import ConfigError, check, opt, coerce, from_dict, parse_overrides, set_dotted
 from undertow.log import get_logger
 from undertow.models import registry
+from undertow.parallel.expert_layout import expert_layout_problem
 
 DEFAULT_RECIPE = "tiny"
 # An AdamW learning rate above this is a typo (a missing minus in 1e-3, or a unit mix-up), not a choice:
@@ -212,6 +213,7 @@ class ParallelConfig:
     cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
     dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
     dp_replicate: int = opt(1, help="Replicated data-parallel degree (with dp_shard > 1: HSDP).")
+    ep: int = opt(1, help="Expert-parallel degree: each MoE layer's experts split over the dp_shard x cp ranks (ep = dp_shard x cp, pp = 1; adds no processes), tokens exchanged by all-to-all; see docs/parallelism.md.")
     engine: Literal["fsdp", "deepspeed"] = opt("fsdp", help="Data-parallel engine: fsdp (FSDP2/HSDP over dp_shard x dp_replicate) or deepspeed (ZeRO over the dp_shard ranks; needs `pip install 'undertow[deepspeed]'`, tp = pp = cp = 1 and dp_replicate = 1; see docs/parallelism.md).")
     zero_stage: Literal[1, 2, 3] = opt(3, help="engine = deepspeed: ZeRO stage; 1 shards optimizer states, 2 also gradients, 3 also parameters (what FSDP2 shards).")
     zero_offload: bool = opt(False, help="engine = deepspeed: keep optimizer states (and with zero_stage = 3 the parameters) in CPU memory; the optimizer step runs on the CPU.")
@@ -220,6 +222,9 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "dp_shard", "dp_replicate"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"parallel.{name}", value, "an integer >= 1")
+        problem = expert_layout_problem(self)
+        if problem:
+            raise ConfigError(problem)
         check(isinstance(self.pp_microbatches, int) and self.pp_microbatches >= 0, "parallel.pp_microbatches",
               self.pp_microbatches, "an integer >= 0 (0: training.grad_accum_steps)")
         check(isinstance(self.pp_virtual_stages, int) and self.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
@@ -239,7 +244,7 @@ class ParallelConfig:
             check(len(self.pp_split) == stages, "parallel.pp_split", self.pp_split,
                   f"{stages} counts (pp x pp_virtual_stages), or [] for the automatic split")
         if self.engine == "deepspeed":
-            for name in ("tp", "pp", "cp", "dp_replicate"):
+            for name in ("tp", "pp", "cp", "dp_replicate", "ep"):
                 value = getattr(self, name)
                 check(value == 1, f"parallel.{name}", value,
                       "1 with parallel.engine = deepspeed (ZeRO is data parallel only in this version; use engine = fsdp)")
@@ -277,6 +282,14 @@ class ExperimentConfig:
             section.validate()
         self.parallel.validate()
         self.model.validate()
+        if self.parallel.ep > 1:  # E split over ep ranks: the model needs MoE layers of E divisible by ep
+            moe = getattr(self.model, "moe", None)
+            experts = moe.n_experts if moe is not None else 0
+            check(experts > 0, "parallel.ep", self.parallel.ep,
+                  f"1 (model {self.family!r} has no MoE layers (model.moe.n_experts = {experts}): expert parallelism splits experts)")
+            valid = ", ".join(str(d) for d in range(1, experts + 1) if experts % d == 0)
+            check(experts % self.parallel.ep == 0, "parallel.ep", self.parallel.ep,
+                  f"a divisor of model.moe.n_experts = {experts} (valid: {valid})")
         if self.schedule.warmup_steps > self.training.steps:  # a short trial of a long recipe: one line, no error
             get_logger("pretrain.config").warning(
                 "schedule.warmup_steps = %d > training.steps = %d: warming up over all %d steps",

@@ -50,7 +50,13 @@ class MoELayer(nn.Module):
     (models/transformer/plan.py moe_styles) and their local values are used.
 
     Expert weights are stacked: w_gate, w_up (E, d, h), w_down (E, h, d). `index`: the layer's depth
-    (its metrics are named by it)."""
+    (its metrics are named by it).
+
+    Expert parallelism (parallel/expert.py) finds the layer by `expert_parallel_plan` and sets
+    `expert_compute` (moe_experts' signature, the weights passed as the parameters are: DTensors
+    whose local values are this rank's experts) to its all-to-all dispatch."""
+
+    expert_compute = None  # None: kernels/moe on all E experts (one device)
 
     def __init__(self, d_model: int, dense_hidden: int, cfg: MoEConfig, index: int = 0):
         super().__init__()
@@ -75,13 +81,20 @@ class MoELayer(nn.Module):
         per_expert = self.w_gate[0].numel() + self.w_up[0].numel() + self.w_down[0].numel()
         return (self.cfg.n_experts - self.cfg.top_k) * per_expert
 
+    def expert_parallel_plan(self) -> tuple[int, tuple[str, ...]]:
+        """(E, the names of the stacked expert weights, expert on dim 0) for expert parallelism."""
+        return self.cfg.n_experts, ("w_gate", "w_up", "w_down")
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, gru: nn.Module | None = None):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         flat_state = None if state is None else state.reshape(tokens.shape[0], -1)
         logits, new_state = self.router(tokens, flat_state, gru)
         probs, idx, weights = route(logits, self.cfg.top_k)
-        out = moe_experts(tokens, idx, weights, local(self.w_gate), local(self.w_up), local(self.w_down))
+        if self.expert_compute is not None:  # expert parallelism: this rank's experts, taken as they are
+            out = self.expert_compute(tokens, idx, weights, self.w_gate, self.w_up, self.w_down)
+        else:
+            out = moe_experts(tokens, idx, weights, local(self.w_gate), local(self.w_up), local(self.w_down))
         if self.shared_expert is not None:  # SwiGLU, on plain weights (see router.local)
             s = self.shared_expert
             out = out + linear(F.silu(linear(tokens, s.gate_proj)) * linear(tokens, s.up_proj), s.down_proj)
