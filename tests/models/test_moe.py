@@ -216,3 +216,29 @@ def test_meta_profile_runs_through_moe_layers():
 
     profile = profile_model(TransformerLM, tiny_transformer(router="rmoe"), torch.float32, 16)
     assert len(profile.blocks) == 3
+
+
+@pytest.mark.parametrize("first_call", ["train", "eval"])
+def test_the_grouped_gemm_probe_runs_inside_activation_checkpointing_and_eval(first_call):
+    """The first MoE forward probes torch._grouped_mm (cached): inside a checkpointed block it must not
+    leave saved tensors the recompute will not make again, and under no_grad it must not cache 'no'."""
+    import copy
+
+    from undertow.kernels.moe.grouped import grouped_mm_runs
+    from undertow.parallel.wrap import apply_activation_checkpointing
+
+    cfg = TransformerConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, ffn_hidden=24, init_std=0.2,
+                            moe=moe(expert_hidden=16))
+    model = build(cfg, perturb=0.05)
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, V, (2, 12))
+    grouped_mm_runs.cache_clear()
+    if first_call == "eval":
+        with torch.no_grad():
+            model(ids)
+    apply_activation_checkpointing(model)
+    model(ids).float().logsumexp(-1).mean().backward()
+    plain(ids).float().logsumexp(-1).mean().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert grouped_mm_runs("cpu", torch.float32) == hasattr(torch, "_grouped_mm")

@@ -13,6 +13,7 @@ are empty groups.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -69,6 +70,17 @@ def grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     correctly on this device and dtype: the behaviour decides, not the name."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The probe runs its own forward and backward wherever the first MoE forward happens: with grad on
+    # (a first call in eval would otherwise fail and cache False), without autocast, and with its
+    # saved tensors kept from any enclosing hooks (activation checkpointing would count them, and
+    # its recompute, which finds the answer cached, would not).
+    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+    with torch.enable_grad(), no_autocast, torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return _probe_grouped_mm(device_type, dtype)
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(24, 16, generator=gen).to(device_type, dtype).requires_grad_()
