@@ -54,6 +54,12 @@ LAYOUTS = {
     "tp2xpp2v": PP2 + ["--parallel.tp", "2", "--parallel.pp_schedule", "zero_bubble", "--parallel.pp_virtual_stages",
                        "2"],
     "cp2xpp2": PP2 + ["--parallel.cp", "2"],
+    # expert parallelism: the MoE experts split over the dp_shard x cp ranks (FSDP2 shards the rest)
+    "ep2": ["--parallel.dp_shard", "2", "--parallel.ep", "2"],
+    "ep4": ["--parallel.dp_shard", "4", "--parallel.ep", "4"],
+    "hsdp2x2xep2": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
+    "ep2xtp2": ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--parallel.tp", "2"],
+    "ep4xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2", "--parallel.ep", "4"],
 }
 # what every family runs: each parallelism alone and the two that split the model, together (two
 # stages: a model of two blocks runs them all)
@@ -84,6 +90,40 @@ FAMILIES = {
     # plan for them (refused at config load)
     "xlstm-paper": Family("tiny-xlstm-hybrid", ("--model.d_model", "32", "--model.n_layers", "2", "--model.layer_pattern",
                                                 "sM", "--model.chunk_size", "8"), ("fsdp2", "cp2", "pp2")),
+    # one ParaGRU and one ParaLSTM block (TP by channel groups: one head of 16 channels per rank);
+    # Newton scans of 8-token chunks; under cp the Newton systems span the ranks (kernels/pararnn/context.py)
+    "pararnn": Family("tiny-paragru", ("--model.d_model", "32", "--model.layer_pattern", "gl", "--model.heads", "2",
+                                       "--model.chunk_size", "8"), ("fsdp2", "tp2", "cp2", "pp2", "tp2xpp2")),
+    # the MoE transformer with the RMoE router (4 experts top-2, GRU width 8): tp replicates the
+    # experts; under pp the router state crosses the stage boundary and the shared GRU's gradients
+    # are summed over the stages. The Switch load-balancing loss is a product of two means over a
+    # forward's tokens, so it is exact only where the layouts split the step's rows alike (off here,
+    # where fsdp2 and pp run 2 rows per forward, one process 4); the z-loss (a mean) stays on. No cp.
+    # ep2 / ep4: 2 or 1 of the 4 experts per rank, tokens exchanged by all-to-all; under HSDP the
+    # dp_replicate ranks hold the same experts and sum their gradients; under tp each tp rank runs
+    # the whole MoE layer with its ep peers; under cp the experts are split over dp_shard x cp
+    "moe": Family("tiny-rmoe", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
+                                "--model.n_kv_heads", "2", "--model.moe.n_experts", "4",
+                                "--model.moe.expert_hidden", "16", "--model.moe.router_dim", "8",
+                                "--model.moe.aux_loss_coef", "0"),
+                  ("fsdp2", "tp2", "pp2", "tp2xpp2", "ep2", "ep4", "hsdp2x2xep2", "ep2xtp2", "ep4xcp2")),
+    # recurrence in depth at a fixed depth draw (depth_distribution fixed: 3 core steps, the last 2
+    # with gradients; a drawn depth is the same on every rank too, seeded by the step): Huginn's
+    # prelude / looped core / coda as three pipeline layers, and the Universal Transformer's ACT
+    # loop (one layer: no pp); under tp the loop runs on whole tensors, its matmuls split by head
+    "depth-huginn": Family("tiny-depth", ("--model.d_model", "32", "--model.n_heads", "2", "--model.ffn_hidden", "48",
+                                          "--model.n_core", "1", "--model.depth_distribution", "fixed",
+                                          "--model.mean_depth", "3", "--model.backprop_depth", "2"),
+                           STANDARD),
+    "depth-ut": Family("tiny-ut", ("--model.d_model", "32", "--model.n_heads", "2", "--model.ffn_hidden", "48",
+                                   "--model.max_steps", "3"), ("fsdp2", "tp2", "cp2")),
+    # Titans MAC (2-layer MLP memory of 2 heads, chunks of 4, segments of 16; the documents start
+    # inside chunks and segments); tp by attention and memory heads. No cp (no memory state passing
+    # yet: refused at config load)
+    "titans": Family("tiny-titans-mac", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
+                                         "--model.mem_heads", "2", "--model.chunk_size", "4", "--model.segment_len",
+                                         "16", "--model.window", "16", "--model.persistent_tokens", "2"),
+                     ("fsdp2", "tp2", "pp2", "tp2xpp2")),
 }
 
 
