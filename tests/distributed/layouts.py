@@ -64,6 +64,8 @@ LAYOUTS = {
 # what every family runs: each parallelism alone and the two that split the model, together (two
 # stages: a model of two blocks runs them all)
 STANDARD = ("fsdp2", "tp2", "cp2", "pp2", "tp2xpp2")
+# every layout a model without MoE layers can take (expert parallelism needs experts)
+DENSE = tuple(name for name, overrides in LAYOUTS.items() if "--parallel.ep" not in overrides)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ FAMILIES = {
     "mamba2": Family("tiny-mamba2", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "MM"), STANDARD),
     # one block of each mixer kind, under every layout (the other combinations on it alone: 4 processes
     # cost the most)
-    "hybrid": Family("tiny-hybrid", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "mM*-"), tuple(LAYOUTS)),
+    "hybrid": Family("tiny-hybrid", MAMBA_SMALL + SSD_SMALL + ("--model.layer_pattern", "mM*-"), DENSE),
     # the xLSTM-7B block: heads of 8 (q, k) and 16 (v) channels, chunks that split the 32-token rows
     "xlstm": Family("tiny-xlstm", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                    "--model.chunk_size", "8"), STANDARD),
