@@ -17,31 +17,22 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
-from undertow.kernels.causal_conv1d import IMPLEMENTATIONS as CONV
-from undertow.kernels.selective_scan import IMPLEMENTATIONS as SCAN
-from undertow.kernels.selective_scan import native as scan_native
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_timing import median_seconds  # noqa: E402
+
+from undertow.kernels.causal_conv1d import IMPLEMENTATIONS as CONV  # noqa: E402
+from undertow.kernels.selective_scan import IMPLEMENTATIONS as SCAN  # noqa: E402
+from undertow.kernels.selective_scan import native as scan_native  # noqa: E402
 
 
 def _median_seconds(step, trials: int) -> float:
     """Median of `trials` timed runs after a warm-up; a warm-up over 2 s is taken as the time
     (the reference loops' backward takes a minute at T = 2048, dominated by steady-state work)."""
-    start = time.perf_counter()
-    step()
-    warm_up = time.perf_counter() - start
-    if warm_up > 2.0:
-        return warm_up
-    seconds = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return median_seconds(step, trials, long_warm_up=2.0)
 
 
 def _fwd_and_fwd_bwd(fn, inputs: dict, trials: int) -> tuple[float, float]:

@@ -15,25 +15,16 @@ Prints a markdown table (with the command, machine and date) for docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import statistics
+import os
 import sys
-import time
 
 import torch
 
-from undertow.kernels.mlstm import IMPLEMENTATIONS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_timing import median_seconds, provenance  # noqa: E402
 
+from undertow.kernels.mlstm import IMPLEMENTATIONS  # noqa: E402
 
-def median_seconds(step, trials: int) -> float:
-    step()  # warm-up
-    seconds = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def make_inputs(B: int, T: int, H: int, Dqk: int, Dv: int, carry: bool) -> dict:
@@ -75,8 +66,7 @@ def main() -> None:
         rows.append((name, fwd, bwd))
     ref_fwd = rows[0][1]
     shape = f"B={args.batch} T={args.T} H={args.heads} Dqk={args.dqk} Dv={args.dv} chunk={args.chunk}"
-    print(f"`python {' '.join(sys.argv)}` — {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), torch {torch.__version__}, {datetime.date.today()}\n")
+    print(provenance(args.threads))
     print("| op | shape | backend | forward (ms) | speedup | forward+backward (ms) |")
     print("|---|---|---|---|---|---|")
     for name, fwd, bwd in rows:

@@ -12,25 +12,16 @@ markdown table (with the command, machine and date) for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import statistics
+import os
 import sys
-import time
 
 import torch
 
-from undertow.kernels.moe import grouped_mm_runs, moe_experts
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_timing import median_seconds, provenance  # noqa: E402
 
+from undertow.kernels.moe import grouped_mm_runs, moe_experts  # noqa: E402
 
-def median_seconds(step, trials: int) -> float:
-    step()  # warm-up
-    seconds = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def main() -> None:
@@ -62,8 +53,7 @@ def main() -> None:
             out.square().sum().backward()
 
         rows.append((name, median_seconds(forward, args.trials), median_seconds(forward_backward, args.trials)))
-    print(f"`python {' '.join(sys.argv)}` — {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), torch {torch.__version__}, {datetime.date.today()}\n")
+    print(provenance(args.threads))
     print(f"| tokens x d x hidden, E, top-k | path | forward (ms) | speedup | forward+backward (ms) | speedup |")
     print("|---|---|---|---|---|---|")
     for name, fwd, fb in rows:

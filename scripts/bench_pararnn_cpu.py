@@ -4,7 +4,7 @@ fused native pass (native_pararnn.cpp, float32) and its PyTorch form (what UNDER
 
     python scripts/bench_pararnn_cpu.py [--T 2048] [--hidden 512] [--batch 1] [--iterations 3] [--threads 1]
 
-Median of `--trials` runs after a warm-up (bench_kernels_cpu.py's timing), float32, no_grad, with
+Median of `--trials` runs after a warm-up (scripts/bench_timing.py), float32, no_grad, with
 document boundaries and a carried-in state; recurrent weights of scale 0.1 (where 3 iterations
 converge, the residual column shows it). Beside the wall time, the median CPU time of the calling
 thread (time.thread_time; with --threads 1 all the work runs there): on a machine shared with other
@@ -18,28 +18,16 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels_cpu import _median_seconds  # noqa: E402
+from bench_timing import median_seconds  # noqa: E402
 
 from undertow.kernels.pararnn import native as pararnn_native  # noqa: E402
 from undertow.kernels.pararnn import pararnn  # noqa: E402
-
-
-def _median_cpu_seconds(step, trials: int) -> float:
-    """Median CPU time of this thread over `trials` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(trials):
-        start = time.thread_time()
-        step()
-        times.append(time.thread_time() - start)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -72,16 +60,16 @@ def main() -> int:
                 return pararnn(cell, u, a, p, initial_state=init, doc_ids=doc_ids, return_residual=True,
                                backend=backend, **newton)
 
-        ref = _median_seconds(lambda: run("reference"), args.trials)
-        ref_cpu = _median_cpu_seconds(lambda: run("reference"), args.trials)
+        ref = median_seconds(lambda: run("reference"), args.trials, long_warm_up=2.0)
+        ref_cpu = median_seconds(lambda: run("reference"), args.trials, clock=time.thread_time)
         newton_kwargs = dict(iterations=args.iterations, chunk_size=args.chunk_size)
         shape = f"B={B} T={T} D={D}"
         print(f"| {cell} | {shape} | reference (per-step loop) | {ref * 1e3:.1f} | 1.0x | {ref_cpu * 1e3:.1f} | "
               "1.0x | 0 |")
         for form, enabled in (("native", True), (f"PyTorch, chunk {args.chunk_size}", False)):
             pararnn_native.ENABLED = enabled
-            fast = _median_seconds(lambda: run("chunked", **newton_kwargs), args.trials)
-            fast_cpu = _median_cpu_seconds(lambda: run("chunked", **newton_kwargs), args.trials)
+            fast = median_seconds(lambda: run("chunked", **newton_kwargs), args.trials, long_warm_up=2.0)
+            fast_cpu = median_seconds(lambda: run("chunked", **newton_kwargs), args.trials, clock=time.thread_time)
             residual = run("chunked", **newton_kwargs)[1].item()
             print(f"| {cell} | {shape} | chunked (Newton, {args.iterations} it., {form}) | "
                   f"{fast * 1e3:.1f} | {ref / fast:.1f}x | {fast_cpu * 1e3:.1f} | {ref_cpu / fast_cpu:.1f}x | "

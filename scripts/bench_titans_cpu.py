@@ -14,26 +14,17 @@ Prints a markdown table (with the command, machine and date) for docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import statistics
+import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from undertow.kernels.titans_memory import IMPLEMENTATIONS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_timing import median_seconds, provenance  # noqa: E402
 
+from undertow.kernels.titans_memory import IMPLEMENTATIONS  # noqa: E402
 
-def median_seconds(step, trials: int) -> float:
-    step()  # warm-up
-    seconds = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def make_inputs(B: int, T: int, H: int, D: int, depth: int) -> dict:
@@ -72,8 +63,7 @@ def main() -> None:
         rows.append((name, fwd, bwd))
     ref_fwd, ref_bwd = rows[0][1], rows[0][2]
     shape = f"B={args.batch} T={args.T} H={args.heads} D={args.dim} depth={args.depth} chunk={args.chunk}"
-    print(f"`python {' '.join(sys.argv)}` — {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), torch {torch.__version__}, {datetime.date.today()}\n")
+    print(provenance(args.threads))
     print("| op | shape | backend | forward (ms) | speedup | forward+backward (ms) | speedup |")
     print("|---|---|---|---|---|---|---|")
     for name, fwd, bwd in rows:

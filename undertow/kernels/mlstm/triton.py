@@ -33,6 +33,7 @@ import triton.language as tl
 
 from undertow.kernels.dispatch import segment_starts
 from undertow.kernels.mlstm.reference import State, check_inputs
+from undertow.kernels.mlstm.triton_tile import _initial_state, _state_tile
 
 BLOCK_V = 32  # widest v tile: C's tile (Dqk x BV) and its adjoint stay in registers at Dqk = 128
 GATE_LANES = 64  # (batch, head) lanes per program of the scalar backward
@@ -73,21 +74,9 @@ def _mlstm_fwd(Q, K, V, I, F, starts, C0, N0, M0, Hout, Cck, Nck, Mck, Cf, Nf, M
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    kk = tl.arange(0, BK)
-    vv = pid_v * BV + tl.arange(0, BV)
-    kmask, vmask = kk < Dqk, vv < Dv
-    cmask = kmask[:, None] & vmask[None, :]
-    c_off = kk[:, None] * Dv + vv[None, :]
+    kk, vv, kmask, vmask, cmask, c_off, n_mask = _state_tile(pid_v, Dqk, Dv, BK, BV)
     first = pid_v == 0  # n and m are written by the first v tile only
-    n_mask = kk < tl.where(first, Dqk, 0)
-    if HAS_INIT:
-        C = tl.load(C0 + bh * Dqk * Dv + c_off, mask=cmask, other=0.0)
-        n = tl.load(N0 + bh * Dqk + kk, mask=kmask, other=0.0)
-        m = tl.load(M0 + bh)
-    else:
-        C = tl.zeros([BK, BV], dtype=tl.float32)
-        n = tl.zeros([BK], dtype=tl.float32)
-        m = tl.full([], 0.0, tl.float32)
+    C, n, m = _initial_state(C0, N0, M0, bh, kk, kmask, c_off, cmask, Dqk, Dv, HAS_INIT, BK, BV)
     for t in range(T):
         if STORE_CKPT:
             if t % CHUNK == 0:  # the state before the chunk, before a reset at its first token
@@ -131,13 +120,8 @@ def _mlstm_bwd(Q, K, V, I, F, starts, DH, DOT, Cck, Nck, Mck, dCf, dNf,
     n_tiles = tl.num_programs(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    kk = tl.arange(0, BK)
-    vv = pid_v * BV + tl.arange(0, BV)
-    kmask, vmask = kk < Dqk, vv < Dv
-    cmask = kmask[:, None] & vmask[None, :]
-    c_off = kk[:, None] * Dv + vv[None, :]
+    kk, vv, kmask, vmask, cmask, c_off, n_mask = _state_tile(pid_v, Dqk, Dv, BK, BV)
     first = pid_v == 0
-    n_mask = kk < tl.where(first, Dqk, 0)
     own_n = first.to(tl.float32)  # n's terms are tile-independent: counted once, by the first tile
     BTH = B * T * H
     dC = tl.load(dCf + bh * Dqk * Dv + c_off, mask=cmask, other=0.0)

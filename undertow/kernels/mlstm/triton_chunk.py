@@ -39,6 +39,7 @@ from undertow.kernels.mlstm.chunked import mlstm_chunked
 from undertow.kernels.mlstm.reference import State, check_inputs
 from undertow.kernels.mlstm.triton_chunk_bwd import chunk_backward
 from undertow.kernels.mlstm.triton_chunk_common import MAX_DQK, NUM_WARPS, _blocks, _chunk_gates, _dot
+from undertow.kernels.mlstm.triton_tile import _initial_state, _state_tile
 
 
 @triton.jit
@@ -51,21 +52,9 @@ def _chunk_states(Q, K, V, I, F, SEG, C0, N0, M0, CS, NS, MS,
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    kk = tl.arange(0, BK)
-    vv = pid_v * BV + tl.arange(0, BV)
-    kmask, vmask = kk < Dqk, vv < Dv
-    cmask = kmask[:, None] & vmask[None, :]
-    c_off = kk[:, None] * Dv + vv[None, :]
-    first = pid_v == 0
-    n_mask = kk < tl.where(first, Dqk, 0)  # n and m: written by the first v tile only
-    if HAS_INIT:
-        C = tl.load(C0 + bh * Dqk * Dv + c_off, mask=cmask, other=0.0)
-        n = tl.load(N0 + bh * Dqk + kk, mask=kmask, other=0.0)
-        m = tl.load(M0 + bh)
-    else:
-        C = tl.zeros([BK, BV], dtype=tl.float32)
-        n = tl.zeros([BK], dtype=tl.float32)
-        m = tl.full([], 0.0, tl.float32)
+    kk, vv, kmask, vmask, cmask, c_off, n_mask = _state_tile(pid_v, Dqk, Dv, BK, BV)
+    first = pid_v == 0  # n and m: written by the first v tile only
+    C, n, m = _initial_state(C0, N0, M0, bh, kk, kmask, c_off, cmask, Dqk, Dv, HAS_INIT, BK, BV)
     for c in range(NC):
         ck = bh * (NC + 1) + c
         tl.store(CS + ck * Dqk * Dv + c_off, C, mask=cmask)

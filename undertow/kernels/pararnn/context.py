@@ -36,7 +36,7 @@ import torch
 
 from undertow.kernels.context import SpanningSolve
 from undertow.kernels.dispatch import segment_starts, triton_available
-from undertow.kernels.pararnn.newton import previous_states, solver_outputs, step_and_jacobian
+from undertow.kernels.pararnn.newton import cell_vjp, previous_states, solver_outputs, step_and_jacobian
 from undertow.kernels.pararnn.reference import cell_step, state_tensor
 from undertow.kernels.pararnn.scan import (
     linear_recurrence_with_transitions, matmul, matvec, reverse_linear_recurrence_with_transitions,
@@ -143,13 +143,7 @@ class _SpanningNewton(torch.autograd.Function):
         for j in range(links.world - 1, links.rank, -1):
             carry = matvec(gathered[j][0], carry) + gathered[j][1]
         lam = lam + matvec(Q, carry[:, None])
-        leaves = [t.detach().requires_grad_() for t in (u, a, prev_states)] + \
-                 ([] if p is None else [p.detach().requires_grad_()])
-        with torch.enable_grad():
-            f = cell_step(ctx.cell, leaves[2], leaves[0], leaves[1], leaves[3] if p is not None else None)
-            grads = torch.autograd.grad(f, leaves, lam)
-        d_u, d_a, d_prev = grads[:3]
-        d_p = grads[3] if p is not None else None
+        d_u, d_a, d_prev, d_p = cell_vjp(ctx.cell, prev_states, u, a, p, lam)
         d_init = d_prev[:, 0] if links.rank == 0 else None  # other ranks' token 0 reads rank r-1's state
         return None, None, d_u, d_a, d_p, d_init, None, None, None, None, None
 

@@ -77,6 +77,16 @@ def previous_states(states: torch.Tensor, init: torch.Tensor, keep: torch.Tensor
     return torch.cat((init[:, None], states[:, :-1]), 1) * keep
 
 
+def cell_vjp(cell: str, prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor, p, lam: torch.Tensor) -> tuple:
+    """Eq. B2: lam (B, T, S, D) times the cell step's derivatives at prev (B, T, S, D) (by autograd) ->
+    (d_u, d_a, d_prev, d_p; d_p None when p is None). Shared by the one-process and the cp backward."""
+    leaves = [t.detach().requires_grad_() for t in (u, a, prev)] + ([] if p is None else [p.detach().requires_grad_()])
+    with torch.enable_grad():
+        f = cell_step(cell, leaves[2], leaves[0], leaves[1], leaves[3] if p is not None else None)
+        grads = torch.autograd.grad(f, leaves, lam)
+    return grads[0], grads[1], grads[2], grads[3] if p is not None else None
+
+
 def newton_solve(cell, u, a, p, init, keep, iterations: int, tol: float | None, chunk_size: int) -> tuple:
     """Eqs. N0-N2 without autograd. u (B, T, 3, D), init (B, S, D), keep (B, T, 1, 1) ->
     (states (B, T, S, D), residual: max |F_t| at the returned states, a 0-d tensor)."""
@@ -124,12 +134,7 @@ class _NewtonSolve(torch.autograd.Function):
         prev = previous_states(states, init, keep)
         _, J = step_and_jacobian(ctx.cell, prev, u, a, p)
         lam = reverse_linear_recurrence(J * keep[..., None], g_states, ctx.chunk_size)  # B1
-        leaves = [t.detach().requires_grad_() for t in (u, a, prev)] + ([] if p is None else [p.detach().requires_grad_()])
-        with torch.enable_grad():
-            f = cell_step(ctx.cell, leaves[2], leaves[0], leaves[1], leaves[3] if p is not None else None)
-            grads = torch.autograd.grad(f, leaves, lam)                               # B2
-        d_u, d_a, d_prev = grads[:3]
-        d_p = grads[3] if p is not None else None
+        d_u, d_a, d_prev, d_p = cell_vjp(ctx.cell, prev, u, a, p, lam)  # B2
         # s_{-1} feeds token 0 only, which never starts a document (segment_starts), so keep is 1 there
         return None, d_u, d_a, d_p, d_prev[:, 0], None, None, None, None, None
 

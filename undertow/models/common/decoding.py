@@ -51,6 +51,17 @@ def generate_tokens(prefill: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
     return torch.cat(out, dim=1)
 
 
+def prompt_rope(rope, input_ids: torch.Tensor):
+    """The rotary tables for a prompt: input_ids (B, T) at positions 0..T-1 -> rope's (cos, sin)."""
+    B, T = input_ids.shape
+    return rope(torch.arange(T, device=input_ids.device).expand(B, T))
+
+
+def token_rope(rope, tokens: torch.Tensor, position: int):
+    """The rotary tables for one new token per row: tokens (B,) at `position` -> rope's (cos, sin), (B, 1)."""
+    return rope(torch.full((tokens.shape[0], 1), position, device=tokens.device))
+
+
 def conv_step(window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """One step of the depthwise causal conv + SiLU (kernels/causal_conv1d for one token).
     window: (B, D, K-1) float32, oldest first (the kernel's final_state); x: (B, D); weight (D, K).

@@ -16,7 +16,8 @@ import dataclasses
 import torch
 
 from undertow.models.depth.config import DepthConfig
-from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
+from undertow.models.hf_common import (UNDERTOW_KEY, HFConversionError, check_model_type, store_config,
+                                       stored_config, without_tied_head)
 from undertow.models.hf_remote import RemoteCode
 
 REMOTE_CODE = RemoteCode(name="undertow_depth", package="undertow.models.depth.remote",
@@ -44,19 +45,14 @@ def hf_config(cfg: DepthConfig, special_ids: dict) -> dict:
 
 
 def to_hf(cfg: DepthConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
-    config = hf_config(cfg, special_ids)
-    config[UNDERTOW_KEY] = {"model": {"family": "depth", **dataclasses.asdict(cfg)}}
-    tensors = dict(state_dict)
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+    config = store_config(hf_config(cfg, special_ids), "depth", cfg)
+    tensors = without_tied_head(state_dict, cfg.tie_embeddings)
     return config, tensors
 
 
 def from_hf(config: dict, tensors: dict) -> tuple[DepthConfig, dict]:
-    if config.get("model_type") not in HF_MODEL_TYPES:
-        raise HFConversionError(f"model_type {config.get('model_type')!r} is not one of {HF_MODEL_TYPES}")
-    stored = dict((config.get(UNDERTOW_KEY) or {}).get("model") or {})
-    stored.pop("family", None)
+    check_model_type(config, HF_MODEL_TYPES)
+    stored = stored_config(config)
     fields = {f.name for f in dataclasses.fields(DepthConfig)}
     if not stored or not set(stored) <= fields:
         raise HFConversionError(f"config.json has no undertow depth config under {UNDERTOW_KEY!r} (only "

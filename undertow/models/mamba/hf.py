@@ -30,7 +30,8 @@ import torch
 
 from undertow.configtools import from_dict
 from undertow.log import get_logger
-from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
+from undertow.models.hf_common import (UNDERTOW_KEY, HFConversionError, check_model_type, store_config,
+                                       stored_config, without_tied_head)
 from undertow.models.mamba.config import MambaConfig
 
 HF_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba")
@@ -208,11 +209,8 @@ def hf_config(cfg: MambaConfig, special_ids: dict) -> dict:
 
 def to_hf(cfg: MambaConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
     """Our config + state dict -> (config.json dict, {HF name: tensor}). Every tensor of ours is used."""
-    config = hf_config(cfg, special_ids)
-    config[UNDERTOW_KEY] = {"model": {"family": "mamba", **dataclasses.asdict(cfg)}}
-    left = dict(state_dict)
-    if cfg.tie_embeddings:
-        left.pop("lm_head.weight", None)
+    config = store_config(hf_config(cfg, special_ids), "mamba", cfg)
+    left = without_tied_head(state_dict, cfg.tie_embeddings)
     tensors = {}
     for rule in _rules(cfg, config["model_type"]):
         missing = [name for name in rule.ours if name not in left]
@@ -281,11 +279,9 @@ def config_from_hf(config: dict) -> MambaConfig:
     exported from and that config still exports to the same architecture, that one is returned
     (exact round trip of fields transformers has no place for: init_std, multiple_of, ...);
     a stored config that differs or cannot export at all is ignored."""
-    if config.get("model_type") not in HF_MODEL_TYPES:
-        raise HFConversionError(f"model_type {config.get('model_type')!r} is not one of {HF_MODEL_TYPES}")
+    check_model_type(config, HF_MODEL_TYPES)
     derived = _config_from_hf(config)
-    stored = dict((config.get(UNDERTOW_KEY) or {}).get("model") or {})
-    stored.pop("family", None)
+    stored = stored_config(config)
     known = {f.name for f in dataclasses.fields(MambaConfig)}
     if stored and set(stored) <= known:
         candidate = from_dict(MambaConfig, stored, "model")  # nested tables (model.moe) too
@@ -302,9 +298,7 @@ def from_hf(config: dict, tensors: dict) -> tuple[MambaConfig, dict]:
     """config.json dict + {HF name: tensor} -> (MambaConfig, our state dict). Every HF tensor is used."""
     cfg = config_from_hf(config)
     cfg.validate()
-    left = dict(tensors)
-    if cfg.tie_embeddings:
-        left.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
+    left = without_tied_head(tensors, cfg.tie_embeddings)
     state = {}
     for rule in _rules(cfg, config["model_type"]):
         if rule.hf not in left:

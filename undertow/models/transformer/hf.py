@@ -14,12 +14,11 @@ fuses gate_up_proj (E, 2h, d) = [w_gate^T; w_up^T] and keeps down_proj (E, d, h)
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from undertow.configtools import from_dict
-from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
+from undertow.models.hf_common import (HFConversionError, check_model_type, store_config, stored_config,
+                                       without_tied_head)
 from undertow.models.moe.config import MoEConfig
 from undertow.models.transformer.config import TransformerConfig
 
@@ -62,11 +61,8 @@ def hf_config(cfg: TransformerConfig, special_ids: dict) -> dict:
 
 def to_hf(cfg: TransformerConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
     """Our config + state dict -> (config.json dict, {HF name: tensor}). Every tensor of ours is used."""
-    config = hf_config(cfg, special_ids)
-    config[UNDERTOW_KEY] = {"model": {"family": "transformer", **dataclasses.asdict(cfg)}}
-    left = dict(state_dict)
-    if cfg.tie_embeddings:
-        left.pop("lm_head.weight", None)
+    config = store_config(hf_config(cfg, special_ids), "transformer", cfg)
+    left = without_tied_head(state_dict, cfg.tie_embeddings)
     tensors = {}
     try:
         for ours, theirs in _ENDS.items():
@@ -89,8 +85,7 @@ def to_hf(cfg: TransformerConfig, state_dict: dict, special_ids: dict) -> tuple[
 def config_from_hf(config: dict) -> TransformerConfig:
     """The TransformerConfig of a Mixtral config.json (the stored undertow config when it still
     describes the same architecture: exact round trip of fields Mixtral has no place for)."""
-    if config.get("model_type") not in HF_MODEL_TYPES:
-        raise HFConversionError(f"model_type {config.get('model_type')!r} is not one of {HF_MODEL_TYPES}")
+    check_model_type(config, HF_MODEL_TYPES)
     if config.get("sliding_window"):
         raise HFConversionError(f"sliding_window = {config['sliding_window']}: undertow's attention is full causal")
     rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 1e6)}
@@ -106,8 +101,7 @@ def config_from_hf(config: dict) -> TransformerConfig:
         norm_eps=config.get("rms_norm_eps", 1e-5), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         moe=MoEConfig(n_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
                       aux_loss_coef=config.get("router_aux_loss_coef", 0.02)))
-    stored = dict((config.get(UNDERTOW_KEY) or {}).get("model") or {})
-    stored.pop("family", None)
+    stored = stored_config(config)
     if stored:
         try:
             candidate = from_dict(TransformerConfig, stored, "model")
@@ -130,9 +124,7 @@ def from_hf(config: dict, tensors: dict) -> tuple[TransformerConfig, dict]:
     """config.json dict + {HF name: tensor} -> (TransformerConfig, our state dict). Every HF tensor is used."""
     cfg = config_from_hf(config)
     cfg.validate()
-    left = dict(tensors)
-    if cfg.tie_embeddings:
-        left.pop("lm_head.weight", None)
+    left = without_tied_head(tensors, cfg.tie_embeddings)
     state = {}
     try:
         for ours, theirs in _ENDS.items():
