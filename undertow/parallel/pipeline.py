@@ -14,7 +14,7 @@ its slice; the batch's side inputs (position_ids, doc_ids) go to every stage, wh
 blocks' context (RoPE, document boundaries) itself, and stages send each other the tuple of
 carried activations (one tensor or more).
 
-Modules of the shell that every block uses (`model.shared_by_blocks`, e.g. RMoE's router GRU, whose
+Modules of the shell that every block uses (`model.shared_by_blocks`, e.g. a router recurrent across layers, whose
 state the stages send on with the activations): each pp rank keeps a copy, broadcast from pp rank 0,
 their gradients summed over the stages like tied embeddings (not yet with data or context parallelism).
 
@@ -383,8 +383,8 @@ class PipelineRunner:
                     dist.send(tensor.contiguous(), dst=peer(stage + 1), group=self.group)
 
     def _check_shared_by_blocks(self, model: nn.Module, dims: ParallelDims) -> None:
-        """Modules the shell names in `shared_by_blocks` are used by the blocks of every stage (e.g. RMoE's
-        router GRU): every pp rank keeps a copy, equal from the start (broadcast from pp rank 0) and
+        """Modules the shell names in `shared_by_blocks` are used by the blocks of every stage (e.g. a router
+        recurrent across layers): every pp rank keeps a copy, equal from the start (broadcast from pp rank 0) and
         kept equal by summing their gradients over the pp group each step (sync_tied_grads)."""
         params = self.shared
         if params and dims.dp_replicate * dims.dp_shard * dims.cp > 1:

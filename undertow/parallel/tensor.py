@@ -18,7 +18,8 @@ This file places the shared ends of the model:
   lm_head  ColwiseParallel with the logits left sharded on the vocabulary (a DTensor), for
            loss_parallel's cross-entropy (no rank ever holds the full logits). Tied embeddings
            share one parameter, sharded on the vocabulary for both uses;
-  shared   modules of the shell its blocks use (`model.shared_by_blocks`, e.g. RMoE's router GRU):
+  shared   modules of the shell its blocks use (`model.shared_by_blocks`, e.g. a router that
+           runs across the layers):
            replicated, computed whole on every rank.
 Sequence parallelism (Megatron-LM's) keeps the residual stream (B, T / tp, d_model) per rank
 between blocks; each mixer all-gathers its input and sees the whole sequence, so position ids,
@@ -123,7 +124,7 @@ def apply_tensor_parallel(
         parallelize_module(block, tp_mesh, spec.plan.block_styles(block, sequence_parallel))
         for name, placement in spec.plan.block_params(block).items():
             _distribute_parameter(block, name, tp_mesh, placement)
-    for shared in getattr(model, "shared_by_blocks", ()):  # modules of the shell every block uses (a router GRU)
+    for shared in getattr(model, "shared_by_blocks", ()):  # modules of the shell every block uses
         if getattr(model, shared, None) is not None:
             for name, _ in list(getattr(model, shared).named_parameters()):
                 _distribute_parameter(model, f"{shared}.{name}", tp_mesh, Replicate())
