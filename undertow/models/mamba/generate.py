@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from undertow.models.common.decoding import attention_with_cache, conv_step, generate_tokens
+from undertow.models.common.decoding import attention_with_cache, conv_step, generate_tokens, prompt_rope, token_rope
 from undertow.models.mamba.mamba1 import Mamba1Mixer
 from undertow.models.mamba.mamba2 import Mamba2Mixer
 
@@ -54,7 +54,7 @@ def mamba2_step(mixer: Mamba2Mixer, u: torch.Tensor, state):
 def prefill(model, input_ids: torch.Tensor):
     """Full forward over the prompt (B, T) -> last-position logits (B, V), per-layer states."""
     B, T = input_ids.shape
-    cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
+    cos, sin = prompt_rope(model.rope, input_ids)
     x = model.embed_tokens(input_ids)
     router = model.add_router_state(x, input_ids)[1:]  # the rmoe router's h_0 (B, T, r), or nothing
     states = []
@@ -77,8 +77,7 @@ def prefill(model, input_ids: torch.Tensor):
 
 def step(model, tokens: torch.Tensor, position: int, states: list):
     """One new token per row, tokens (B,) at `position` -> logits (B, V); updates `states` in place."""
-    B = tokens.shape[0]
-    cos, sin = model.rope(torch.full((B, 1), position, device=tokens.device))
+    cos, sin = token_rope(model.rope, tokens, position)
     x = model.embed_tokens(tokens)
     router = model.add_router_state(x, tokens)[1:]
     for i, layer in enumerate(model.layers):

@@ -18,13 +18,13 @@ import functools
 
 import torch
 
-from undertow.models.common.decoding import generate_tokens
+from undertow.models.common.decoding import generate_tokens, prompt_rope, token_rope
 
 
 def prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """The prompt (B, T) -> last-position logits (B, V), per-block states (None for MLPs)."""
     B, T = input_ids.shape
-    cos, sin = model.rope(torch.arange(T, device=input_ids.device).expand(B, T))
+    cos, sin = prompt_rope(model.rope, input_ids)
     x = model.embed(input_ids)
     router = model.add_router_state(x, input_ids)[1:]  # the rmoe router's h_0 (B, T, r), or nothing
     states = []
@@ -44,7 +44,7 @@ def prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
 
 def step(model, tokens: torch.Tensor, position: int, states: list) -> torch.Tensor:
     """One new token per row, tokens (B,) at `position` -> logits (B, V); `states` advance in place."""
-    cos, sin = model.rope(torch.full((tokens.shape[0], 1), position, device=tokens.device))
+    cos, sin = token_rope(model.rope, tokens, position)
     x = model.embed(tokens)
     router = model.add_router_state(x, tokens)[1:]
     for i, block in enumerate(model.layers):

@@ -24,7 +24,7 @@ import functools
 import torch
 
 from undertow.configtools import from_dict
-from undertow.models.hf_common import UNDERTOW_KEY, HFConversionError
+from undertow.models.hf_common import HFConversionError, check_model_type, store_config, stored_config
 from undertow.models.xlstm.config import XLSTMConfig, round_up
 
 HF_MODEL_TYPES = ("xlstm",)
@@ -133,7 +133,7 @@ def to_hf(cfg: XLSTMConfig, state_dict: dict, special_ids: dict) -> tuple[dict, 
     """Our config + state dict -> (config.json dict, {HF name: tensor}). Every tensor of ours is used;
     a tied head is written as its own copy (transformers' xLSTM does not re-tie it on load)."""
     config = hf_config(cfg, special_ids)
-    config[UNDERTOW_KEY] = {"model": {"family": "xlstm", **dataclasses.asdict(cfg)}}
+    store_config(config, "xlstm", cfg)
     pairs = list(_outer_names())
     for i in range(cfg.n_layers):
         for ours, theirs in installed_block_names().items():
@@ -187,11 +187,9 @@ def config_from_hf(config: dict) -> XLSTMConfig:
     """The XLSTMConfig of a transformers config.json: the undertow config it was exported from when it
     carries one that still describes the same architecture (exact round trip of init settings and
     layer_pattern), else the one derived from transformers' keys."""
-    if config.get("model_type") not in HF_MODEL_TYPES:
-        raise HFConversionError(f"model_type {config.get('model_type')!r} is not one of {HF_MODEL_TYPES}")
+    check_model_type(config, HF_MODEL_TYPES)
     derived = _config_from_hf(config)
-    stored = dict((config.get(UNDERTOW_KEY) or {}).get("model") or {})
-    stored.pop("family", None)
+    stored = stored_config(config)
     if stored and set(stored) <= {f.name for f in dataclasses.fields(XLSTMConfig)}:
         candidate = from_dict(XLSTMConfig, stored, "model")  # nested tables (model.moe) too
         try:
