@@ -13,7 +13,8 @@ from undertow.models import registry
 from undertow.models.common.aux import collect_aux
 from undertow.models.depth.config import DepthConfig
 from undertow.models.depth.depth import draw_depth
-from undertow.models.depth.spec import block_forward_flops, expected_steps, flops_per_token, layer_cost
+from undertow.models.depth.spec import (block_forward_flops, expected_steps, flops_per_token, layer_cost,
+                                       step_flops_per_token)
 from undertow.pretrain.config import build_config
 
 V = 37
@@ -268,6 +269,50 @@ def test_flops_count_the_expected_depth_and_layers_match_the_model():
         assert len(layer_cost(cfg, 64)) == len(build(cfg).layers) == cfg.n_layers
     assert registry.get("depth").shape_limits(huginn_cfg()) == [("tp", "n_heads", 4), ("tp", "n_kv_heads", 4),
                                                                 ("tp", "ffn_hidden", 48)]
+
+
+def test_step_flops_count_each_steps_own_draw_and_average_to_the_expected_depth():
+    cfg = huginn_cfg(mean_depth=6.0, max_depth=20, backprop_depth=2)
+    block = block_forward_flops(cfg, 64)
+    core_step, rest = 2 * block + 4 * 32 * 32, 2 * 3 * block + 6 * 32 * V
+    per_step = []
+    for step in range(400):
+        no_grad, grad = draw_depth(cfg, step)
+        per_step.append(step_flops_per_token(cfg, 64, step))
+        assert per_step[-1] == rest + (no_grad + 3 * grad) * core_step
+    assert len(set(per_step)) > 3  # the draws differ, and so do the counts
+    assert sum(per_step) / len(per_step) == pytest.approx(flops_per_token(cfg, 64), rel=0.05)
+    ut = ut_cfg()
+    assert step_flops_per_token(ut, 64, 7) == flops_per_token(ut, 64)
+
+
+def test_trainer_mfu_counts_the_flops_of_each_steps_drawn_depth(tmp_path, monkeypatch):
+    from undertow.pretrain import metrics, trainer
+    from undertow.pretrain.config import load_config
+
+    meter = metrics.Throughput(flops_per_token=100.0, peak_tflops=1e-12)  # peak: 1 FLOP/s
+    meter.add(10, 400.0)
+    meter.add(10)
+    meter.start -= 1.0  # one second spans the two steps
+    tps, mfu = meter.read()
+    assert mfu / tps == pytest.approx((10 * 400.0 + 10 * 100.0) / 20, rel=1e-6)  # FLOPs a token spent
+
+    added = []
+
+    class Recording(metrics.Throughput):
+        def add(self, tokens, flops_per_token=None):
+            added.append(flops_per_token)
+            super().add(tokens, flops_per_token)
+
+    monkeypatch.setattr(trainer, "Throughput", Recording)
+    small = {"model.d_model": 32, "model.n_heads": 2, "model.ffn_hidden": 64, "data.seq_len": 32,
+             "data.embedded_vocab_size": 512, "training.micro_batch_size": 2, "training.steps": 4,
+             "training.val_every": 0, "logging.every": 1, "checkpoint.every": 0, "checkpoint.resume": "none",
+             "training.run_dir": str(tmp_path / "run")}
+    cfg = load_config("tiny-depth", {k: str(v) for k, v in small.items()})
+    trainer.Trainer(cfg).fit()
+    assert added == [step_flops_per_token(cfg.model, 32, s) for s in range(4)]
+    assert len({draw_depth(cfg.model, s) for s in range(4)}) > 1  # the steps drew different depths
 
 
 def test_huginn_recipe_parameters_on_meta_and_plan_on_8_gpus(capsys):

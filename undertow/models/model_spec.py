@@ -29,6 +29,10 @@ class ModelSpec:
     state_elements:  (config) -> per layer, the elements (float32) of the recurrent state one
                      sequence carries across a split of its tokens (conv window + SSM state; 0
                      for layers without one), for the planner's context-parallel memory; or None.
+    step_flops_per_token: (config, seq_len, step) -> training FLOPs per token of training step
+                     `step` (0-based), for families whose compute changes from step to step (a
+                     depth drawn per step); the trainer's MFU then counts what each step spent.
+                     None: every step costs flops_per_token.
     """
 
     name: str
@@ -40,3 +44,4 @@ class ModelSpec:
     hf_adapter: Any = None
     shape_limits: Callable[[Any], list[tuple[str, str, int]]] | None = None
     state_elements: Callable[[Any], list[int]] | None = None
+    step_flops_per_token: Callable[[Any, int, int], float] | None = None

@@ -37,22 +37,26 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens/s and MFU over the window since the last `read()`."""
+    """Tokens/s and MFU over the window since the last `read()`. MFU counts the FLOPs each step spent:
+    `add(tokens, flops_per_token)` for a step whose cost differs from the nominal one (a depth drawn
+    per step), the nominal `flops_per_token` otherwise."""
 
     def __init__(self, flops_per_token: float, peak_tflops: float):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_tflops * 1e12
-        self.tokens = 0
+        self.tokens, self.flops = 0, 0.0
         self.start = time.perf_counter()
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops_per_token: float | None = None) -> None:
         self.tokens += tokens
+        self.flops += tokens * (self.flops_per_token if flops_per_token is None else flops_per_token)
 
     def read(self) -> tuple[float, float | None]:
         now = time.perf_counter()
-        tps = self.tokens / max(now - self.start, 1e-9)
-        self.tokens, self.start = 0, now
-        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else None
+        seconds = max(now - self.start, 1e-9)
+        tps, flops = self.tokens / seconds, self.flops / seconds
+        self.tokens, self.flops, self.start = 0, 0.0, now
+        mfu = flops / self.peak_flops if self.peak_flops > 0 else None
         return tps, mfu
 
 

@@ -302,6 +302,12 @@ class Trainer(RunState):
         loss_sum, n_labels = self._dp_sum(sums).tolist()
         return loss_sum / n_labels if n_labels else None
 
+    def _step_flops(self) -> float | None:
+        """Training FLOPs per token of the step just run (self.step, before it counts), where the family's
+        cost changes per step (ModelSpec.step_flops_per_token); None: the nominal count."""
+        per_step = self.spec.step_flops_per_token
+        return per_step(self.cfg.model, self.cfg.data.seq_len, self.step) if per_step else None
+
     def fit(self) -> TrainResult:
         with self.run_lock if self.run_lock is not None else nullcontext():  # released however fit ends
             return self._fit()
@@ -343,7 +349,7 @@ class Trainer(RunState):
                     for group in self.optimizer.param_groups:  # before train_step: DeepSpeed steps in it
                         group["lr"] = lr
                     loss, grad_norm, _ = self.train_step(micro)
-                    meter.add(sum(b["input_ids"].numel() for b in micro) * self.dims.dp)
+                    meter.add(sum(b["input_ids"].numel() for b in micro) * self.dims.dp, self._step_flops())
                     finite = math.isfinite(loss) and math.isfinite(grad_norm)
                     if finite:
                         self.good_ckpts.confirm()  # the weights this loss came from are good

@@ -1,5 +1,6 @@
-"""Registry entry of the recurrent-depth family: FLOPs per token at the expected depth, per-layer
-costs for the pipeline split, tensor-parallel limits.
+"""Registry entry of the recurrent-depth family: FLOPs per token at the expected depth (the planner,
+the pipeline split) and at each training step's own draw (the trainer's MFU), per-layer costs,
+tensor-parallel limits.
 
 Forward FLOPs per token of one block: 2 per weight of its projections (q, k, v, o, SwiGLU's gate,
 up, down) + 4 * seq_len * d_model for attention's scores and values (no causal saving, like the
@@ -47,16 +48,27 @@ def expected_steps(cfg: DepthConfig) -> tuple[float, float]:
 
 def layer_cost(cfg: DepthConfig, seq_len: int) -> list[float]:
     """Training FLOPs per token of each entry of `layers` (the loop counted whole, at the expected depth)."""
+    return _layer_cost_at(cfg, seq_len, *expected_steps(cfg))
+
+
+def _layer_cost_at(cfg: DepthConfig, seq_len: int, no_grad: float, grad: float) -> list[float]:
+    """`layer_cost` with the core run `no_grad` steps without and `grad` steps with gradients."""
     block = block_forward_flops(cfg, seq_len)
     if cfg.arch == "ut":
         return [3.0 * cfg.max_steps * (block + 2.0 * cfg.d_model)]
-    no_grad, grad = expected_steps(cfg)
     core_step = cfg.n_core * block + 2.0 * 2 * cfg.d_model * cfg.d_model
     return [3.0 * block] * cfg.n_prelude + [(no_grad + 3.0 * grad) * core_step] + [3.0 * block] * cfg.n_coda
 
 
 def flops_per_token(cfg: DepthConfig, seq_len: int) -> float:
     return sum(layer_cost(cfg, seq_len)) + 6.0 * cfg.d_model * cfg.vocab_size
+
+
+def step_flops_per_token(cfg: DepthConfig, seq_len: int, step: int) -> float:
+    """Training FLOPs per token of training step `step` at its own depth draw (the draw the model makes
+    after the trainer's set_training_step(step)): what MFU counts. The UT's cost is the same every step."""
+    draw = draw_depth(cfg, step) if cfg.arch == "huginn" else (0, 0)
+    return sum(_layer_cost_at(cfg, seq_len, *draw)) + 6.0 * cfg.d_model * cfg.vocab_size
 
 
 def shape_limits(cfg: DepthConfig) -> list[tuple[str, str, int]]:
@@ -79,4 +91,5 @@ SPEC = ModelSpec(
     hf_adapter=hf,
     shape_limits=shape_limits,
     state_elements=state_elements,
+    step_flops_per_token=step_flops_per_token,
 )
