@@ -1,6 +1,7 @@
 """Huginn inference: cached decoding equal to full forwards at a fixed (test-time) depth, adaptive
 exit per token, the core's cache shared across steps, and the diagonal sampler returning the
-sequential greedy text."""
+sequential greedy text. The Universal Transformer's cached decoding (one cache per ACT step) equal
+to its full forward while positions halt at different steps."""
 
 import pytest
 import torch
@@ -82,3 +83,39 @@ def test_model_generate_for_both_architectures(model):
     assert torch.equal(model.generate(ids, 5, depth=3), want)
     ut = build(DepthConfig(arch="ut", vocab_size=V, d_model=32, n_heads=4, ffn_hidden=48, max_steps=3), perturb=0.05)
     assert torch.equal(ut.generate(ids, 5), greedy_by_full_forwards(ut.eval(), ids, 5))
+
+
+def test_ut_cached_decoding_gives_the_full_forwards_logits_while_positions_halt_at_different_steps():
+    from undertow.models.common.aux import collect_aux
+    from undertow.models.depth import ut_generate
+
+    cfg = DepthConfig(arch="ut", vocab_size=V, d_model=32, n_heads=4, ffn_hidden=48, max_steps=5, act_eps=0.01)
+    ut = build(cfg, perturb=0.05).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a halting unit that makes positions halt after different numbers of steps
+        ut.layers[0].halt.bias.fill_(-1.0)
+        ut.layers[0].halt.weight.normal_(0.0, 1.0)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    with collect_aux(loss_scale=1.0) as aux:  # (metrics are recorded where gradients are taken)
+        full = ut(ids).detach()
+    steps = aux.means()["act/steps"]  # mean steps over the positions: not a whole number, so they differ
+    assert 1.0 < steps < 5.0 and steps != round(steps)
+    seen = []
+
+    def record(prefill, step, input_ids, n, greedy):  # drive the cached prefill/step with the given tokens
+        logits, caches = prefill(ids[:, :4])
+        seen.append(logits)
+        for t in range(4, 9):
+            seen.append(step(ids[:, t], t, caches))
+        return ids
+
+    original = ut_generate.generate_tokens
+    ut_generate.generate_tokens = record
+    try:
+        ut_generate.generate(ut, ids[:, :4], 5)
+    finally:
+        ut_generate.generate_tokens = original
+    torch.testing.assert_close(torch.stack(seen, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(ut.generate(ids[:, :4], 6), greedy_by_full_forwards(ut, ids[:, :4], 6))
+    with pytest.raises(ValueError, match="takes no options"):
+        ut.generate(ids, 2, depth=3)

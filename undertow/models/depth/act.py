@@ -45,10 +45,16 @@ class ACTLoop(nn.Module):
             return self._loop(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
 
     def _loop(self, x, cos, sin, doc_ids, cu_seqlens, max_seqlen):
+        return self.run_steps(x, lambda n, state: self.block(state, cos, sin, doc_ids, cu_seqlens, max_seqlen))
+
+    def run_steps(self, x, apply_block):
+        """The loop over depth with the block applied as `apply_block(n, state)` at step n: the block
+        over the sequence in training, one cached position at a time in decoding (ut_generate.py), so
+        both run the same ACT arithmetic."""
         timing = step_timing_signal(self.max_steps, x.shape[-1], x.device).to(x.dtype)
         if not self.act:  # a plain shared-weight loop of max_steps steps
             for n in range(self.max_steps):
-                x = self.block(x + timing[n], cos, sin, doc_ids, cu_seqlens, max_seqlen)
+                x = apply_block(n, x + timing[n])
             return x
         B, T, _ = x.shape
         halting = x.new_zeros(B, T, dtype=torch.float32)   # h: halting sum so far
@@ -71,7 +77,7 @@ class ACTLoop(nn.Module):
             remainder = remainder + new_remainder
             halting = halting + weight
             updates = updates + running
-            new_state = self.block(state, cos, sin, doc_ids, cu_seqlens, max_seqlen)
+            new_state = apply_block(n, state)  # on every position, halted ones too (their keys/values)
             out = out + weight.unsqueeze(-1).to(x.dtype) * new_state
             state = torch.where(running.unsqueeze(-1) > 0, new_state, state)
             running = still

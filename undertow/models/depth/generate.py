@@ -18,8 +18,7 @@ attention_with_cache), the core at `depth` steps. Each new token then runs prelu
              of a new token attends to those, so the memory is the non-recurrent model's whatever
              the depth (an approximation the paper reports the model tolerates zero-shot).
 
-The Universal Transformer decodes by full forwards over the sequence so far (`by_full_forwards`):
-its ACT loop has no per-step cache here.
+The Universal Transformer decodes with one cache per ACT step: ut_generate.py.
 """
 
 from __future__ import annotations
@@ -139,18 +138,6 @@ def step(model, tokens: torch.Tensor, position: int, state: DecodeState, depth: 
     for i, block in enumerate(coda):
         x, state.coda[i] = block.step(x, cos, sin, state.coda[i])
     return model.head_stage((x[:, 0],))
-
-
-def by_full_forwards(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:
-    """Decoding without caches: every token from a full forward over the prompt and the tokens so far."""
-    def first(ids):
-        return model(ids)[:, -1], [ids]
-
-    def next_logits(tokens, position, seen):
-        seen[0] = torch.cat([seen[0], tokens[:, None]], dim=1)
-        return model(seen[0])[:, -1]
-
-    return generate_tokens(first, next_logits, input_ids, max_new_tokens, greedy)
 
 
 @torch.no_grad()

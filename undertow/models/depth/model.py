@@ -16,6 +16,7 @@ from torch import nn
 from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.rope import rope_cos_sin
 from undertow.models.depth import generate as decoding
+from undertow.models.depth import ut_generate
 from undertow.models.depth.act import ACTLoop
 from undertow.models.depth.blocks import SandwichBlock
 from undertow.models.depth.config import DepthConfig
@@ -84,15 +85,13 @@ class DepthLM(CausalLMShell):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True, **options) -> torch.Tensor:
-        """Continue each row of `input_ids` (B, T) by `max_new_tokens` tokens. Huginn: cached decoding
-        (generate.py; options depth, cache, exit_threshold, stats); the UT: full forwards."""
+        """Continue each row of `input_ids` (B, T) by `max_new_tokens` tokens, with key/value caches.
+        Huginn: generate.py (options depth, cache, exit_threshold, stats); the UT: ut_generate.py (one
+        cache per ACT step; no options)."""
         if self.core is None:
-            was_training = self.training
-            self.eval()
-            try:
-                return decoding.by_full_forwards(self, input_ids, max_new_tokens, greedy)
-            finally:
-                self.train(was_training)
+            if options:
+                raise ValueError(f"the Universal Transformer's decoding takes no options, got {sorted(options)}")
+            return ut_generate.generate(self, input_ids, max_new_tokens, greedy)
         return decoding.generate(self, input_ids, max_new_tokens, greedy=greedy, **options)
 
     def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor]:
