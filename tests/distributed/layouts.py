@@ -96,6 +96,10 @@ FAMILIES = {
     # Newton scans of 8-token chunks; under cp the Newton systems span the ranks (kernels/pararnn/context.py)
     "pararnn": Family("tiny-paragru", ("--model.d_model", "32", "--model.layer_pattern", "gl", "--model.heads", "2",
                                        "--model.chunk_size", "8"), ("fsdp2", "tp2", "cp2", "pp2", "tp2xpp2")),
+    # heads = 1: the dense input projection B split by output channel (the convolved channels
+    # all-gathered before it, the one norm group's mean square all-reduced; models/pararnn/plan.py)
+    "pararnn-dense": Family("tiny-paragru", ("--model.d_model", "32", "--model.layer_pattern", "gl", "--model.heads",
+                                             "1", "--model.chunk_size", "8"), ("tp2",)),
     # the MoE transformer with the RMoE router (4 experts top-2, GRU width 8): tp replicates the
     # experts; under pp the router state crosses the stage boundary and the shared GRU's gradients
     # are summed over the stages. The Switch load-balancing loss is a product of two means over a

@@ -48,7 +48,7 @@ def test_tol_none_from_toml_and_cli_spelling():
     assert build_config({"name": "t", "model": {"family": "pararnn", "vocab_size": V, "tol": 1e-6}}).model.tol == 1e-6
 
 
-def test_tp_that_does_not_divide_the_channel_groups_is_refused():
+def test_tp_that_does_not_divide_the_channel_groups_is_refused_unless_the_projection_is_dense():
     from undertow.parallel.mesh import LayoutError, ParallelDims
 
     cfg = tiny_cfg(heads=2)
@@ -56,7 +56,12 @@ def test_tp_that_does_not_divide_the_channel_groups_is_refused():
     ParallelDims(tp=2).validate(2, limits)
     with pytest.raises(LayoutError, match="heads") as error:
         ParallelDims(tp=4).validate(4, limits)
-    assert "2" in str(error.value)
+    assert "valid tp: 1, 2" in str(error.value) and "or heads = 1" in str(error.value)
+    dense = registry.get("pararnn").shape_limits(tiny_cfg(heads=1, d_model=24))  # B split by output channel
+    ParallelDims(tp=8).validate(8, dense)
+    with pytest.raises(LayoutError, match="d_inner") as error:  # but whole channels
+        ParallelDims(tp=16).validate(16, dense)
+    assert "valid tp: 1, 2, 3, 4, 6, 8, 12, 24" in str(error.value)
 
 
 def test_meta_build_parameter_shapes_and_init():

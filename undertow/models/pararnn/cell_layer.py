@@ -12,7 +12,9 @@
 B is stored as cell_weight (heads, 3, Dh_out, Dh_in) and b, a (3, D), p (2, D) per channel, so every
 parameter of a channel group lies in one slice: tensor parallelism gives each rank whole heads with
 all their gates (plan.py) and the rank's channels run through conv, B, the cell and the norm
-without communication (the recurrence is diagonal per channel).
+without communication (the recurrence is diagonal per channel). With heads = 1 (B dense, one norm
+group) tensor parallelism splits B by output channel instead: the rank's convolved channels are
+all-gathered before B and the norm's mean square is summed over the ranks (dense_split.py).
 
 The Newton solve's final residual, max |h_t - f(h_{t-1}, u_t)|, is recorded every forward as the
 metric "pararnn/residual" (models/common/aux.py); the kernel also warns when it stays large.
@@ -32,6 +34,7 @@ from undertow.models.common.decoding import conv_step
 from undertow.models.common.gated_norm import GatedRMSNorm
 from undertow.models.common.shards import local_shard
 from undertow.models.pararnn.config import ParaRNNConfig
+from undertow.models.pararnn.dense_split import gather_channels, sum_over_shards
 
 # (conv window (B, D, K-1), cell state: GRU h (B, D) or LSTM (c, h) each (B, D)), float32
 ParaRNNState = tuple[torch.Tensor, object]
@@ -81,10 +84,22 @@ class ParaRNNMixer(nn.Module):
 
     def gate_inputs(self, c: torch.Tensor) -> torch.Tensor:
         """Convolved channels c (..., D) -> u = B c + b (..., 3, D), this rank's heads under TP."""
-        weight = local_shard(self.cell_weight)  # (h, 3, Dh, Dh)
+        weight = local_shard(self.cell_weight)  # (h, 3, Dh, Dh); heads = 1 under TP: (1, 3, D / tp, D)
+        if weight.shape[0] * weight.shape[-1] != c.shape[-1]:  # dense B split by output channel
+            c = gather_channels(c, self.cell_weight)
         heads = c.unflatten(-1, (weight.shape[0], weight.shape[-1]))  # (..., h, Dh)
         u = torch.einsum("...hi,hgoi->...gho", heads, weight).flatten(-2)
         return u + local_shard(self.cell_bias).to(u.dtype)
+
+    def gated_norm(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """GatedRMSNorm(h, z), h and z (..., D) this rank's channels. Where its group is wider than
+        the rank's channels (heads = 1 under TP) the float32 mean square is summed over the ranks."""
+        norm = self.norm
+        if h.shape[-1] % norm.group_size == 0:
+            return norm(h, z)
+        g = h.float() * nn.functional.silu(z.float())
+        mean_square = sum_over_shards(g.pow(2).sum(-1, keepdim=True), norm.weight) / norm.group_size
+        return (g * torch.rsqrt(mean_square + norm.eps) * local_shard(norm.weight).float()).to(z.dtype)
 
     def recurrence(self, u: torch.Tensor, doc_ids=None, initial_state=None, backend: str | None = None):
         """u (B, T, 3, D) -> h (B, T, D), the cell state after the last token, the Newton residual."""
@@ -100,7 +115,7 @@ class ParaRNNMixer(nn.Module):
                                   initial_state=window, doc_ids=doc_ids, return_final_state=True)
         h, cell_state, residual = self.recurrence(self.gate_inputs(c), doc_ids, cell_state)
         record_metric("pararnn/residual", residual)
-        out = self.out_proj(self.norm(h.to(z.dtype), z))
+        out = self.out_proj(self.gated_norm(h.to(z.dtype), z))
         return (out, (window, cell_state)) if return_state else out
 
     def step(self, x: torch.Tensor, state: ParaRNNState) -> tuple[torch.Tensor, ParaRNNState]:
@@ -110,4 +125,4 @@ class ParaRNNMixer(nn.Module):
         z = self.gate_proj(x)
         c, window = conv_step(window, self.in_proj(x), self.conv_weight, self.conv_bias)
         h, cell_state, _ = self.recurrence(self.gate_inputs(c)[:, None], None, cell_state, backend="reference")
-        return self.out_proj(self.norm(h[:, 0].to(z.dtype), z)), (window, cell_state)
+        return self.out_proj(self.gated_norm(h[:, 0].to(z.dtype), z)), (window, cell_state)

@@ -17,7 +17,8 @@ Transformer alternates attention and MLP.
 
 `heads` splits the d_inner channels into groups: the input projection B is block-diagonal over
 them (heads = 1: dense), the gated norm normalizes each group, and tensor parallelism gives each
-rank whole groups (tp must divide heads; plan.py).
+rank whole groups (tp must divide heads), or with heads = 1 splits the channels (tp must divide
+d_inner; plan.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class ParaRNNConfig:
     layer_pattern: str = opt("g-g-", help="One letter per block: g ParaGRU, l ParaLSTM, * attention, - SwiGLU MLP.")
     expand: int = opt(1, help="Cell width d_inner = expand * d_model (the paper: 1).")
     heads: int = opt(4, help="Channel groups of the cell layers: the input projection is block-diagonal over them "
-                             "(1: dense), the gated norm normalizes each, tensor parallelism splits them.")
+                             "(1: dense), the gated norm normalizes each, tensor parallelism splits them (1: "
+                             "by output channel).")
     conv_width: int = opt(4, help="Causal depthwise convolution width before the cell (2..4).")
     conv_bias: bool = opt(True, help="Bias in the causal convolution.")
     iterations: int = opt(3, help="Newton iterations of the parallel solve (>= 1; the paper: 3).")

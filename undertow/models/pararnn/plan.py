@@ -14,8 +14,13 @@ the gated norm's weight are sharded by channel with them; the gated norm normali
 whole heads per rank keep it local. out_proj is row-wise and sums the ranks' partial outputs into
 the residual stream (reduce-scattered onto the sequence shards under sequence parallelism).
 
-tp must divide `heads` (the spec's shape_limits): with heads = 1 (a dense B, every channel's gates
-reading every channel) a split would need the convolved channels all-gathered first.
+With heads = 1 (a dense B: every channel's gates read every channel; one norm group) B is split
+by output channel instead (cell_weight (1, 3, D, D) Shard(2): a rank's rows of all three gates,
+each gate split alike, so the gates are never mixed), everything else as above. Two collectives
+per layer then join the ranks (cell_layer.py, dense_split.py): the rank's convolved channels are
+all-gathered before B (reduce-scattered in the backward pass), and the gated norm's mean square
+over all D channels is all-reduced. So tp must divide `heads` when heads > 1, and d_inner always
+(the spec's shape_limits).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from undertow.models.transformer.plan import (
 
 # parameter -> the dim that runs over channels (or heads, for B)
 _BY_CHANNEL = {"conv_weight": 0, "conv_bias": 0, "cell_weight": 0, "cell_bias": 1, "a": 1, "p": 1, "norm.weight": 0}
+_DENSE_BY_OUTPUT = 2  # heads = 1: cell_weight (1, 3, D_out, D_in) split by output channel
 
 
 def _cell_styles(sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -60,4 +66,5 @@ def block_params(block: nn.Module) -> dict[str, Placement]:
     if block.kind not in CELLS:
         return {}  # attention and MLP parameters all belong to styled Linears and norms
     present = dict(block.mixer.named_parameters())  # conv_bias without cfg.conv_bias, p for the GRU
-    return {f"mixer.{name}": Shard(dim) for name, dim in _BY_CHANNEL.items() if name in present}
+    dims = dict(_BY_CHANNEL, cell_weight=0 if block.mixer.cfg.heads > 1 else _DENSE_BY_OUTPUT)
+    return {f"mixer.{name}": Shard(dim) for name, dim in dims.items() if name in present}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from undertow.models.common.flops import lm_training_flops, pattern_layer_costs
 from undertow.models.model_spec import ModelSpec
-from undertow.models.pararnn import plan
+from undertow.models.pararnn import hf, plan
 from undertow.models.pararnn.config import CELLS, ParaRNNConfig
 from undertow.models.pararnn.model import ParaRNNLM
 
@@ -71,14 +71,15 @@ def flops_per_token(cfg: ParaRNNConfig, seq_len: int) -> float:
 
 def shape_limits(cfg: ParaRNNConfig) -> list[tuple[str, str, int]]:
     """What tensor parallelism splits in each layer kind present: the cell layers' channel groups
-    (whole heads of d_inner channels per rank, plan.py), attention query and key/value heads, the
-    MLP's hidden units."""
+    (whole heads of d_inner channels per rank; with heads = 1 the channels, plan.py), attention
+    query and key/value heads, the MLP's hidden units."""
     kinds = set(cfg.layer_pattern)
     limits = []
     if kinds & set(CELLS):
-        limits += [("tp", "heads (the cell layers' channel groups; heads = 1 is a dense input projection, "
-                          "which tensor parallelism cannot split)", cfg.heads),
-                   ("tp", "d_inner (the cell layers' channels)", cfg.d_inner)]
+        if cfg.heads > 1:  # whole channel groups per rank; heads = 1 (dense B) splits by output channel
+            limits.append(("tp", "heads (the cell layers' channel groups; or heads = 1, a dense input "
+                                 "projection split by output channel, for any tp dividing d_inner)", cfg.heads))
+        limits.append(("tp", "d_inner (the cell layers' channels)", cfg.d_inner))
     if "*" in kinds:
         limits += [("tp", "attn_heads", cfg.attn_heads), ("tp", "attn_kv_heads", cfg.kv_heads)]
     if "-" in kinds:
@@ -100,7 +101,7 @@ SPEC = ModelSpec(
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
     plan=plan,
-    hf_adapter=None,  # transformers has no ParaRNN class (docs/architecture.md)
+    hf_adapter=hf,  # remote code: transformers has no ParaRNN class (hf.py)
     shape_limits=shape_limits,
     state_elements=state_elements,
 )
