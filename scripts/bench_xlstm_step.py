@@ -6,9 +6,12 @@ not installed).
         [--batch 4] [--seq-len 512] [--vocab 2048] [--steps 7] [--warmup 2] [--threads 2]
 
 Both models get the same weights (ours exported through models/xlstm/hf.py), the same random tokens
-and the same loss; the step loop, the alternation and the loss check are bench_mamba2_step.py's.
+and the same loss; a step is bench_mamba2_step.py's (zero_grad + forward + loss + backward), the two
+models alternating which goes first, and their losses must agree. Each step is timed in wall time and
+in the calling thread's CPU time (time.thread_time): on a shared machine the wall time includes the
+time the process waits for a core, the thread time does not (with --threads 1 it is the whole work).
 qk and v widths must be multiples of 64 for the export (transformers sizes its cache that way).
-Prints a markdown table with the command, machine and date for docs/benchmarks.md.
+Prints a markdown table with the command, machine, load and date for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import os
 import platform
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mamba2_step import add_step_args, interleaved_times  # noqa: E402
+from bench_mamba2_step import add_step_args, train_step  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +44,7 @@ def build_models(args):
     """(ours, transformers') with identical weights, in training mode."""
     import transformers
 
+    from undertow.models.hf_common import UNDERTOW_KEY
     from undertow.models.xlstm import hf as adapter
     from undertow.models.xlstm.config import XLSTMConfig
     from undertow.models.xlstm.model import XLSTMLM
@@ -50,12 +55,29 @@ def build_models(args):
     ours = XLSTMLM(cfg)
     ours.init_weights()
     config, tensors = adapter.to_hf(cfg, ours.state_dict(), {})
-    config.pop(adapter.UNDERTOW_KEY)
+    config.pop(UNDERTOW_KEY)
     config.pop("architectures")
     theirs = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(config.pop("model_type"), **config))
     theirs.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=False)
     return ours.train(), theirs.train()
+
+
+def timed_steps(contenders, ids: torch.Tensor, args) -> list[list[tuple[float, float]]]:
+    """(wall, thread CPU) seconds of each timed step of each (forward, model), alternating which goes
+    first so a change of load hits both alike; raises if the models' losses differ."""
+    times = [[] for _ in contenders]
+    for step in range(args.warmup + args.steps):
+        order = range(len(contenders)) if step % 2 == 0 else reversed(range(len(contenders)))
+        losses = {}
+        for k in order:
+            cpu = time.thread_time()
+            wall, losses[k] = train_step(*contenders[k], ids)
+            if step >= args.warmup:
+                times[k].append((wall, time.thread_time() - cpu))
+        if max(losses.values()) - min(losses.values()) > 1e-4:
+            raise RuntimeError(f"the models disagree (losses {losses}): not the same function, no comparison")
+    return times
 
 
 def main(argv=None) -> int:
@@ -70,8 +92,7 @@ def main(argv=None) -> int:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     backend = select_backend("mlstm", ids.float(), None, tuple(IMPLEMENTATIONS))
     names = [f"undertow XLSTMLM (mlstm: {backend})", "transformers xLSTMForCausalLM (its torch code)"]
-    times = interleaved_times([(lambda m, x: m(x), ours), (lambda m, x: m(x, use_cache=False).logits, theirs)],
-                              ids, args)
+    times = timed_steps([(lambda m, x: m(x), ours), (lambda m, x: m(x, use_cache=False).logits, theirs)], ids, args)
     tokens = args.batch * args.seq_len
     print(f"command: `python {' '.join(sys.argv)}`  ")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
@@ -81,13 +102,16 @@ def main(argv=None) -> int:
     print(f"shape: d_model {args.d_model}, {args.layers} xLSTM-7B blocks, {args.heads} heads, chunk {args.chunk_size}, "
           f"vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, float32; median of {args.steps} steps "
           f"after {args.warmup} warm-up\n")
-    print("| model | median s/step | min s/step | tokens/s (median) |")
-    print("|---|---:|---:|---:|")
+    print("| model | median s/step | min s/step | thread CPU s/step (median) | tokens/s (median) |")
+    print("|---|---:|---:|---:|---:|")
+    medians = []
     for name, t in zip(names, times):
-        med = statistics.median(t)
-        print(f"| {name} | {med:.3f} | {min(t):.3f} | {tokens / med:,.0f} |")
-    speedup = statistics.median(times[1]) / statistics.median(times[0])
-    print(f"\nundertow is {speedup:.2f}x faster per training step (median).")
+        wall, cpu = (statistics.median(x) for x in zip(*t))
+        medians.append((wall, cpu))
+        print(f"| {name} | {wall:.3f} | {min(w for w, _ in t):.3f} | {cpu:.3f} | {tokens / wall:,.0f} |")
+    (ours_wall, ours_cpu), (their_wall, their_cpu) = medians
+    print(f"\nundertow is {their_wall / ours_wall:.2f}x faster per training step (median wall time), "
+          f"{their_cpu / ours_cpu:.2f}x in thread CPU time.")
     return 0
 
 

@@ -88,10 +88,10 @@ FAMILIES = {
     # the xLSTM-7B block: heads of 8 (q, k) and 16 (v) channels, chunks that split the 32-token rows
     "xlstm": Family("tiny-xlstm", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                    "--model.chunk_size", "8"), STANDARD),
-    # the paper's blocks: sLSTM (serial state passing under cp) and the pre-up-projection mLSTM; no tp
-    # plan for them (refused at config load)
+    # the paper's blocks: sLSTM (serial state passing under cp) and the pre-up-projection mLSTM; under
+    # tp (with sequence parallelism) each rank runs 2 of the 4 heads of each (models/xlstm/plan.py)
     "xlstm-paper": Family("tiny-xlstm-hybrid", ("--model.d_model", "32", "--model.n_layers", "2", "--model.layer_pattern",
-                                                "sM", "--model.chunk_size", "8"), ("fsdp2", "cp2", "pp2")),
+                                                "sM", "--model.chunk_size", "8"), STANDARD + ("cp2xtp2",)),
     # one ParaGRU and one ParaLSTM block (TP by channel groups: one head of 16 channels per rank);
     # Newton scans of 8-token chunks; under cp the Newton systems span the ranks (kernels/pararnn/context.py)
     "pararnn": Family("tiny-paragru", ("--model.d_model", "32", "--model.layer_pattern", "gl", "--model.heads", "2",

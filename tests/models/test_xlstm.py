@@ -11,6 +11,7 @@ from tests.models.helpers import build, greedy_by_full_forwards
 from undertow.models import registry
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.generate import prefill, step
+from undertow.models.xlstm.mlstm_layer import soft_cap
 from undertow.models.xlstm.spec import block_matmul_params, flops_per_token, state_elements
 from undertow.pretrain.config import build_config
 
@@ -77,6 +78,20 @@ def test_forward_is_soft_capped_float32_logits():
     logits = model(torch.randint(0, V, (2, 9)))
     assert logits.shape == (2, 9, V) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all() and logits.abs().max() < 2.0 and logits.abs().max() > 1.0
+
+
+def test_soft_cap_function_and_gradient_are_the_three_ops():
+    """The soft-cap's hand-written backward (mlstm_layer._SoftCap) against autograd through
+    cap * tanh(x / cap), in float64, with values that saturate the cap and values that do not."""
+    x = (torch.randn(3, 5, 7, dtype=torch.float64) * 20).requires_grad_()
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    ours = soft_cap(x, 15.0)
+    (dx,) = torch.autograd.grad(ours, x, g)
+    ref = 15.0 * torch.tanh(x / 15.0)
+    (ref_dx,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(ours, ref) and rel_err(dx, ref_dx) < 1e-14
+    assert torch.autograd.gradcheck(lambda t: soft_cap(t, 3.0), (x[0, :2].detach().clone().requires_grad_(),))
+    assert soft_cap(x, 0.0) is x
 
 
 def test_first_training_steps_lower_the_loss_and_stay_finite():

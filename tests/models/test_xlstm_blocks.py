@@ -206,10 +206,13 @@ def test_spec_tp_and_hf_refusals():
     flops = spec.layer_cost(cfg, 16)
     assert len(flops) == 5 and flops[3] == 3.0 * (2 * spec.block_matmul_params(cfg, "*") + 4 * 16 * 32)
     limits = spec.shape_limits(cfg)
-    with pytest.raises(LayoutError, match=r"tp=2 does not divide layer_pattern 's' \(sLSTM block, which has no "
-                                          r"tensor-parallel plan\)=1; valid tp: 1"):
-        ParallelDims(tp=2).validate(2, limits)
-    ParallelDims(tp=2).validate(2, spec.shape_limits(tiny_cfg(layer_pattern="m*-m", n_layers=4)))
+    ParallelDims(tp=2).validate(2, limits)  # every block kind splits by heads (plan.py)
+    paper = dict(layer_pattern="sM", n_layers=2)
+    with pytest.raises(LayoutError, match=r"tp=4 does not divide slstm_heads=2; valid tp: 1, 2"):
+        ParallelDims(tp=4).validate(4, spec.shape_limits(tiny_cfg(**paper, slstm_heads=2)))
+    with pytest.raises(LayoutError, match=r"tp=4 does not divide up_heads=2; valid tp: 1, 2"):
+        ParallelDims(tp=4).validate(4, spec.shape_limits(tiny_cfg(**paper, up_heads=2)))
+    ParallelDims(tp=4).validate(4, spec.shape_limits(tiny_cfg(**paper)))
     with pytest.raises(HFConversionError, match="only all-`m` patterns export"):
         hf.hf_architecture(cfg)
 

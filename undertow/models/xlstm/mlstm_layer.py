@@ -24,9 +24,28 @@ from undertow.models.xlstm.config import XLSTMConfig
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H)
 
 
+class _SoftCap(torch.autograd.Function):
+    """y = cap * tanh(x / cap), dy/dx = 1 - (y / cap)^2. Autograd through the three ops allocates a
+    tensor per op each way and keeps x / cap and the tanh; this keeps only y and allocates one tensor
+    forward and one backward. On the (B, T, vocab) float32 logits that is most of the soft-cap's cost
+    in a CPU training step (fresh large tensors cost page faults as well as passes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cap: float) -> torch.Tensor:
+        y = torch.div(x, cap).tanh_().mul_(cap)  # the same ops, in place after the first
+        ctx.cap = cap
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return y.mul(-1.0 / ctx.cap ** 2).mul_(y).add_(1.0).mul_(grad), None
+
+
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap): x bounded to (-cap, cap), nearly unchanged where |x| << cap (0: no cap)."""
-    return cap * torch.tanh(x / cap) if cap else x
+    return _SoftCap.apply(x, cap) if cap else x
 
 
 class MultiHeadNorm(nn.Module):

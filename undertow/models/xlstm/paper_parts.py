@@ -5,6 +5,9 @@ Parameter layouts are the xLSTM code's (NX-AI/xlstm 2.0.6, `components/`), so it
 to one: a block-diagonal projection's weight is (blocks, out per block, in per block); the conv's is
 (channels, width) (nn.Conv1d's (channels, 1, width) without the middle axis). Its LayerNorms store
 weight - 1 (`residual_weight`); ours store the weight itself.
+
+Under tensor parallelism (plan.py) the block-diagonal weights are sharded by block and the conv by
+channel; both compute with this rank's shard (`local_shard`) on this rank's channels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from undertow.kernels.causal_conv1d import causal_conv1d
 from undertow.models.common.decoding import conv_step
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
+from undertow.models.common.shards import local_shard
 from undertow.models.xlstm.config import XLSTMConfig
 
 
@@ -34,8 +38,9 @@ class HeadwiseLinear(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = x.unflatten(-1, (self.weight.shape[0], -1))
-        return torch.einsum("...hi,hoi->...ho", blocks, self.weight).flatten(-2)
+        weight = local_shard(self.weight)  # this rank's blocks under tensor parallelism
+        blocks = x.unflatten(-1, (weight.shape[0], -1))
+        return torch.einsum("...hi,hoi->...ho", blocks, weight).flatten(-2)
 
 
 class LayerNorm(nn.Module):
@@ -79,8 +84,8 @@ class CausalConv(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x, doc_ids=None, window=None, return_state=False):
-        return causal_conv1d(x, self.weight, self.bias, activation="silu", initial_state=window, doc_ids=doc_ids,
-                             return_final_state=return_state)
+        return causal_conv1d(x, local_shard(self.weight), local_shard(self.bias), activation="silu",
+                             initial_state=window, doc_ids=doc_ids, return_final_state=return_state)
 
     def step(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token x (B, D) after the inputs `window` holds -> y (B, D), the next window."""

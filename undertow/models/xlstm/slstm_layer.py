@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from undertow.kernels.slstm import slstm
+from undertow.models.common.shards import local_shard
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.mlstm_layer import MultiHeadNorm
 from undertow.models.xlstm.paper_parts import CausalConv, HeadwiseLinear
@@ -63,9 +64,9 @@ class SLSTMLayer(nn.Module):
     def gates(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x, c (conv output) (..., d_model) -> pre-activations W x + b (..., 4, H, Dh) in float32 (the
         kernel's exponential gates are where precision matters)."""
-        dh = self.bias.shape[-1]
+        bias = local_shard(self.bias)  # (4, H, Dh); this rank's heads under tensor parallelism
         raw = torch.stack([self.igate(c), self.fgate(c), self.zgate(x), self.ogate(x)], dim=-2)  # (..., 4, d)
-        return raw.unflatten(-1, (-1, dh)).float() + self.bias.float()
+        return raw.unflatten(-1, (-1, bias.shape[-1])).float() + bias.float()
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, state: SLSTMState | None = None,
                 return_state: bool = False):
@@ -73,7 +74,8 @@ class SLSTMLayer(nn.Module):
         c = self.conv(x, doc_ids, window, return_state)
         if return_state:
             c, window = c
-        y = slstm(self.gates(x, c), self.R, initial_state=cell, doc_ids=doc_ids, return_final_state=return_state)
+        y = slstm(self.gates(x, c), local_shard(self.R), initial_state=cell, doc_ids=doc_ids,
+                  return_final_state=return_state)
         if return_state:
             y, cell = y
             return self.norm(y).to(x.dtype), (window, cell)
@@ -84,5 +86,5 @@ class SLSTMLayer(nn.Module):
         for one step from the carried state)."""
         window, cell = state
         c, window = self.conv.step(x, window)
-        y, cell = slstm(self.gates(x, c)[:, None], self.R, initial_state=cell, return_final_state=True)
+        y, cell = slstm(self.gates(x, c)[:, None], local_shard(self.R), initial_state=cell, return_final_state=True)
         return self.norm(y[:, 0]).to(x.dtype), (window, cell)

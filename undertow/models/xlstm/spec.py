@@ -22,9 +22,6 @@ from undertow.models.xlstm import hf, plan
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.model import XLSTMLM
 
-# Letters whose blocks have no tensor-parallel plan (see plan.py): tp must be 1 with them.
-NO_TP = {"s": "sLSTM block", "M": "paper mLSTM block"}
-
 
 def block_matmul_params(cfg: XLSTMConfig, kind: str = "m") -> int:
     """Weights of one `kind` block's projections (the matmuls; R counted for s)."""
@@ -78,16 +75,18 @@ def flops_per_token(cfg: XLSTMConfig, seq_len: int) -> float:
 
 def shape_limits(cfg: XLSTMConfig) -> list[tuple[str, str, int]]:
     """What tensor parallelism splits in each block kind present: the mLSTM heads and the SwiGLU's
-    hidden units (m), attention query and key/value heads (*), the MLP's hidden units (-). The s and
-    M blocks have no plan: a limit of 1 makes any tp > 1 fail validation, naming them."""
+    hidden units (m), attention query and key/value heads (*), the MLP's hidden units (-), the sLSTM
+    heads and its FFN's hidden units (s), the up-projection mLSTM's heads (M)."""
     kinds = set(cfg.pattern)
     limits = [("tp", "n_heads", cfg.n_heads)] if "m" in kinds else []
     if kinds & {"m", "-"}:
         limits.append(("tp", "ffn_hidden", cfg.hidden))
     if "*" in kinds:
         limits += [("tp", "attn_heads", cfg.q_heads), ("tp", "attn_kv_heads", cfg.kv_heads)]
-    for kind in (k for k in NO_TP if k in kinds):
-        limits.append(("tp", f"layer_pattern {kind!r} ({NO_TP[kind]}, which has no tensor-parallel plan)", 1))
+    if "s" in kinds:  # sLSTM heads (conv, gates, R, GroupNorm per head), its gated FFN's hidden units
+        limits += [("tp", "slstm_heads", cfg.slstm_heads), ("tp", "the sLSTM FFN width", cfg.slstm_ffn_hidden)]
+    if "M" in kinds:  # up-projection mLSTM heads (q/k/v blocks divide a head: a rank's channels hold whole ones)
+        limits.append(("tp", "up_heads", cfg.up_heads))
     return limits
 
 

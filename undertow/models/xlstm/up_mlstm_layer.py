@@ -12,6 +12,11 @@
 The xLSTM code fuses up_a and up_z as proj_up = [a; z]; its gates read q, k, v concatenated in that
 order. Its parallel form has no initial state, so its stabilizer differs from the recurrence's
 (which starts at m = 0); h does not depend on the stabilizer except through eps * exp(m).
+
+Under tensor parallelism (plan.py) a rank holds whole heads: its channels of a, z, c, q, k, v and
+h. The gates read every head's q, k, v: a rank's channels give a partial sum of every head's gate
+pre-activation (the weight's columns of its channels), and one reduce-scatter over the heads leaves
+each rank the whole sums of its own heads (2 H numbers a token on the wire, not 3 E).
 """
 
 from __future__ import annotations
@@ -19,14 +24,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from undertow.kernels.mlstm import mlstm, mlstm_step
+from undertow.models.common.shards import local_row_parts, local_shard
 from undertow.models.xlstm.config import XLSTMConfig
 from undertow.models.xlstm.mlstm_layer import MLSTMState, MultiHeadNorm
 from undertow.models.xlstm.paper_parts import CausalConv, HeadwiseLinear
 
 # (conv window (B, E, K-1), mLSTM state (C (B, H, Dh, Dh), n (B, H, Dh), m (B, H))), all float32
 UpMLSTMState = tuple[torch.Tensor, MLSTMState]
+
+
+def _sum_onto_heads(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """partial (..., H): this rank's part of a sum over channels, for every head -> (..., H / tp) the
+    whole sums of this rank's heads, split as `like` (a head-sharded parameter) is: a reduce-scatter
+    (backward: the heads' gradients all-gathered to every rank). `partial` itself without tensor
+    parallelism. The mesh is read from `like`, so the model names no process group."""
+    if not isinstance(like, DTensor):
+        return partial
+    parts = [Partial() if isinstance(p, Shard) else Replicate() for p in like.placements]
+    heads = [Shard(partial.ndim - 1) if isinstance(p, Shard) else Replicate() for p in like.placements]
+    total = DTensor.from_local(partial, like.device_mesh, parts, run_check=False)
+    return total.redistribute(placements=heads).to_local()
 
 
 class UpMLSTMLayer(nn.Module):
@@ -68,16 +88,27 @@ class UpMLSTMLayer(nn.Module):
         self.norm.init_weights()
 
     def project(self, a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """a, c (..., E) -> q, k, v (..., H, Dh) and i~, f~ (..., H) float32."""
+        """a, c (..., E) -> q, k, v (..., H, Dh) and i~, f~ (..., H) float32 (this rank's E / tp
+        channels and H / tp heads under tensor parallelism)."""
         q, k, v = self.q(c), self.k(c), self.v(a)
-        qkv = torch.cat([q, k, v], dim=-1)
+        i, f = self.gates(torch.cat([q, k, v], dim=-1))
         heads = (-1, self.head_dim)
-        return (q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads),
-                self.igate(qkv).float(), self.fgate(qkv).float())
+        return q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), i, f
+
+    def gates(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q, k, v] (..., 3 E) -> i~, f~ (..., H) float32, Linear([q, k, v]) + bias. Under tensor
+        parallelism qkv holds this rank's channels of each part, the (replicated) weights are cut to
+        the matching columns, and the partial sums are reduce-scattered onto the heads."""
+        weight = torch.cat([self.igate.weight, self.fgate.weight])  # (2 H, 3 E)
+        columns = local_row_parts(weight.t(), [self.cfg.up_inner] * 3).t()  # this rank's channels of q, k, v
+        partial = F.linear(qkv, columns).unflatten(-1, (2, -1))  # (..., 2, H): i and f
+        bias = torch.stack([local_shard(self.igate.bias), local_shard(self.fgate.bias)])  # (2, H / tp)
+        pre = (_sum_onto_heads(partial, self.igate.bias) + bias).float()
+        return pre[..., 0, :], pre[..., 1, :]
 
     def output(self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """h (..., H, Dh), c and z (..., E) -> (..., d_model)."""
-        return self.down((self.norm(h).to(c.dtype) + self.skip * c) * F.silu(z))
+        return self.down((self.norm(h).to(c.dtype) + local_shard(self.skip) * c) * F.silu(z))
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, state: UpMLSTMState | None = None,
                 return_state: bool = False):
