@@ -124,12 +124,12 @@ FAMILIES = {
     "depth-ut": Family("tiny-ut", ("--model.d_model", "32", "--model.n_heads", "2", "--model.ffn_hidden", "48",
                                    "--model.max_steps", "3"), ("fsdp2", "tp2", "cp2")),
     # Titans MAC (2-layer MLP memory of 2 heads, chunks of 4, segments of 16; the documents start
-    # inside chunks and segments); tp by attention and memory heads. No cp (no memory state passing
-    # yet: refused at config load)
+    # inside chunks and segments); tp by attention and memory heads; cp passes the memory state rank
+    # to rank (one segment per rank), also with tp
     "titans": Family("tiny-titans-mac", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                          "--model.mem_heads", "2", "--model.chunk_size", "4", "--model.segment_len",
                                          "16", "--model.window", "16", "--model.persistent_tokens", "2"),
-                     ("fsdp2", "tp2", "pp2", "tp2xpp2")),
+                     ("fsdp2", "tp2", "cp2", "pp2", "tp2xpp2", "cp2xtp2")),
 }
 
 

@@ -173,3 +173,22 @@ def test_7b_mac_recipe_builds_on_meta_and_plans_on_8_gpus(capsys):
     assert sum(p.numel() for p in model.parameters()) == 7_058_437_296  # the recipe's comment
     assert main(["plan", "titans-7b-mac", "--gpus", "8"]) == 0
     assert "titans-7b-mac" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_context_parallel_split_must_hold_whole_segments(variant):
+    """A cp slice holds whole segments (chunks divide them, windows fit in them): anything else is
+    refused before any work, with the cp degrees that would do."""
+    from undertow.parallel.mesh import LayoutError, ParallelDims
+
+    def check(seq_len, cp):
+        cfg = build_config({"name": "t", "model": {"family": "titans", "variant": variant, "vocab_size": V,
+                                                   "segment_len": 32, "chunk_size": 8, "window": 16},
+                            "data": {"seq_len": seq_len}, "parallel": {"cp": cp}})
+        ParallelDims(cp=cp).validate(cp, cfg.layout_limits())
+
+    check(128, 4)  # slices of 32: one segment each
+    with pytest.raises(LayoutError, match=r"cp=2 does not divide seq_len / segment_len = 96 / 32 .*=3; valid cp: 1, 3"):
+        check(96, 2)  # slices of 48 hold whole chunks of 8 but cut a segment
+    with pytest.raises(LayoutError, match=r"valid cp: 1$"):
+        check(100, 2)  # no whole number of segments

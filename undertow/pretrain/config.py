@@ -313,6 +313,8 @@ class ExperimentConfig:
             limits.append(("tp", "seq_len / cp", self.data.seq_len // self.parallel.cp))
         if self.parallel.cp > 1:
             limits.append(("cp", "seq_len", self.data.seq_len))
+            if hasattr(self.model, "context_limits"):  # a family whose cp slices must hold whole chunks/segments
+                limits += self.model.context_limits(self.data.seq_len)
         return limits
 
     def _check_pipeline_microbatches(self) -> None:

@@ -9,6 +9,7 @@ import torch
 from undertow.kernels.context import context_parallel_op
 from undertow.kernels.dispatch import select_backend
 from undertow.kernels.titans_memory.chunked import titans_memory_chunked
+from undertow.kernels.titans_memory.context import SERIAL_STATE, run_serial_memory
 from undertow.kernels.titans_memory.reference import start_state, titans_memory_reference
 from undertow.kernels.titans_memory.rule import MemoryState, UpdateRule, memory_forward
 
@@ -26,10 +27,13 @@ def titans_memory(q, k, v, theta, eta, alpha, init_weights, *, gamma=None, rule:
     initial_state: the MemoryState a row starts from (None: M_0, zero momentum); doc_ids (B, T): the memory
     restarts from M_0 where it changes. Gradients are taken at the weights of each chunk's start
     (chunk_size, the paper's parallel training; 1 = token by token), in both backends.
-    Returns y (B, T, H, Dv) in q's dtype [, final MemoryState (float32)]."""
-    # under context parallelism this raises (no handler is installed for the op): the memory has no
-    # state passing yet, and a rank's slice run from M_0 would be silently wrong
-    context_parallel_op("titans_memory")
+    Returns y (B, T, H, Dv) in q's dtype [, final MemoryState (float32)]. Under context parallelism
+    (context.py) the state passes serially from rank to rank; each slice must hold whole chunks."""
+    handler = context_parallel_op("titans_memory", SERIAL_STATE)
+    if handler is not None:
+        return run_serial_memory(handler, titans_memory, q, k, v, theta, eta, alpha, init_weights, gamma=gamma,
+                                 rule=rule, chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,
+                                 return_final_state=return_final_state, recompute=recompute, backend=backend)
     chosen = select_backend("titans_memory", q, backend, tuple(IMPLEMENTATIONS))
     kwargs = dict(gamma=gamma, rule=rule, chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,
                   return_final_state=return_final_state)

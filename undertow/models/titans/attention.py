@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from undertow.models.common.attention import causal_attention, document_causal_mask
+from undertow.models.common.shards import local_shard
 from undertow.models.titans.config import TitansConfig
+from undertow.models.titans.context import tail_mask, tail_of
 from undertow.models.transformer.config import TransformerConfig
 from undertow.models.transformer.model import Attention
 
@@ -50,9 +52,9 @@ class PersistentAttention(nn.Module):
     def persistent_kv(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P, Hkv, head_dim) keys and values of the persistent tokens."""
         P, hd = self.persistent.shape[0], self.attn.head_dim
-        k = self.attn.k_proj(self.persistent).view(1, P, -1, hd).expand(batch, -1, -1, -1)
-        v = self.attn.v_proj(self.persistent).view(1, P, -1, hd).expand(batch, -1, -1, -1)
-        return k, v
+        k, v = self.attn.k_proj(self.persistent), self.attn.v_proj(self.persistent)
+        shape = (1, P, k.shape[-1] // hd, hd)  # heads from the width (this rank's under TP): P may be 0
+        return k.view(shape).expand(batch, -1, -1, -1), v.view(shape).expand(batch, -1, -1, -1)
 
     def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None, window: int | None = None):
         B, T, _ = x.shape
@@ -67,6 +69,31 @@ class PersistentAttention(nn.Module):
                               document_causal_mask(ids, window)], -1)
             out = attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1), mask)
         return self.attn.o_proj(out.reshape(B, T, -1))
+
+    # ---- context parallelism: the previous cp rank's last window - 1 keys/values (context.py)
+    def tail_shapes(self, batch: int, window: int) -> list[tuple[int, ...]]:
+        """Shapes of the tail a slice passes on: keys, values (B, window - 1, Hkv, D), flags (B, window - 1)."""
+        hd = self.attn.head_dim
+        kv = (batch, window - 1, local_shard(self.attn.k_proj.weight).shape[0] // hd, hd)
+        return [kv, kv, (batch, window - 1)]
+
+    def forward_tail(self, x, cos, sin, doc_ids, window: int, tail):
+        """forward's output on a cp slice whose window reaches into the previous rank's: `tail` (keys,
+        values, flags: context.tail_of's of the previous slice, None on the first rank) -> (out, this
+        slice's tail)."""
+        B, T, _ = x.shape
+        q, k, v = self.attn.project(x, cos, sin)
+        pk, pv = self.persistent_kv(B)
+        ids = doc_ids if doc_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
+        keys, values = [pk], [pv]
+        masks = [torch.ones(B, 1, T, pk.shape[1], dtype=torch.bool, device=x.device)]
+        if tail is not None:
+            keys.append(tail[0].to(k.dtype))
+            values.append(tail[1].to(v.dtype))
+            masks.append(tail_mask(tail[2], doc_ids, T))
+        keys, values = torch.cat([*keys, k], 1), torch.cat([*values, v], 1)
+        out = attend(q, keys, values, torch.cat([*masks, document_causal_mask(ids, window)], -1))
+        return self.attn.o_proj(out.reshape(B, T, -1)), tail_of(k, v, doc_ids, window - 1)
 
     # ---- decoding with a sliding-window key/value cache
     def prefill(self, x, cos, sin, window: int):

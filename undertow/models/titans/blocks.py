@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from undertow.kernels.titans_memory import MemoryState
+from undertow.kernels.titans_memory.context import flatten
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.titans.attention import PersistentAttention, attend, document_causal_mask
 from undertow.models.titans.config import TitansConfig
+from undertow.models.titans.context import block_handler
 from undertow.models.titans.memory import NeuralMemory
 
 
@@ -24,6 +27,14 @@ def _rows(mask: torch.Tensor, a: MemoryState, b: MemoryState) -> MemoryState:
     window = None if a.window is None else tuple(pick(x, y) for x, y in zip(a.window, b.window))
     return MemoryState(tuple(pick(x, y) for x, y in zip(a.weights, b.weights)),
                        tuple(pick(x, y) for x, y in zip(a.momentum, b.momentum)), window)
+
+
+def split_state(mem: NeuralMemory, flat: tuple | None) -> tuple[MemoryState | None, tuple | None]:
+    """A MAG/MAL block's flat cp state (None on the first rank) -> the memory's state, the attention's tail."""
+    if flat is None:
+        return None, None
+    n = len(mem.flat_shapes(1))
+    return mem.unflatten(flat[:n]), tuple(flat[n:])
 
 
 class TitansBlock(nn.Module):
@@ -102,9 +113,17 @@ class MACMixer(nn.Module):
         return attn.o_proj(out.reshape(B, n, -1))
 
     def forward(self, h, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        handler = block_handler(lambda: self.mem.flat_shapes(h.shape[0]))
+        if handler is not None:  # context parallelism: the memory state from the previous cp rank
+            return handler(self.run, h, cos, sin, doc_ids=doc_ids)
+        return self.run(h, cos, sin, doc_ids=doc_ids)
+
+    def run(self, h, cos, sin, doc_ids=None, initial_state=None, return_final_state=False):
+        """The segments of h (B, T, d) from the memory state `initial_state` (flat, context.py; None:
+        M_0) -> out (B, T, d) [, the flat state after them]."""
         B, T, _ = h.shape
         fresh = self.mem.fresh_state(B, h)
-        state, outs = fresh, []
+        state, outs = fresh if initial_state is None else self.mem.unflatten(initial_state), []
         for s0 in range(0, T, self.segment):
             seg = slice(s0, min(s0 + self.segment, T))
             ids = doc_ids[:, seg] if doc_ids is not None else None
@@ -113,7 +132,8 @@ class MACMixer(nn.Module):
             y = self._segment(h[:, seg], cos[:, seg], sin[:, seg], state, fresh, ids)
             m, state = self.mem.run(self.mem.inputs(y), initial_state=state, doc_ids=ids, return_state=True)
             outs.append(y * torch.sigmoid(self.mem.project_out(m)))
-        return torch.cat(outs, 1)
+        out = torch.cat(outs, 1)
+        return (out, flatten(state)) if return_final_state else out
 
     # ---- decoding: (memory at the segment's start, the memory's DecodeState, the segment's tokens so far)
     def prefill(self, h, cos, sin):
@@ -164,8 +184,20 @@ class MAGMixer(nn.Module):
         return self.gate_out(self.norm_y(y) * torch.sigmoid(self.norm_m(self.mem.project_out(m))))
 
     def forward(self, h, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        handler = block_handler(lambda: self.mem.flat_shapes(h.shape[0]) + self.attn.tail_shapes(h.shape[0],
+                                                                                                 self.window))
+        if handler is not None:  # context parallelism: memory state and window tail from the previous rank
+            return handler(self.run_slice, h, cos, sin, doc_ids=doc_ids)
         y = self.attn(h, cos, sin, doc_ids, cu_seqlens, max_seqlen, window=self.window)
         return self.join(y, self.mem.run(self.mem.inputs(h), doc_ids=doc_ids))
+
+    def run_slice(self, h, cos, sin, doc_ids=None, initial_state=None, return_final_state=True):
+        """A cp slice from the flat state (memory, then the attention tail; context.py) the previous
+        rank ended with (None on the first) -> (out, the flat state this slice ends with)."""
+        mem_state, tail = split_state(self.mem, initial_state)
+        y, tail = self.attn.forward_tail(h, cos, sin, doc_ids, self.window, tail)
+        m, final = self.mem.run(self.mem.inputs(h), initial_state=mem_state, doc_ids=doc_ids, return_state=True)
+        return self.join(y, m), (*flatten(final), *tail)
 
     def prefill(self, h, cos, sin):
         y, cache = self.attn.prefill(h, cos, sin, self.window)
@@ -195,8 +227,25 @@ class MALBlock(TitansBlock):
         self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
 
     def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+        handler = block_handler(lambda: self.mem.flat_shapes(x.shape[0]) + self.attn.tail_shapes(x.shape[0],
+                                                                                                 self.window))
+        if handler is not None:  # context parallelism: memory state and window tail from the previous rank
+            if isinstance(self.mem.q_proj.weight, DTensor):  # run_slice calls mem and attn past their TP wrappers
+                raise NotImplementedError("Titans MAL under context parallelism with tensor parallelism is not "
+                                          "implemented (mac and mag are); use tp = 1 or cp = 1")
+            return self.add_ffn(handler(self.run_slice, x, cos, sin, doc_ids=doc_ids))
         x = x + self.mem(self.norm_mem(x), doc_ids)
         return self.add_ffn(x + self.attn(self.norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen, window=self.window))
+
+    def run_slice(self, x, cos, sin, doc_ids=None, initial_state=None, return_final_state=True):
+        """The memory and attention branches of a cp slice (as MAGMixer.run_slice) -> (x after both,
+        the flat state this slice ends with)."""
+        mem_state, tail = split_state(self.mem, initial_state)
+        m, final = self.mem.run(self.mem.inputs(self.norm_mem(x)), initial_state=mem_state, doc_ids=doc_ids,
+                                return_state=True)
+        x = x + self.mem.project_out(m)
+        y, tail = self.attn.forward_tail(self.norm(x), cos, sin, doc_ids, self.window, tail)
+        return x + y, (*flatten(final), *tail)
 
     def prefill(self, x, cos, sin):
         m, dstate = self.mem.prefill(self.mem.inputs(self.norm_mem(x)))

@@ -83,6 +83,15 @@ class TitansConfig:
         """Widths through one head's memory network: Dk -> (hidden ->)* Dv."""
         return [self.mem_head_dim] + [self.mem_hidden] * (self.mem_depth - 1) + [self.mem_head_dim]
 
+    def context_limits(self, seq_len: int) -> list[tuple[str, str, int]]:
+        """What context parallelism must divide (ParallelDims.validate's form): a cp slice of a row holds
+        whole segments, so memory chunks (which divide segment_len) never straddle two ranks, MAC's
+        segment attention stays on one rank and MAG/MAL's window (<= segment_len) reaches only into the
+        previous rank's slice (models/titans/context.py). A row of no whole number of segments: cp 1 only."""
+        what = (f"seq_len / segment_len = {seq_len} / {self.segment_len} (a cp slice must hold whole segments of "
+                f"segment_len tokens: chunks and windows never straddle two ranks)")
+        return [("cp", what, seq_len // self.segment_len if seq_len % self.segment_len == 0 else 1)]
+
     def validate(self) -> None:
         d = self.d_model
         check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0 (0: from the tokenizer)")

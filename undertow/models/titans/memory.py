@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from undertow.kernels.titans_memory import MemoryState, memory_forward, start_state, titans_memory
+from undertow.kernels.titans_memory.context import flat_shapes, unflatten
 from undertow.models.common.shards import local_shard
 from undertow.models.titans.config import TitansConfig
 
@@ -104,6 +105,16 @@ class NeuralMemory(nn.Module):
         dtype = torch.float64 if m0[0].dtype == torch.float64 else torch.float32  # the kernel's
         k = like.new_zeros(batch, 1, m0[0].shape[0], self.head_dim, dtype=dtype)
         return start_state(m0, batch, k, k, self.cfg.rule, dtype)
+
+    def flat_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """Shapes of the flat state context parallelism passes (kernels/titans_memory/context.py)."""
+        m0 = self.initial_weights()
+        return flat_shapes(batch, m0, self.cfg.rule, m0[0].shape[0], self.head_dim, self.head_dim)
+
+    def unflatten(self, flat: tuple) -> MemoryState:
+        """The flat state -> MemoryState (rows with live = 0 restart from M_0)."""
+        k = flat[0].new_zeros(flat[0].shape[0], 1, self.initial_weights()[0].shape[0], self.head_dim)
+        return unflatten(flat, self.initial_weights(), self.cfg.rule, k, k)
 
     def read(self, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
         """The memory `state` answering the queries of x (B, T, d_model) without an update -> (B, T, H, Dm)."""

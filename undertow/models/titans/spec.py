@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from undertow.models.common.flops import lm_training_flops, pattern_layer_costs
 from undertow.models.model_spec import ModelSpec
-from undertow.models.titans import plan
+from undertow.models.titans import hf, plan
 from undertow.models.titans.config import TitansConfig
 from undertow.models.titans.model import TitansLM
 
@@ -57,10 +57,8 @@ def flops_per_token(cfg: TitansConfig, seq_len: int) -> float:
 
 def shape_limits(cfg: TitansConfig) -> list[tuple[str, str, int]]:
     """Tensor parallelism splits the attention heads, the memory heads and the SwiGLU's hidden units
-    (plan.py). The memory has no context-parallel state passing yet (kernels/titans_memory): a limit of
-    1 makes any cp > 1 fail validation, naming it."""
-    return [("tp", "n_heads", cfg.n_heads), ("tp", "mem_heads", cfg.mem_heads), ("tp", "ffn_hidden", cfg.hidden),
-            ("cp", "the Titans memory (no context-parallel state passing yet)", 1)]
+    (plan.py). Context parallelism's limit depends on the row length: TitansConfig.context_limits."""
+    return [("tp", "n_heads", cfg.n_heads), ("tp", "mem_heads", cfg.mem_heads), ("tp", "ffn_hidden", cfg.hidden)]
 
 
 def state_elements(cfg: TitansConfig) -> list[int]:
@@ -77,7 +75,7 @@ SPEC = ModelSpec(
     flops_per_token=flops_per_token,
     layer_cost=layer_cost,
     plan=plan,
-    hf_adapter=None,
+    hf_adapter=hf,
     shape_limits=shape_limits,
     state_elements=state_elements,
 )
