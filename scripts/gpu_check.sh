@@ -24,6 +24,9 @@
 #  (2e) scripts/bench_moe_gpu.py: one OLMoE MLP (64 experts of 1024, top-8, 8192 tokens, bf16) forward
 #      + backward against a dense SwiGLU of the same active FLOPs, torch._grouped_mm and split GEMMs
 #      (issue 18's target: <= 1.3x the dense; not yet in the sums above, expected ~15 s);   MOE_LIMIT 45
+#  (2f) scripts/bench_titans_gpu.py: our Triton Titans linear memory (bf16 and exact float32) and the
+#      chunked form beside fla's chunk_gated_delta_rule (anchor wheels on PYTHONPATH), B=8, T=2048,
+#      16 heads x 128 (not yet in the sums above, never run on a GPU);                     TITANS_LIMIT 60
 #  (3) scripts/bench_train_gpu.py: tokens/s, MFU and peak memory of a mamba2-370m training step
 #      (B=8, T=2048, bf16);                                                                TRAIN_LIMIT 90
 #  (4) a short sweep, scripts/bench_ssd.py gpu --sweep --only "$SWEEP_ONLY": our SSD under the most
@@ -34,7 +37,8 @@
 # killed by its limit still leaves the rows it finished in its log.
 # Results in $OUT: nvidia-smi.txt, tests.log, bench.log, bench_ssd_gpu.md, bench_ssd.json,
 # profile.log, bench_ssd_profile.md, mlstm.log, bench_mlstm_gpu.md, bench_mlstm.json, train.log,
-# bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json, pararnn.log, bench_pararnn_gpu.md.
+# bench_train_gpu.json, sweep.log, bench_ssd_sweep.md, bench_ssd_sweep.json, pararnn.log, bench_pararnn_gpu.md,
+# titans.log, bench_titans_gpu.md, bench_titans.json.
 # Exit status: 0 when the tests passed and the benchmarks ran (SSD beside mamba_ssm), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +81,9 @@ PYTHONPATH="$PWD" timeout ${PARARNN_LIMIT:-60} python3 -u scripts/bench_pararnn_
 echo "== MoE layer vs dense SwiGLU of the same active FLOPs (OLMoE MLP shape)" | tee "$OUT/moe.log"
 PYTHONPATH="$PWD" timeout ${MOE_LIMIT:-45} python3 -u scripts/bench_moe_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/moe.log" || status=1
 
+echo "== Titans linear memory vs fla's gated delta rule" | tee "$OUT/titans.log"
+PYTHONPATH="$PWD:$SITE" timeout ${TITANS_LIMIT:-60} python3 -u scripts/bench_titans_gpu.py --out "$OUT" 2>&1 | tee -a "$OUT/titans.log" || status=1
+
 echo "== mamba2-370m training step" | tee "$OUT/train.log"
 PYTHONPATH="$PWD" timeout ${TRAIN_LIMIT:-90} python3 -u scripts/bench_train_gpu.py mamba2-370m --out "$OUT" 2>&1 | tee -a "$OUT/train.log" || status=1
 if [ -n "${WITH_COMPILE:-}" ]; then
@@ -96,6 +103,7 @@ echo "-- SSD profile (ours, forward+backward):"; grep -E "^\||host time|sum of d
 echo "-- mLSTM vs TFLA:"; cat "$OUT/bench_mlstm_gpu.md" 2>/dev/null || grep -E "^\||undertow / TFLA|Error" "$OUT/mlstm.log" | tail -n 8
 echo "-- ParaRNN triton vs loop:"; cat "$OUT/bench_pararnn_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/pararnn.log" | tail -n 8
 echo "-- MoE vs dense:"; cat "$OUT/bench_moe_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/moe.log" | tail -n 6
+echo "-- Titans vs fla gated delta rule:"; cat "$OUT/bench_titans_gpu.md" 2>/dev/null || grep -E "^\||Error" "$OUT/titans.log" | tail -n 8
 echo "-- SSD settings:"; cat "$OUT/bench_ssd_sweep.md" 2>/dev/null || grep -E "^\||Error" "$OUT/sweep.log" | tail -n 20
 echo "-- training step:"; grep "^|" "$OUT/train.log" || tail -n 5 "$OUT/train.log"
 exit $status

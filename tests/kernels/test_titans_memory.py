@@ -170,7 +170,7 @@ def test_state_carries_across_calls(rule):
     assert y.shape == (B, T, H, D) and len(final.weights) == 2
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", ["reference", "chunked"])  # the Triton form's: test_titans_triton.py (depth 1)
 def test_nan_guard_skips_a_poisoned_token(impl):
     """A token whose target is NaN contributes no update: the same as that token with theta = 0."""
     B, T, H, D = 1, 10, 2, 4

@@ -7,15 +7,18 @@ from __future__ import annotations
 import torch
 
 from undertow.kernels.context import context_parallel_op
-from undertow.kernels.dispatch import select_backend
+from undertow.kernels.dispatch import select_backend, triton_available
 from undertow.kernels.titans_memory.chunked import titans_memory_chunked
 from undertow.kernels.titans_memory.context import SERIAL_STATE, run_serial_memory
 from undertow.kernels.titans_memory.reference import start_state, titans_memory_reference
 from undertow.kernels.titans_memory.rule import MemoryState, UpdateRule, memory_forward
+from undertow.kernels.titans_memory.triton_linear import titans_memory_triton, usable
 
 __all__ = ["titans_memory", "MemoryState", "UpdateRule", "memory_forward", "start_state", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = {"reference": titans_memory_reference, "chunked": titans_memory_chunked}
+if triton_available():  # the linear memory on CUDA (triton_linear.py; kernels imported on first use)
+    IMPLEMENTATIONS["triton"] = titans_memory_triton
 
 
 def titans_memory(q, k, v, theta, eta, alpha, init_weights, *, gamma=None, rule: UpdateRule = UpdateRule(),
@@ -34,7 +37,7 @@ def titans_memory(q, k, v, theta, eta, alpha, init_weights, *, gamma=None, rule:
         return run_serial_memory(handler, titans_memory, q, k, v, theta, eta, alpha, init_weights, gamma=gamma,
                                  rule=rule, chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,
                                  return_final_state=return_final_state, recompute=recompute, backend=backend)
-    chosen = select_backend("titans_memory", q, backend, tuple(IMPLEMENTATIONS))
+    chosen = select_backend("titans_memory", q, backend, usable(IMPLEMENTATIONS, q, init_weights, rule, backend))
     kwargs = dict(gamma=gamma, rule=rule, chunk_size=chunk_size, initial_state=initial_state, doc_ids=doc_ids,
                   return_final_state=return_final_state)
     if chosen == "chunked":
