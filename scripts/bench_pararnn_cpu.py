@@ -8,8 +8,11 @@ Median of `--trials` runs after a warm-up (scripts/bench_timing.py), float32, no
 document boundaries and a carried-in state; recurrent weights of scale 0.1 (where 3 iterations
 converge, the residual column shows it). Beside the wall time, the median CPU time of the calling
 thread (time.thread_time; with --threads 1 all the work runs there): on a machine shared with other
-jobs it leaves out the time the process waits for a core, so its ratio is the steadier one. Prints
-a markdown table with the command, machine and date.
+jobs it leaves out the time the process waits for a core, so its ratio is the steadier one. With
+--threads 2 the native pass splits its channel blocks over two threads: the CPU column is then the
+calling thread's share (the blocks split evenly), and the wall column on a quiet machine is the
+measurement; the reference loop runs at the same thread count. Prints a markdown table with the
+command, machine and date.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     B, T, D = args.batch, args.T, args.hidden
     doc_ids = (torch.rand(B, T) < 1 / 512).cumsum(1)
+    pararnn_native._library()  # build (or load) the native pass now, not inside the first timed call
     print(f"`python {' '.join(sys.argv)}` on {platform.processor() or platform.machine()}, {args.threads} torch "
           f"threads, torch {torch.__version__}, {datetime.date.today().isoformat()}, load average "
           f"{os.getloadavg()[0]:.1f} at the start\n")

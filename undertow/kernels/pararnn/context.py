@@ -16,7 +16,9 @@ recurrence delta_t = J_t delta_{t-1} + r_t over the whole row. Both come from on
   residual  max |F| over the ranks: the gathered maxima (C1) decide `tol` on every rank alike;
             after the last step one more all-gather of one number per rank                  (C3)
 
-The slices' scans are scan.py's chunked PyTorch form, or triton.py's kernels on CUDA (float32).
+The slices' work: on CPU in float32 the native pass (native.py: one C++ sweep per Newton step
+for r, J, x~ and P, native_pararnn.cpp's pararnn_cp_step; the backward's two reverse passes below
+by pararnn_bwd); else scan.py's chunked PyTorch form, or triton.py's kernels on CUDA (float32).
 Messages: iterations + 2 all-gathers per forward, each rank sending B*S*(S+2)*D + 1 numbers per
 step (S = 1 GRU, 2 LSTM) — the state-passing ops' traffic, once per Newton step. Compute per
 step: S + 1 scans of the slice (the transitions' columns ride along as extra batch rows).
@@ -36,6 +38,7 @@ import torch
 
 from undertow.kernels.context import SpanningSolve
 from undertow.kernels.dispatch import segment_starts, triton_available
+from undertow.kernels.pararnn.native import native_backward, native_cp_step, native_residual
 from undertow.kernels.pararnn.newton import cell_vjp, previous_states, solver_outputs, step_and_jacobian
 from undertow.kernels.pararnn.reference import cell_step, state_tensor
 from undertow.kernels.pararnn.scan import (
@@ -95,10 +98,15 @@ def spanning_newton_solve(links, cell, u, a, p, init, keep, doc_ids, iterations,
     B, L, S, D = states.shape
     residual = None
     for _ in range(iterations):
-        f, J = step_and_jacobian(cell, previous_states(states, prev, keep), u, a, p)
-        r = f - states
-        x, P = linear_recurrence_with_transitions(J * keep[..., None], r, chunk_size, _triton_scans(u)[0])
-        mine = (r.abs().amax().reshape(1), P[:, -1].reshape(-1), x[:, -1].reshape(-1), states[:, -1].reshape(-1))
+        stepped = native_cp_step(cell, u, a, p, prev * keep[:, 0], keep, states)  # CPU float32
+        if stepped is not None:
+            stepped, P, x_last, r_max = stepped  # stepped = states + x
+        else:
+            f, J = step_and_jacobian(cell, previous_states(states, prev, keep), u, a, p)
+            r = f - states
+            x, P = linear_recurrence_with_transitions(J * keep[..., None], r, chunk_size, _triton_scans(u)[0])
+            stepped, x_last, r_max = states + x, x[:, -1], r.abs().amax()
+        mine = (r_max.reshape(1), P[:, -1].reshape(-1), x_last.reshape(-1), states[:, -1].reshape(-1))
         gathered = [_split(g, [(1,), (B, S, S, D), (B, S, D), (B, S, D)]) for g in links.all_gather(torch.cat(mine))]
         residual = torch.stack([g[0] for g in gathered]).amax()
         if tol is not None and residual <= tol:  # the same decision on every rank
@@ -106,11 +114,13 @@ def spanning_newton_solve(links, cell, u, a, p, init, keep, doc_ids, iterations,
         out = torch.zeros_like(states[:, 0])  # C2: delta after rank j, folded from rank 0
         for j in range(rank):
             out = matvec(gathered[j][1], out) + gathered[j][2]
-        states = states + x + matvec(P, out[:, None])
+        states = stepped + matvec(P, out[:, None])
         if rank > 0:
             prev = gathered[rank - 1][3] + out
-    f = cell_step(cell, previous_states(states, prev, keep), u, a, p)
-    residual = torch.stack(links.all_gather((f - states).abs().amax().reshape(1))).amax()  # C3
+    mine = native_residual(cell, u, a, p, prev * keep[:, 0], keep, states)
+    if mine is None:
+        mine = (cell_step(cell, previous_states(states, prev, keep), u, a, p) - states).abs().amax()
+    residual = torch.stack(links.all_gather(mine.reshape(1))).amax()  # C3
     return states, residual, prev, keep
 
 
@@ -132,20 +142,48 @@ class _SpanningNewton(torch.autograd.Function):
     def backward(ctx, g_states, _):
         u, a, p, prev, keep, states = ctx.saved_tensors
         links = ctx.links
+        grads = _native_backward(links, ctx.cell, u, a, p, prev, keep, states, g_states)
+        if grads is not None:
+            return (None, None, *grads, None, None, None, None, None)
         prev_states = previous_states(states, prev, keep)
         _, J = step_and_jacobian(ctx.cell, prev_states, u, a, p)
         J = J * keep[..., None]
         lam, Q = reverse_linear_recurrence_with_transitions(J, g_states, ctx.chunk_size, _triton_scans(u)[1])
         J0T = J[:, 0].transpose(-3, -2)
         A, b = matmul(J0T, Q[:, 0]), matvec(J0T, lam[:, 0])
-        gathered = [_split(g, [A.shape, b.shape]) for g in links.all_gather(torch.cat((A.reshape(-1), b.reshape(-1))))]
-        carry = torch.zeros_like(b)  # c_{r+1}: what the ranks after this one send into its last token
-        for j in range(links.world - 1, links.rank, -1):
-            carry = matvec(gathered[j][0], carry) + gathered[j][1]
-        lam = lam + matvec(Q, carry[:, None])
+        lam = lam + matvec(Q, _gather_carry(links, A, b)[:, None])
         d_u, d_a, d_prev, d_p = cell_vjp(ctx.cell, prev_states, u, a, p, lam)
         d_init = d_prev[:, 0] if links.rank == 0 else None  # other ranks' token 0 reads rank r-1's state
         return None, None, d_u, d_a, d_p, d_init, None, None, None, None, None
+
+
+def _gather_carry(links, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One all-gather of every rank's (A_r, b_r) -> c_{r+1} (B, S, D), what the ranks after this one send
+    into its last token (zero on the last rank)."""
+    gathered = [_split(g, [A.shape, b.shape]) for g in links.all_gather(torch.cat((A.reshape(-1), b.reshape(-1))))]
+    carry = torch.zeros_like(b)
+    for j in range(links.world - 1, links.rank, -1):
+        carry = matvec(gathered[j][0], carry) + gathered[j][1]
+    return carry
+
+
+def _native_backward(links, cell, u, a, p, prev, keep, states, g_states):
+    """The backward on the native passes (CPU float32), or None: A_r = (J_{L-1} ... J_0)^T from one
+    native step at the solution, b_r = J_0^T lam~_0 from a reverse pass with a zero carry, and, once
+    the carry c_{r+1} is known, a second reverse pass with it added to the last token's gradient
+    (lam_{L-1} = g_{L-1} + c_{r+1}), which yields lam and every gradient (B2) at once."""
+    init = prev * keep[:, 0]
+    stepped = native_cp_step(cell, u, a, p, init, keep, states)
+    if stepped is None:
+        return None
+    zero_carry = native_backward(cell, u, a, p, init, keep, states, g_states)
+    if zero_carry is None:  # the backward's library did not build: the PyTorch form (no message sent yet)
+        return None
+    A, b = stepped[1][:, -1].transpose(-3, -2), zero_carry[3] * keep[:, 0]
+    g = g_states.clone()
+    g[:, -1] += _gather_carry(links, A, b)
+    d_u, d_a, d_p, d_init = native_backward(cell, u, a, p, init, keep, states, g)
+    return d_u, d_a, d_p, d_init if links.rank == 0 else None
 
 
 def solve(links, args: tuple, kwargs: dict):

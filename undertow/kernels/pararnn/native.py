@@ -1,6 +1,7 @@
-"""ParaRNN's Newton solver on CPU in C++ (native_pararnn.cpp; built by kernels/native.py): all
-Newton steps fused into one pass over the tokens, and the implicit-function backward as one
-reverse pass (the .cpp's header says why that is the same math as newton.py's chunked form).
+"""ParaRNN's Newton solver on CPU in C++ (built by kernels/native.py): all Newton steps fused into
+one pass over the tokens (native_pararnn.cpp), and the implicit-function backward as one reverse
+pass (native_pararnn_bwd.cpp); their headers say why that is the same math as newton.py's chunked
+form.
 
 `native_solve` and `native_backward` return None where the loops do not apply (not CPU, not
 float32, empty input, or no library), and the caller runs the PyTorch form. Set `ENABLED = False`
@@ -16,21 +17,32 @@ import torch
 
 from undertow.kernels import native
 
-NAME = "pararnn"
+NAME, BACKWARD_NAME = "pararnn", "pararnn_bwd"
 SOURCE = Path(__file__).with_name("native_pararnn.cpp")
+BACKWARD_SOURCE = Path(__file__).with_name("native_pararnn_bwd.cpp")
 ENABLED = True
-BLOCK = 64  # channels per unit of work: its per-step buffers stay in L1, and rows x blocks feed the threads
+BLOCK = 64  # channels per unit of work (the forward's BLOCK: 4 vectors of 16); rows x blocks feed the threads
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FWD_ARGS = [ctypes.c_int] + [_P] * 7 + [_I] * 8
+_CP_ARGS = [ctypes.c_int] + [_P] * 9 + [_I] * 6
 _BWD_ARGS = [ctypes.c_int] + [_P] * 11 + [_I] * 6
 
 
 def _library():
+    """The forward's library (pararnn_fwd, pararnn_cp_step), or None."""
     library = native.load(NAME, SOURCE)
     if library is not None and library.pararnn_fwd.argtypes is None:
-        for fn, args in ((library.pararnn_fwd, _FWD_ARGS), (library.pararnn_bwd, _BWD_ARGS)):
+        for fn, args in ((library.pararnn_fwd, _FWD_ARGS), (library.pararnn_cp_step, _CP_ARGS)):
             fn.argtypes, fn.restype = args, ctypes.c_int
+    return library
+
+
+def _backward_library():
+    """The backward's library (pararnn_bwd), or None."""
+    library = native.load(BACKWARD_NAME, BACKWARD_SOURCE)
+    if library is not None and library.pararnn_bwd.argtypes is None:
+        library.pararnn_bwd.argtypes, library.pararnn_bwd.restype = _BWD_ARGS, ctypes.c_int
     return library
 
 
@@ -88,11 +100,51 @@ def native_solve(cell: str, u, a, p, init, keep, iterations: int, tol: float | N
 
 
 @torch.compiler.disable
+def native_residual(cell: str, u, a, p, init, keep, states):
+    """max |F_t| (0-d) at `states` (B, T, S, D), float32 on CPU, or None: the native pass from the given
+    iterate with no Newton step (context.py's C3). Operands as `native_solve`."""
+    library = _library() if applies(u) else None
+    if library is None:
+        return None
+    B, T, _, D = u.shape
+    u, a, p, init, keep = _operands(cell, u, a, p, init, keep)
+    work = states.contiguous().clone()  # the pass writes the iterate back
+    units = B * -(-D // BLOCK)
+    res = u.new_empty(units, 1)
+    args = [int(cell == "lstm"), u.data_ptr(), a.data_ptr(), p.data_ptr(), init.data_ptr(), keep.data_ptr(),
+            work.data_ptr(), res.data_ptr(), 0, 0, B, T, D, BLOCK]
+    _run(library, library.pararnn_fwd, args, units)
+    return res.amax()
+
+
+@torch.compiler.disable
+def native_cp_step(cell: str, u, a, p, init, keep, states):
+    """One Newton step on a context-parallel slice (context.py, C1), float32 on CPU, or None: from the
+    iterate `states` (B, L, S, D), init (B, S, D) the state before token 0 and keep (B, L, 1, 1) with
+    token 0's entry (0 where a document starts there) -> (states + x~ (B, L, S, D), the cumulative
+    transitions P (B, L, S, S, D), x~ at the last token (B, S, D), max |r| (0-d)); x~ is the slice's
+    update from a zero carry, x~_t = J_t x~_{t-1} + r_t."""
+    library = _library() if applies(u) else None
+    if library is None:
+        return None
+    B, L, _, D = u.shape
+    S = states.shape[2]
+    u, a, p, init, keep = _operands(cell, u, a, p, init, keep)
+    out = states.contiguous().clone()
+    trans, xlast = u.new_empty(B, L, S, S, D), u.new_empty(B, S, D)
+    units = B * -(-D // BLOCK)
+    res = u.new_empty(units)
+    args = [int(cell == "lstm"), *(t.data_ptr() for t in (u, a, p, init, keep, out, trans, xlast, res)), B, L, D, BLOCK]
+    _run(library, library.pararnn_cp_step, args, units)
+    return out, trans, xlast, res.amax()
+
+
+@torch.compiler.disable
 def native_backward(cell: str, u, a, p, init, keep, states, g):
     """newton.py's backward (eqs. B1-B2) in one reverse pass at the solution `states` (B, T, S, D)
     for the states' gradient g (B, T, S, D) -> (du (B, T, 3, D), da (3, D), dp (2, D) or None,
     dinit (B, S, D)) or None; operands as `native_solve`."""
-    library = _library() if applies(u) else None
+    library = _backward_library() if applies(u) else None
     if library is None:
         return None
     B, T, _, D = u.shape

@@ -1,114 +1,215 @@
-// ParaRNN's Newton solver on CPU, fused (built by undertow/kernels/native.py; driven by native.py
-// beside this file). Float32. Layouts (contiguous): u (B, T, 3, D), states (B, T, S, D) with S = 1
-// (GRU: h) or 2 (LSTM: c, h), init (B, S, D), keep (B, T) uint8 (0 where a document starts), a (3, D),
-// p (2, D). The unit of work is one (row, block of channels); units are independent (the cells are
-// diagonal) and the caller splits them over threads.
+// ParaRNN's Newton solver on CPU, forward, fused (built by undertow/kernels/native.py; driven by
+// native.py beside this file; the backward is native_pararnn_bwd.cpp). Float32. Layouts
+// (contiguous): u (B, T, 3, D), states (B, T, S, D) with S = 1 (GRU: h) or 2 (LSTM: c, h), init
+// (B, S, D), keep (B, T) uint8 (0 where a document starts), a (3, D), p (2, D). The unit of work is
+// one (row, block of BLOCK channels); units are independent (the cells are diagonal) and the
+// caller splits them over threads.
 //
 // Why one pass: Newton step k at token t reads only step k-1's states at t-1 and t and its own
 // update at t-1 (newton.py, eqs. N1-N2: delta_t = J_t delta_{t-1} + r_t). So all K steps advance
-// together token by token — the guess, step 1, ..., step K and the final residual at token t — each
-// a loop over the block's channels that vectorizes, with the per-step states of the previous token
-// in a small buffer. The iterates are the chunked form's (the same linear systems, solved in
-// token order instead of by chunks); memory is read and written once instead of once per step.
+// together token by token — the guess, step 1, ..., step K and the final residual at token t — with
+// the per-step states of the previous token in a small buffer. The iterates are the chunked form's
+// (the same linear systems, solved in token order instead of by chunks); memory is read and written
+// once instead of once per step.
 //
-// The backward (implicit function theorem, newton.py B1-B2) is one reverse pass: at the solution,
-// lam_t = g_t + J_{t+1}^T lam_{t+1} and J_t^T lam_t is the vector-Jacobian product of one cell
-// evaluation with respect to its previous state, so each token's VJP (for u, a, p and the previous
-// state) also yields the next lam.
-#if defined(__x86_64__) && defined(__AVX512F__)
-// 16 floats a vector where the CPU has them (GCC's -march=native prefers 8 on most AVX-512 CPUs);
-// these loops are pure arithmetic, so the wider vectors pay (about 1.5x measured).
-#pragma GCC target("prefer-vector-width=512")
-#endif
+// Speed (docs/benchmarks.md, ParaRNN): a GRU Newton step is ~75 arithmetic vector instructions per
+// 16 channels (sigmoid and tanh from one exp each: degree-5 polynomial, AVX-512's scalef and its
+// reciprocal estimate with one Newton-Raphson step), written on packs of 4 independent vectors,
+// with the rows of the token 8 ahead prefetched.
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-// e^x for the cells' sigmoid and tanh, inline and branch-free so that the channel loops vectorize
-// (libm's expf is a call; -ffast-math would change the whole process's denormal handling). x =
-// n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for the subtraction's exactness), e^r by its
-// Taylor series to r^6 (relative error ~1e-7), 2^n from the exponent bits. x clamped to [-87, 87]
-// (1 + e^87 stays inside `recip`'s range).
-inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-    float q = 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return q * scale;
+// ---- The forward pass on vectors. `vf`: 16 floats (GCC/Clang vector extensions: AVX-512 instructions
+// where the CPU has them, else the compiler's own width). `Pack`: a unit's 64 channels as 4 vectors,
+// every operation written as 4 independent instructions in a row: a cell evaluation is one long
+// dependency chain (~170 cycles), and the CPU's scheduler holds too few instructions to find 4
+// chains on its own (measured: ~0.7 vector instructions a cycle with one vector at a time).
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors without AVX-512: all inlined, no ABI crosses
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int L = 16, NP = 4, BLOCK = L * NP, PREFETCH = 8;
+
+#define UT_INLINE inline __attribute__((always_inline))
+UT_INLINE vf splat(float x) { return vf{} + x; }
+// a * b + c in one rounding where the CPU has it (-std=c++17 turns GCC's contraction off)
+UT_INLINE vf fma1(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return _mm512_fmadd_ps(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+// min(x, hi) and max(x, lo) that let a NaN in x through (the residual must say NaN)
+UT_INLINE vf upto1(vf x, vf hi) {
+#if defined(__AVX512F__)
+    return _mm512_min_ps(hi, x);  // hi < x ? hi : x, x when either is NaN
+#else
+    return x > hi ? hi : x;
+#endif
+}
+UT_INLINE vf atleast1(vf x, vf lo) {
+#if defined(__AVX512F__)
+    return _mm512_max_ps(lo, x);
+#else
+    return x < lo ? lo : x;
+#endif
+}
+// max(w, |x|) for w >= 0; NaN once x is NaN, and then for good (the residual must say NaN)
+UT_INLINE vf worst1(vf w, vf x) {
+#if defined(__AVX512F__)
+    const vf m = _mm512_abs_ps(x);
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(w, w, _CMP_ORD_Q), m, w, _CMP_NLE_UQ);
+    return _mm512_mask_mov_ps(w, take, m);  // w not NaN and (m > w or m NaN)
+#else
+    const vf m = x < 0.0f ? -x : x;
+    return (m > w) | (m != m) ? m : w;
+#endif
+}
+UT_INLINE vf round1(vf x) {
+#if defined(__AVX512F__)
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    return (x + 12582912.0f) - 12582912.0f;  // round to nearest (no -ffast-math)
+#endif
+}
+// q 2^n for integral n
+UT_INLINE vf scale1(vf q, vf n) {
+#if defined(__AVX512F__)
+    return _mm512_scalef_ps(q, n);
+#else
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf s;
+    std::memcpy(&s, &bits, sizeof(s));
+    return q * s;
+#endif
+}
+// 1 / x for x in [1, 1e38]: AVX-512's estimate (relative error < 2^-14) and one Newton-Raphson step
+// y + y (1 - x y), which squares the error (< 4e-9 before rounding); a division elsewhere.
+UT_INLINE vf recip1(vf x) {
+#if defined(__AVX512F__)
+    const vf y = _mm512_rcp14_ps(x);
+    return fma1(y, _mm512_fnmadd_ps(x, y, splat(1.0f)), y);
+#else
+    return 1.0f / x;
+#endif
 }
 
-// 1 / x for x in [1, 1.5e38]: a first guess from the bits (a shift of the exponent's sign), then three
-// Newton steps y <- y (2 - x y), each squaring the relative error (0.12 -> 1.5e-2 -> 2e-4 -> 5e-8):
-// seven multiply-adds that vectorize instead of a division (the loops' most expensive instruction).
-inline float recip(float x) {
-    int32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    bits = 0x7EF311C7 - bits;
-    float y;
-    std::memcpy(&y, &bits, sizeof(y));
-    y = y * (2.0f - x * y);
-    y = y * (2.0f - x * y);
-    return y * (2.0f - x * y);
+struct Pack {
+    vf v[NP];
+};
+#define UT_EACH(expr)                             \
+    Pack r;                                       \
+    for (int i = 0; i < NP; ++i) r.v[i] = (expr); \
+    return r
+UT_INLINE Pack operator+(Pack a, Pack b) { UT_EACH(a.v[i] + b.v[i]); }
+UT_INLINE Pack operator-(Pack a, Pack b) { UT_EACH(a.v[i] - b.v[i]); }
+UT_INLINE Pack operator*(Pack a, Pack b) { UT_EACH(a.v[i] * b.v[i]); }
+UT_INLINE Pack operator+(Pack a, float b) { UT_EACH(a.v[i] + b); }
+UT_INLINE Pack operator-(float a, Pack b) { UT_EACH(a - b.v[i]); }
+UT_INLINE Pack operator*(Pack a, float b) { UT_EACH(a.v[i] * b); }
+UT_INLINE Pack fma(Pack a, Pack b, Pack c) { UT_EACH(fma1(a.v[i], b.v[i], c.v[i])); }
+UT_INLINE Pack fma(Pack a, float b, float c) { UT_EACH(fma1(a.v[i], splat(b), splat(c))); }
+UT_INLINE Pack fma(Pack a, float b, Pack c) { UT_EACH(fma1(a.v[i], splat(b), c.v[i])); }
+UT_INLINE Pack worst(Pack w, Pack x) { UT_EACH(worst1(w.v[i], x.v[i])); }
+UT_INLINE Pack splat_pack(float x) { UT_EACH(splat(x)); }
+UT_INLINE Pack load(const float* p) {
+    Pack r;
+    std::memcpy(&r, p, sizeof(r));
+    return r;
+}
+UT_INLINE void store(float* p, const Pack& x) { std::memcpy(p, &x, sizeof(x)); }
+
+// e^(-K x), K = 1 or 2 (sigmoid, tanh). -K x = n ln2 + r with |r| <= ln2 / 2, n = round(-K x log2 e),
+// computed as t = x + n ln2 / K (ln2 in two parts, both exact when halved) with r = -K t folded
+// into the polynomial's coefficients. e^r by a degree-5 polynomial fitted on Chebyshev nodes of
+// [-ln2/2, ln2/2] (relative error 1.0e-7 in exact arithmetic), 2^n by AVX-512's scalef (else
+// from the exponent bits). x clamped so that e^(-K x) stays in [e^-87, e^87] (normal floats; 1 +
+// e^87 is inside `recip1`'s range).
+template <int K>
+UT_INLINE Pack exp_neg(Pack x) {
+    constexpr float k = float(K), lim = 87.0f / float(K);
+    Pack n, t, q;
+    for (int i = 0; i < NP; ++i) x.v[i] = atleast1(upto1(x.v[i], splat(lim)), splat(-lim));
+    for (int i = 0; i < NP; ++i) n.v[i] = round1(x.v[i] * (-k * 1.44269504f));
+    t = fma(n, 0.693145752f / k, x);
+    t = fma(n, 1.42860677e-6f / k, t);
+    q = fma(t, 0.0082615310f * -k * k * k * k * k, 0.0418987320f * k * k * k * k);
+    q = fma(q, t, splat_pack(0.1666811427f * -k * k * k));
+    q = fma(q, t, splat_pack(0.4999914103f * k * k));
+    q = fma(q, t, splat_pack(0.9999995317f * -k));
+    q = fma(q, t, splat_pack(1.0f));
+    for (int i = 0; i < NP; ++i) q.v[i] = scale1(q.v[i], n.v[i]);
+    return q;
 }
 
-inline float sigm(float x) { return recip(1.0f + exp_approx(-x)); }
-inline float tanh_approx(float x) { return 2.0f * recip(1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+UT_INLINE Pack sigm(Pack x) {
+    Pack e = exp_neg<1>(x);
+    UT_EACH(recip1(e.v[i] + 1.0f));
+}
+UT_INLINE Pack tanh_p(Pack x) {
+    Pack e = exp_neg<2>(x);
+    UT_EACH(fma1(splat(2.0f), recip1(e.v[i] + 1.0f), splat(-1.0f)));
+}
 
-// One cell evaluation per channel: the next state f(prev, u) and, with JAC, J = df/dprev
-// (row-major S x S). Equations G1-G4 / L1-L5 of reference.py; derivatives as newton.py's
-// step_and_jacobian.
-struct Gru {
+// The cells on packs: f(prev, u) (eqs. G1-G4 / L1-L5 of reference.py) and with JAC J = df/dprev
+// (row-major S x S, as newton.py's step_and_jacobian); `guess` is f(0, u) (eq. N0), whose zero
+// state drops terms.
+struct GruV {
     static constexpr int S = 1;
     template <bool JAC>
-    static inline void eval(const float* prev, float uz, float ur, float uh, const float* a, const float*,
-                            float* next, float* J) {
-        const float h = prev[0];
-        const float z = sigm(a[0] * h + uz), r = sigm(a[1] * h + ur);
-        const float ht = tanh_approx(a[2] * (r * h) + uh);
-        next[0] = h + z * (ht - h);
+    static UT_INLINE void eval(const Pack* prev, const Pack* u, const Pack* a, const Pack*, Pack* next, Pack* J) {
+        const Pack h = prev[0];
+        const Pack z = sigm(fma(a[0], h, u[0])), r = sigm(fma(a[1], h, u[1]));
+        const Pack ht = tanh_p(fma(a[2], r * h, u[2]));
+        const Pack d = ht - h;
+        next[0] = fma(z, d, h);
         if constexpr (JAC) {
-            const float dz = z * (1.0f - z) * a[0], dr = r * (1.0f - r) * a[1];
-            const float dht = (1.0f - ht * ht) * a[2] * (r + h * dr);
-            J[0] = dz * (ht - h) + z * dht + (1.0f - z);
+            const Pack omz = 1.0f - z;
+            const Pack dz = z * omz * a[0], dr = r * (1.0f - r) * a[1];
+            const Pack dht = (1.0f - ht * ht) * a[2] * fma(h, dr, r);
+            J[0] = fma(dz, d, fma(z, dht, omz));
         }
+    }
+    static UT_INLINE void guess(const Pack* u, const Pack*, const Pack*, Pack* next) {
+        next[0] = sigm(u[0]) * tanh_p(u[2]);
     }
 };
 
-struct Lstm {
+struct LstmV {
     static constexpr int S = 2;
     template <bool JAC>
-    static inline void eval(const float* prev, float uf, float uc, float uo, const float* a, const float* p,
-                            float* next, float* J) {
-        const float c = prev[0], h = prev[1];
-        const float f = sigm(a[0] * h + uf + p[0] * c);
-        const float ct = tanh_approx(a[1] * h + uc);
-        const float cn = f * c + (1.0f - f) * ct;
-        const float o = sigm(a[2] * h + uo + p[1] * cn);
-        const float tc = tanh_approx(cn);
+    static UT_INLINE void eval(const Pack* prev, const Pack* u, const Pack* a, const Pack* p, Pack* next, Pack* J) {
+        const Pack c = prev[0], h = prev[1];
+        const Pack f = sigm(fma(a[0], h, fma(p[0], c, u[0])));
+        const Pack ct = tanh_p(fma(a[1], h, u[1]));
+        const Pack cn = fma(f, c - ct, ct);
+        const Pack o = sigm(fma(a[2], h, fma(p[1], cn, u[2])));
+        const Pack tc = tanh_p(cn);
         next[0] = cn;
         next[1] = o * tc;
         if constexpr (JAC) {
-            const float df = f * (1.0f - f);
-            const float jcc = f + (c - ct) * df * p[0];
-            const float jch = (c - ct) * df * a[0] + (1.0f - f) * (1.0f - ct * ct) * a[1];
-            const float dout = o * (1.0f - o);
-            const float via = dout * p[1] * tc + o * (1.0f - tc * tc);
+            const Pack df = f * (1.0f - f), dct = (c - ct) * df;
+            const Pack jcc = fma(dct, p[0], f);
+            const Pack jch = fma(dct, a[0], (1.0f - f) * (1.0f - ct * ct) * a[1]);
+            const Pack dout = o * (1.0f - o);
+            const Pack dtc = dout * tc;
+            const Pack via = fma(dtc, p[1], o * (1.0f - tc * tc));
             J[0] = jcc;
             J[1] = jch;
             J[2] = via * jcc;
-            J[3] = dout * a[2] * tc + via * jch;
+            J[3] = fma(dtc, a[2], via * jch);
         }
+    }
+    static UT_INLINE void guess(const Pack* u, const Pack*, const Pack* p, Pack* next) {
+        const Pack cn = (1.0f - sigm(u[0])) * tanh_p(u[1]);
+        next[0] = cn;
+        next[1] = sigm(fma(p[1], cn, u[2])) * tanh_p(cn);
     }
 };
 
@@ -116,164 +217,168 @@ struct Unit {
     int64_t T, D, d0, d1;
 };
 
-// Iterate 0 at token t for channels [0, W): f(0, u_t) (the guess N0) into cur.
-template <class Cell>
-inline void guess(const float* __restrict ut, const float* __restrict a, const float* __restrict p, int64_t D,
-                  int64_t W, float* __restrict cur) {
-    constexpr int S = Cell::S;
-    for (int64_t j = 0; j < W; ++j) {
-        const float zero[S] = {}, av[3] = {a[j], a[D + j], a[2 * D + j]}, pv[2] = {p[j], p[D + j]};
-        float next[S], J[S * S];
-        Cell::template eval<false>(zero, ut[j], ut[D + j], ut[2 * D + j], av, pv, next, J);
-        for (int r = 0; r < S; ++r) cur[r * W + j] = next[r];
+// `rows` rows of W <= BLOCK floats (row stride `stride`) into zero-padded packs
+inline void pad_rows(const float* src, int64_t stride, int rows, int64_t W, Pack* dst) {
+    for (int r = 0; r < rows; ++r) {
+        std::memset(&dst[r], 0, sizeof(Pack));
+        std::memcpy(&dst[r], src + r * stride, W * sizeof(float));
     }
 }
 
-// Newton step k + 1 at token t from iterate k (JAC), or only the residual at the last iterate (not
-// JAC): old = iterate k at t-1 (replaced by iterate k at t for the next token), ck = iterate k at t,
-// cn = iterate k + 1 at t, dk = step k + 1's update at t-1 (replaced by its update at t); worst
-// (W) the largest |F| per channel so far, NaN once one was NaN (per channel, not a reduction across
-// the loop, which would not vectorize without -ffast-math).
-template <class Cell, bool JAC>
-inline void newton_step(const float* __restrict ut, const float* __restrict a, const float* __restrict p,
-                        int64_t D, int64_t W, float kp, float* __restrict old, const float* __restrict ck,
-                        float* __restrict cn, float* __restrict dk, float* __restrict worst) {
-    constexpr int S = Cell::S;
-    for (int64_t j = 0; j < W; ++j) {
-        float prev[S], next[S], J[S * S];
-        for (int r = 0; r < S; ++r) prev[r] = kp * old[r * W + j];
-        const float av[3] = {a[j], a[D + j], a[2 * D + j]}, pv[2] = {p[j], p[D + j]};
-        Cell::template eval<JAC>(prev, ut[j], ut[D + j], ut[2 * D + j], av, pv, next, J);
-        float resid[S];
-        for (int r = 0; r < S; ++r) {
-            resid[r] = next[r] - ck[r * W + j];
-            const float m = resid[r] < 0.0f ? -resid[r] : resid[r];
-            worst[j] = (m > worst[j] || m != m) ? m : worst[j];
-        }
-        if constexpr (JAC) {
-            float dprev[S];
-            for (int r = 0; r < S; ++r) dprev[r] = kp * dk[r * W + j];
-            for (int r = 0; r < S; ++r) {
-                float delta = resid[r];
-                for (int q = 0; q < S; ++q) delta += J[r * S + q] * dprev[q];
-                dk[r * W + j] = delta;
-                cn[r * W + j] = ck[r * W + j] + delta;
-            }
-        }
-        for (int r = 0; r < S; ++r) old[r * W + j] = ck[r * W + j];
-    }
-}
-
-// Runs the guess (or reads `states`), K Newton steps and the final residual for one unit (a, p, init
-// already offset to its channels); writes the last iterate into `states` and max |F| at iterate k
-// into res[k], k = 0..K (NaN where any residual is NaN).
+// The guess (or iterate 0 read from `states`), K Newton steps and the final residual for one unit of
+// BLOCK channels or fewer (pointers offset to its row and first channel), all of them at token t
+// before token t + 1. The K + 1 cell evaluations at a token read only the iterates at t - 1, so they
+// are independent of one another; only the cheap update (N1-N2) chains them. Writes the last
+// iterate into `states` and max |F| at iterate k into res[k], k = 0..K (NaN where any residual is NaN).
 template <class Cell>
 void forward_unit(const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
                   float* states, int K, bool from_guess, const Unit& s, float* res) {
     constexpr int S = Cell::S;
     const int64_t W = s.d1 - s.d0, D = s.D;
-    // per iterate k = 0..K: old = iterate k at t-1, cur = iterate k at t; dl (k >= 1) = step k's update at t-1
-    std::vector<float> buf(3 * (K + 1) * S * W, 0.0f), worst((K + 1) * W, 0.0f);
-    float *old = buf.data(), *cur = old + (K + 1) * S * W, *dl = cur + (K + 1) * S * W;
-    for (int k = 0; k <= K; ++k)
-        for (int r = 0; r < S; ++r) std::memcpy(old + (k * S + r) * W, init + r * D, W * sizeof(float));
+    const bool ragged = W != BLOCK;  // a partial unit: its tokens go through zero-padded copies
+    // old (k, r) = iterate k at t-1, dl (k, r) = step k's update at t-1 (k >= 1), worst k = the largest
+    // |F| of iterate k so far (per channel); then a, p and the padded rows of a token
+    std::vector<Pack> buf((2 * S + 1) * (K + 1) + 5 + 3 + S);
+    std::memset(buf.data(), 0, buf.size() * sizeof(Pack));
+    Pack *old = buf.data(), *dl = old + (K + 1) * S, *wst = dl + (K + 1) * S;
+    Pack *av = wst + (K + 1), *pv = av + 3, *upad = pv + 2, *spad = upad + 3;
+    pad_rows(a, D, 3, W, av);
+    pad_rows(p, D, 2, W, pv);
+    pad_rows(init, D, S, W, old);
+    for (int k = 1; k <= K; ++k) std::memcpy(old + k * S, old, S * sizeof(Pack));
     for (int64_t t = 0; t < s.T; ++t) {
-        const float kp = (t == 0 || keep[t]) ? 1.0f : 0.0f;
+        if (t > 0 && !keep[t])  // a document starts: the state before it is zero (old and dl, adjacent)
+            std::memset(old, 0, 2 * (K + 1) * S * sizeof(Pack));
         const float* ut = u + t * 3 * D;
         float* st = states + t * S * D;
-        if (from_guess)
-            guess<Cell>(ut, a, p, D, W, cur);
-        else
-            for (int r = 0; r < S; ++r) std::memcpy(cur + r * W, st + r * D, W * sizeof(float));
-        for (int k = 0; k < K; ++k)
-            newton_step<Cell, true>(ut, a, p, D, W, kp, old + k * S * W, cur + k * S * W, cur + (k + 1) * S * W,
-                                    dl + (k + 1) * S * W, worst.data() + k * W);
-        newton_step<Cell, false>(ut, a, p, D, W, kp, old + K * S * W, cur + K * S * W, nullptr, nullptr,
-                                 worst.data() + K * W);
-        for (int r = 0; r < S; ++r) std::memcpy(st + r * D, cur + (K * S + r) * W, W * sizeof(float));
+        Pack ut3[3], cur[S];
+        if (t + PREFETCH < s.T) {  // tokens are 12 D bytes apart (6 KB at D = 512): the hardware prefetcher misses them
+            const float* un = ut + PREFETCH * 3 * D;
+            float* sn = st + PREFETCH * S * D;
+            for (int g = 0; g < 3; ++g)
+                for (int64_t j = 0; j < W; j += L) __builtin_prefetch(un + g * D + j);
+            for (int r = 0; r < S; ++r)
+                for (int64_t j = 0; j < W; j += L) __builtin_prefetch(sn + r * D + j, 1);
+        }
+        if (ragged) {
+            pad_rows(ut, D, 3, W, upad);
+            for (int g = 0; g < 3; ++g) ut3[g] = upad[g];
+        } else {
+            for (int g = 0; g < 3; ++g) ut3[g] = load(ut + g * D);
+        }
+        if (from_guess) {
+            Cell::guess(ut3, av, pv, cur);
+        } else if (ragged) {
+            pad_rows(st, D, S, W, spad);
+            for (int r = 0; r < S; ++r) cur[r] = spad[r];
+        } else {
+            for (int r = 0; r < S; ++r) cur[r] = load(st + r * D);
+        }
+        for (int k = 0; k <= K; ++k) {
+            Pack prev[S], next[S], J[S * S], resid[S];
+            for (int r = 0; r < S; ++r) prev[r] = old[k * S + r];
+            if (k < K)
+                Cell::template eval<true>(prev, ut3, av, pv, next, J);
+            else
+                Cell::template eval<false>(prev, ut3, av, pv, next, J);
+            for (int r = 0; r < S; ++r) {
+                resid[r] = next[r] - cur[r];
+                wst[k] = worst(wst[k], resid[r]);
+                old[k * S + r] = cur[r];
+            }
+            if (k == K) break;
+            Pack dprev[S];
+            for (int r = 0; r < S; ++r) dprev[r] = dl[(k + 1) * S + r];
+            for (int r = 0; r < S; ++r) {
+                Pack delta = resid[r];
+                for (int q = 0; q < S; ++q) delta = fma(J[r * S + q], dprev[q], delta);
+                dl[(k + 1) * S + r] = delta;
+                cur[r] = cur[r] + delta;
+            }
+        }
+        for (int r = 0; r < S; ++r) {
+            if (ragged)
+                std::memcpy(st + r * D, &cur[r], W * sizeof(float));
+            else
+                store(st + r * D, cur[r]);
+        }
     }
     for (int k = 0; k <= K; ++k) {
+        const float* wk = reinterpret_cast<const float*>(&wst[k]);
         float m = 0.0f;
-        for (int64_t j = 0; j < W; ++j) {
-            const float x = worst[k * W + j];
-            m = (x > m || x != x) ? x : m;  // NaN wins
-        }
+        for (int64_t j = 0; j < W; ++j) m = (wk[j] > m || wk[j] != wk[j]) ? wk[j] : m;  // NaN wins
         res[k] = m;
     }
 }
 
-// One token of the reverse pass for channels [0, W): the VJP of f(prev, u_t) with lam = g_t + carry
-// (lam_t of B1): du_t, the a and p gradients accumulated into acc (3 + 2 rows of W), and carry <-
-// keep_t * d prev (= J_t^T lam_t, what lam_{t-1} adds).
+// One Newton step on a context-parallel slice (context.py, C1) for one unit: at every token the cell
+// and its Jacobian at the previous iterate, r_t = f - s_t, the slice's own update from a zero carry
+// x~_t = r_t + J_t x~_{t-1} (`states` becomes s + x~) and the cumulative transitions P_t = J_t ...
+// J_0 (`trans`, rows (t, i, j)). keep[0] counts here (a document may start at the slice's first
+// token, where init is the state after the rank before). x~ at the last token into xlast (S rows),
+// max |r| into res[0] (NaN where any r is NaN).
 template <class Cell>
-inline void vjp_token(const float* __restrict sp, const float* __restrict ut, const float* __restrict gt,
-                      const float* __restrict a, const float* __restrict p, int64_t D, int64_t W, float kp,
-                      float* __restrict dut, float* __restrict acc, float* __restrict carry);
-
-template <>
-inline void vjp_token<Gru>(const float* __restrict sp, const float* __restrict ut, const float* __restrict gt,
-                           const float* __restrict a, const float* __restrict, int64_t D, int64_t W, float kp,
-                           float* __restrict dut, float* __restrict acc, float* __restrict carry) {
-    for (int64_t j = 0; j < W; ++j) {
-        const float az = a[j], ar = a[D + j], ah = a[2 * D + j];
-        const float h = kp * sp[j];
-        const float lam = gt[j] + carry[j];
-        const float z = sigm(az * h + ut[j]), r = sigm(ar * h + ut[D + j]);
-        const float ht = tanh_approx(ah * (r * h) + ut[2 * D + j]);
-        const float pz = lam * (ht - h) * z * (1.0f - z);   // d pre_z (G1)
-        const float ph = lam * z * (1.0f - ht * ht);         // d pre_h (G3)
-        const float pr = ph * ah * h * r * (1.0f - r);       // d pre_r (G2, through G3's r * h)
-        dut[j] = pz, dut[D + j] = pr, dut[2 * D + j] = ph;
-        acc[j] += pz * h, acc[W + j] += pr * h, acc[2 * W + j] += ph * r * h;
-        carry[j] = kp * (lam * (1.0f - z) + pz * az + ph * ah * r + pr * ar);
-    }
-}
-
-template <>
-inline void vjp_token<Lstm>(const float* __restrict sp, const float* __restrict ut, const float* __restrict gt,
-                            const float* __restrict a, const float* __restrict p, int64_t D, int64_t W, float kp,
-                            float* __restrict dut, float* __restrict acc, float* __restrict carry) {
-#pragma GCC ivdep  // the row pointers never overlap (restrict alone is not enough for GCC here)
-    for (int64_t j = 0; j < W; ++j) {
-        const float af = a[j], ac = a[D + j], ao = a[2 * D + j], pf = p[j], po = p[D + j];
-        const float c = kp * sp[j], h = kp * sp[D + j];
-        const float lc = gt[j] + carry[j], lh = gt[D + j] + carry[W + j];
-        const float f = sigm(af * h + ut[j] + pf * c);
-        const float ct = tanh_approx(ac * h + ut[D + j]);
-        const float cn = f * c + (1.0f - f) * ct;
-        const float o = sigm(ao * h + ut[2 * D + j] + po * cn);
-        const float tc = tanh_approx(cn);
-        const float pre_o = lh * tc * o * (1.0f - o);                   // L5 -> L4
-        const float gcn = lc + lh * o * (1.0f - tc * tc) + pre_o * po;  // d c' (L5 and L4's peephole)
-        const float pre_f = gcn * (c - ct) * f * (1.0f - f);            // L3 -> L1
-        const float pre_c = gcn * (1.0f - f) * (1.0f - ct * ct);        // L3 -> L2
-        dut[j] = pre_f, dut[D + j] = pre_c, dut[2 * D + j] = pre_o;
-        acc[j] += pre_f * h, acc[W + j] += pre_c * h, acc[2 * W + j] += pre_o * h;
-        acc[3 * W + j] += pre_f * c, acc[4 * W + j] += pre_o * cn;
-        carry[j] = kp * (gcn * f + pre_f * pf);
-        carry[W + j] = kp * (pre_o * ao + pre_c * ac + pre_f * af);
-    }
-}
-
-// The reverse pass at the solution for one unit (pointers offset to its row and channels): du (T, 3, D),
-// da (3, D) and dp (2, D) accumulated, dinit (S, D).
-template <class Cell>
-void backward_unit(const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
-                   const float* states, const float* g, float* du, float* da, float* dp, float* dinit,
-                   const Unit& s) {
+void cp_step_unit(const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
+                  float* states, float* trans, float* xlast, const Unit& s, float* res) {
     constexpr int S = Cell::S;
     const int64_t W = s.d1 - s.d0, D = s.D;
-    std::vector<float> carry(S * W, 0.0f), acc(5 * W, 0.0f);
-    for (int64_t t = s.T - 1; t >= 0; --t) {
-        const float kp = (t == 0 || keep[t]) ? 1.0f : 0.0f;
-        const float* sp = t == 0 ? init : states + (t - 1) * S * D;
-        vjp_token<Cell>(sp, u + t * 3 * D, g + t * S * D, a, p, D, W, kp, du + t * 3 * D, acc.data(), carry.data());
+    const bool ragged = W != BLOCK;
+    // old = iterate at t-1, x = x~_{t-1}, P = P_{t-1}, worst, a, p, padded token rows
+    std::vector<Pack> buf(S + S + S * S + 1 + 5 + 3 + S);
+    std::memset(buf.data(), 0, buf.size() * sizeof(Pack));
+    Pack *old = buf.data(), *x = old + S, *P = x + S, *wst = P + S * S, *av = wst + 1, *pv = av + 3;
+    Pack *upad = pv + 2, *spad = upad + 3;
+    pad_rows(a, D, 3, W, av);
+    pad_rows(p, D, 2, W, pv);
+    pad_rows(init, D, S, W, old);
+    auto put = [&](float* dst, const Pack& v) {
+        if (ragged)
+            std::memcpy(dst, &v, W * sizeof(float));
+        else
+            store(dst, v);
+    };
+    for (int64_t t = 0; t < s.T; ++t) {
+        const bool kp = keep[t] != 0;
+        const float* ut = u + t * 3 * D;
+        float* st = states + t * S * D;
+        Pack ut3[3], cur[S], prev[S], next[S], J[S * S], xn[S], Pn[S * S];
+        if (ragged) {
+            pad_rows(ut, D, 3, W, upad);
+            pad_rows(st, D, S, W, spad);
+            for (int g = 0; g < 3; ++g) ut3[g] = upad[g];
+            for (int r = 0; r < S; ++r) cur[r] = spad[r];
+        } else {
+            for (int g = 0; g < 3; ++g) ut3[g] = load(ut + g * D);
+            for (int r = 0; r < S; ++r) cur[r] = load(st + r * D);
+        }
+        for (int r = 0; r < S; ++r) prev[r] = kp ? old[r] : splat_pack(0.0f);
+        Cell::template eval<true>(prev, ut3, av, pv, next, J);
+        if (!kp)  // the state before a document start is the constant zero
+            for (int q = 0; q < S * S; ++q) J[q] = splat_pack(0.0f);
+        for (int r = 0; r < S; ++r) {
+            const Pack resid = next[r] - cur[r];
+            wst[0] = worst(wst[0], resid);
+            xn[r] = resid;
+            for (int q = 0; q < S; ++q) xn[r] = fma(J[r * S + q], x[q], xn[r]);
+            for (int c = 0; c < S; ++c) {
+                Pn[r * S + c] = t == 0 ? J[r * S + c] : J[r * S] * P[c];
+                for (int q = 1; q < S && t > 0; ++q) Pn[r * S + c] = fma(J[r * S + q], P[q * S + c], Pn[r * S + c]);
+            }
+        }
+        for (int r = 0; r < S; ++r) {
+            old[r] = cur[r], x[r] = xn[r];
+            put(st + r * D, cur[r] + xn[r]);
+        }
+        for (int q = 0; q < S * S; ++q) {
+            P[q] = Pn[q];
+            put(trans + (t * S * S + q) * D, Pn[q]);
+        }
     }
-    for (int64_t j = 0; j < W; ++j) {
-        for (int q = 0; q < 3; ++q) da[q * D + j] += acc[q * W + j];
-        for (int q = 0; q < 2; ++q) dp[q * D + j] += acc[(3 + q) * W + j];
-        for (int r = 0; r < S; ++r) dinit[r * D + j] = carry[r * W + j];
-    }
+    for (int r = 0; r < S; ++r) put(xlast + r * D, x[r]);
+    const float* wk = reinterpret_cast<const float*>(wst);
+    float m = 0.0f;
+    for (int64_t j = 0; j < W; ++j) m = (wk[j] > m || wk[j] != wk[j]) ? wk[j] : m;  // NaN wins
+    res[0] = m;
 }
 
 // unit index -> (row, channel block)
@@ -293,6 +398,7 @@ extern "C" {
 int pararnn_fwd(int lstm, const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
                 float* states, float* res, int64_t K, int64_t from_guess, int64_t B, int64_t T, int64_t D,
                 int64_t block, int64_t begin, int64_t end) {
+    if (block != BLOCK) return 1;  // the forward's packs hold exactly BLOCK channels
     const int S = lstm ? 2 : 1;
     for (int64_t unit = begin; unit < end; ++unit) {
         int64_t b;
@@ -302,36 +408,35 @@ int pararnn_fwd(int lstm, const float* u, const float* a, const float* p, const 
         const float* ib = init + b * S * D + s.d0;
         float* sb = states + b * T * S * D + s.d0;
         if (lstm)
-            forward_unit<Lstm>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, int(K), from_guess != 0, s,
+            forward_unit<LstmV>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, int(K), from_guess != 0, s,
                                res + unit * (K + 1));
         else
-            forward_unit<Gru>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, int(K), from_guess != 0, s,
+            forward_unit<GruV>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, int(K), from_guess != 0, s,
                               res + unit * (K + 1));
     }
     return 0;
 }
-
-// Units [begin, end); da (B, 3, D), dp (B, 2, D) per row (zeroed by the caller; the GRU's dp is
-// written but unused), dinit (B, S, D); init and p as pararnn_fwd.
-int pararnn_bwd(int lstm, const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
-                const float* states, const float* g, float* du, float* da, float* dp, float* dinit, int64_t B,
-                int64_t T, int64_t D, int64_t block, int64_t begin, int64_t end) {
+// Units [begin, end) of cp_step_unit: trans (B, T, S, S, D), xlast (B, S, D), res (units,); init (B, S, D)
+// the state before each row's first token, p as pararnn_fwd.
+int pararnn_cp_step(int lstm, const float* u, const float* a, const float* p, const float* init, const uint8_t* keep,
+                    float* states, float* trans, float* xlast, float* res, int64_t B, int64_t T, int64_t D,
+                    int64_t block, int64_t begin, int64_t end) {
+    if (block != BLOCK) return 1;
     const int S = lstm ? 2 : 1;
     for (int64_t unit = begin; unit < end; ++unit) {
         int64_t b;
         Unit s;
         locate(unit, D, block, b, s, T);
-        const int64_t row = b * T, c = s.d0;
+        const float* ub = u + b * T * 3 * D + s.d0;
+        const float* ib = init + b * S * D + s.d0;
+        float* sb = states + b * T * S * D + s.d0;
+        float* pb = trans + b * T * S * S * D + s.d0;
+        float* xb = xlast + b * S * D + s.d0;
         if (lstm)
-            backward_unit<Lstm>(u + row * 3 * D + c, a + c, p + c, init + b * S * D + c, keep + row,
-                                states + row * S * D + c, g + row * S * D + c, du + row * 3 * D + c,
-                                da + b * 3 * D + c, dp + b * 2 * D + c, dinit + b * S * D + c, s);
+            cp_step_unit<LstmV>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, pb, xb, s, res + unit);
         else
-            backward_unit<Gru>(u + row * 3 * D + c, a + c, p + c, init + b * S * D + c, keep + row,
-                               states + row * S * D + c, g + row * S * D + c, du + row * 3 * D + c,
-                               da + b * 3 * D + c, dp + b * 2 * D + c, dinit + b * S * D + c, s);
+            cp_step_unit<GruV>(ub, a + s.d0, p + s.d0, ib, keep + b * T, sb, pb, xb, s, res + unit);
     }
     return 0;
 }
-
 }  // extern "C"
