@@ -1,6 +1,8 @@
-"""The planner knows expert parallelism: MoE recipes list ep layouts, the experts' weights,
-gradients and AdamW moments are divided by ep (and never gathered), the all-to-all volume is
-reported, and dense models get no ep layouts."""
+"""The planner knows expert parallelism: MoE recipes list ep layouts (ep dividing dp_shard x cp,
+with pp and tp too), the experts' weights, gradients and AdamW moments are divided by dp_shard x
+cp and tp (and not gathered with their block; with ep < dp_shard x cp the E / ep experts a rank
+computes with are held for the backward), the all-to-all volume is reported, and dense models get
+no ep layouts."""
 
 from __future__ import annotations
 
@@ -34,12 +36,42 @@ def test_expert_facts_come_from_the_layers_hook():
 
 def test_ep_layouts_listed_for_moe_models_only():
     moe = [x for x in layouts(4, n_experts=4) if x.ep > 1]
-    assert {(x.dp_replicate, x.dp_shard, x.cp, x.tp, x.ep) for x in moe} == {
-        (2, 2, 1, 1, 2), (1, 2, 1, 2, 2), (1, 4, 1, 1, 4), (1, 2, 2, 1, 4), (1, 1, 2, 2, 2), (2, 1, 2, 1, 2),
-        (1, 1, 4, 1, 4)}
-    assert all(x.zero == 3 and x.pp == 1 and x.ep == x.dp_shard * x.cp for x in moe)
-    assert not [x for x in layouts(4, n_experts=6) if x.ep == 4]  # 4 does not divide 6 experts
+    got = {(x.pp, x.dp_replicate, x.dp_shard, x.cp, x.tp, x.ep) for x in moe}
+    assert {(1, 1, 4, 1, 1, 2),  # ep below dp_shard: two groups of 2 ranks
+            (2, 1, 2, 1, 1, 2),  # each pipeline stage's experts over its 2 dp_shard ranks
+            (1, 1, 2, 1, 2, 2),  # ep x tp: the experts' width split by tp
+            (1, 1, 4, 1, 1, 4), (1, 1, 2, 2, 1, 4), (1, 1, 2, 2, 1, 2), (1, 2, 2, 1, 1, 2)} <= got
+    for x in moe:  # every ep that divides dp_shard x cp, where that divides the experts
+        shard = x.dp_shard * x.cp
+        assert x.zero == 3 and shard % x.ep == 0 and 4 % shard == 0
+    assert len(got) == len({(x.pp, x.dp_replicate, x.dp_shard, x.cp, x.tp) for x in moe if x.ep == 2}) + \
+        len([1 for x in got if x[5] == 4])
+    six = [x for x in layouts(4, n_experts=6) if x.ep > 1]  # 6 experts: only 2 ranks can store 3 each
+    assert six and all(x.dp_shard * x.cp == 2 for x in six)
     assert not [x for x in layouts(4) if x.ep > 1]
+
+
+def test_tp_halves_the_experts_per_rank():
+    """tp splits every expert's width (parallel/expert.py), so a MoE model's weights per rank halve."""
+    facts = _tiny_moe_facts()
+    one = estimate(Layout(), facts, _setup(gpus=1))
+    tp2 = estimate(Layout(tp=2), facts, _setup(gpus=2))
+    assert tp2.weights == one.weights / 2 and tp2.gradients == one.gradients / 2
+    ep2 = estimate(Layout(dp_shard=2, ep=2, zero=3), facts, _setup(gpus=2))
+    ep2tp2 = estimate(Layout(dp_shard=2, tp=2, ep=2, zero=3), facts, _setup(gpus=4))
+    assert ep2tp2.weights == ep2.weights / 2
+
+
+def test_ep_below_dp_shard_stores_a_quarter_and_holds_the_gathered_half():
+    facts, setup = _tiny_moe_facts(), _setup()
+    ep4 = estimate(Layout(dp_shard=4, ep=4, zero=3), facts, setup)
+    ep2 = estimate(Layout(dp_shard=4, ep=2, zero=3), facts, setup)
+    assert ep2.fits and ep2.weights == ep4.weights and ep2.optimizer == ep4.optimizer
+    # the E / 2 experts each rank computes with, gathered per MoE layer and saved for the backward
+    assert ep2.activations - ep4.activations == 4.0 * sum(facts.expert_elements) / 2
+    assert ep2.all_to_all == ep4.all_to_all * (1 / 2) / (3 / 4)
+    odd = estimate(Layout(dp_shard=4, ep=2, zero=3), facts.__class__(**{**facts.__dict__, "n_experts": 6}), setup)
+    assert odd.problems and "make dp_shard x cp a divisor of 6" in odd.problems[0]
 
 
 def test_experts_divided_by_ep_and_all_to_all_reported():
@@ -70,5 +102,7 @@ def test_plan_of_a_moe_recipe_lists_ep_layouts(capsys):
     assert " ep " in header and "a2a GiB" in header
     rows = [r for r in map(str.split, out.splitlines()) if len(r) >= 17 and all(c.isdigit() for c in r[:6])]
     ep_rows = [r for r in rows if int(r[5]) > 1]  # columns pp dp_r dp_s cp tp ep ...
-    assert ep_rows and all(int(r[5]) == int(r[2]) * int(r[3]) and float(r[14]) > 0 for r in ep_rows)
+    assert ep_rows and all((int(r[2]) * int(r[3])) % int(r[5]) == 0 and float(r[14]) > 0 for r in ep_rows)
     assert {int(r[5]) for r in ep_rows} == {2, 4, 8}
+    assert any(int(r[5]) < int(r[2]) * int(r[3]) for r in ep_rows)  # ep groups smaller than dp_shard x cp
+    assert any(int(r[0]) > 1 for r in ep_rows)  # and ep with pp

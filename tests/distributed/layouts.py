@@ -60,6 +60,13 @@ LAYOUTS = {
     "hsdp2x2xep2": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
     "ep2xtp2": ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--parallel.tp", "2"],
     "ep4xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2", "--parallel.ep", "4"],
+    # ep below dp_shard x cp: two groups of ep 2, each rank storing 1 of the 4 experts (gathered in its group)
+    "ep2of4": ["--parallel.dp_shard", "4", "--parallel.ep", "2"],
+    "ep2xcp2": ["--parallel.dp_shard", "2", "--parallel.cp", "2", "--parallel.ep", "2"],
+    # pipeline stages (1f1b) sharded by FSDP2
+    "pp2xfsdp2": PP2 + ["--parallel.dp_shard", "2"],
+    # each pipeline stage's MoE layers split over the stage's dp_shard ranks
+    "ep2xpp2": PP2 + ["--parallel.dp_shard", "2", "--parallel.ep", "2"],
 }
 # what every family runs: each parallelism alone and the two that split the model, together (two
 # stages: a model of two blocks runs them all)
@@ -73,6 +80,9 @@ class Family:
     recipe: str
     overrides: tuple[str, ...]  # small shapes of the recipe's model
     layouts: tuple[str, ...]  # keys of LAYOUTS
+    # the loss depends on how the step's rows are grouped into forwards: pipelined layouts are checked
+    # against one process that runs the same micro-batches (`pipeline_micro_batches`)
+    pipelined_reference: bool = False
 
 
 MAMBA_SMALL = ("--model.d_model", "32", "--model.d_state", "8")
@@ -89,7 +99,8 @@ FAMILIES = {
     "xlstm": Family("tiny-xlstm", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                    "--model.chunk_size", "8"), STANDARD),
     # the paper's blocks: sLSTM (serial state passing under cp) and the pre-up-projection mLSTM; under
-    # tp (with sequence parallelism) each rank runs 2 of the 4 heads of each (models/xlstm/plan.py)
+    # tp (with sequence parallelism) each rank runs 2 of the 4 heads of each (models/xlstm/plan.py),
+    # also under cp (the sLSTM state of a rank's heads passed serially)
     "xlstm-paper": Family("tiny-xlstm-hybrid", ("--model.d_model", "32", "--model.n_layers", "2", "--model.layer_pattern",
                                                 "sM", "--model.chunk_size", "8"), STANDARD + ("cp2xtp2",)),
     # one ParaGRU and one ParaLSTM block (TP by channel groups: one head of 16 channels per rank);
@@ -100,19 +111,25 @@ FAMILIES = {
     # all-gathered before it, the one norm group's mean square all-reduced; models/pararnn/plan.py)
     "pararnn-dense": Family("tiny-paragru", ("--model.d_model", "32", "--model.layer_pattern", "gl", "--model.heads",
                                              "1", "--model.chunk_size", "8"), ("tp2",)),
-    # the MoE transformer with the RMoE router (4 experts top-2, GRU width 8): tp replicates the
-    # experts; under pp the router state crosses the stage boundary and the shared GRU's gradients
-    # are summed over the stages. The Switch load-balancing loss is a product of two means over a
-    # forward's tokens, so it is exact only where the layouts split the step's rows alike (off here,
-    # where fsdp2 and pp run 2 rows per forward, one process 4); the z-loss (a mean) stays on. No cp.
+    # the MoE transformer with the RMoE router (4 experts top-2, GRU width 8): tp splits the
+    # experts' width; under pp the router state crosses the stage boundary and the shared GRU's gradients
+    # are summed over the stages. The router losses (Switch load balance, z) are statistics of a
+    # forward's tokens on every dp/cp rank (models/moe/balance.py): the same under every layout that
+    # runs the step's rows in one forward; pp runs them as 2 micro-batches, checked against one
+    # process that does too (`pipelined_reference`). Under pp x dp/cp (pp2xfsdp2, cp2xpp2, ep2xpp2)
+    # the GRU, in no stage module, is replicated and its gradients averaged by hand (parallel/pipeline_shared.py).
     # ep2 / ep4: 2 or 1 of the 4 experts per rank, tokens exchanged by all-to-all; under HSDP the
-    # dp_replicate ranks hold the same experts and sum their gradients; under tp each tp rank runs
-    # the whole MoE layer with its ep peers; under cp the experts are split over dp_shard x cp
+    # dp_replicate ranks hold the same experts and sum their gradients; under tp (tp2, ep2xtp2) each
+    # tp rank holds half of every expert's width (partial outputs summed over tp; fsdp2xtp2: FSDP2
+    # shards those halves like any tensor-parallel weight, ep = 1); under cp the
+    # experts are split over dp_shard x cp; ep2of4 / ep2xcp2: two ep groups of 2 over 4 ranks
     "moe": Family("tiny-rmoe", ("--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
                                 "--model.n_kv_heads", "2", "--model.moe.n_experts", "4",
                                 "--model.moe.expert_hidden", "16", "--model.moe.router_dim", "8",
-                                "--model.moe.aux_loss_coef", "0"),
-                  ("fsdp2", "tp2", "pp2", "tp2xpp2", "ep2", "ep4", "hsdp2x2xep2", "ep2xtp2", "ep4xcp2")),
+                                "--model.moe.aux_loss_coef", "0.1"),
+                  ("fsdp2", "tp2", "pp2", "tp2xpp2", "ep2", "ep4", "hsdp2x2xep2", "ep2xtp2", "ep4xcp2", "ep2of4",
+                   "ep2xcp2", "pp2xfsdp2", "cp2xpp2", "ep2xpp2", "fsdp2xtp2"),
+                  pipelined_reference=True),
     # recurrence in depth at a fixed depth draw (depth_distribution fixed: 3 core steps, the last 2
     # with gradients; a drawn depth is the same on every rank too, seeded by the step): Huginn's
     # prelude / looped core / coda as three pipeline layers, and the Universal Transformer's ACT
@@ -213,13 +230,42 @@ def save_and_resume(trainer: Trainer, cfg) -> tuple[Trainer, list[str]]:
     return resumed, sorted(differ)
 
 
-def run_life(family: str, layout_name: str, layout: list[str], root: str) -> dict:
-    """Step, AdamW step, validation, save and resume of one family under one layout (module docstring)."""
+def pipeline_forwards(layout: list[str]) -> tuple[int, int]:
+    """(pipeline micro-batches, data-parallel ranks) of a layout: how it groups the step's rows into forwards."""
+    values = dict(zip(layout[::2], layout[1::2]))
+    dp = int(values.get("--parallel.dp_replicate", 1)) * int(values.get("--parallel.dp_shard", 1))
+    return int(values.get("--parallel.pp_microbatches", 1)), dp
+
+
+def pipeline_micro_batches(batch: dict, forwards: tuple[int, int]) -> list[dict]:
+    """The global batch as one process's micro-batches, grouped as `forwards` = (micro-batches M, dp
+    ranks) groups them: each dp rank's rows are split into M consecutive micro-batches (as the pipeline
+    schedule splits them), and micro-batch m runs the m-th of every dp rank together."""
+    M, dp = forwards
+    per = GLOBAL_BATCH // dp // M
+    starts = [[r * (GLOBAL_BATCH // dp) + m * per for r in range(dp)] for m in range(M)]
+    return [{k: torch.cat([v[s:s + per] for s in group]) for k, v in batch.items()} for group in starts]
+
+
+def run_life(family: str, layout_name: str, layout: list[str], root: str, forwards: tuple[int, int] | None = None
+             ) -> dict:
+    """Step, AdamW step, validation, save and resume of one family under one layout (module docstring).
+    One process of a `pipelined_reference` row also lives its life in the micro-batches of each of its
+    pipelined layouts (life["pipelined"][pipeline_forwards(layout)]); `forwards` runs one of those."""
+    life = {}
+    if not layout and forwards is None and FAMILIES[family].pipelined_reference:
+        keys = {pipeline_forwards(LAYOUTS[name]) for name in FAMILIES[family].layouts if is_pipelined(name)}
+        life["pipelined"] = {key: run_life(family, f"{layout_name}-mb{key[0]}dp{key[1]}", layout, root, key)
+                             for key in sorted(keys)}
     args = (family, f"{root}/{family}-{layout_name}", layout + ["--checkpoint.resume", "auto"])
     trainer = Trainer(make_config(*args))
     vocab = trainer.cfg.model.vocab_size
-    loss, grad_norm, n_labels = trainer.train_step([rows_of(trainer, global_batch(vocab))])
-    life = {"loss": loss, "grad_norm": grad_norm, "n_labels": n_labels, "grads": full_grads(trainer.model)}
+    batch = global_batch(vocab)
+    micro = pipeline_micro_batches(batch, forwards) if forwards else [rows_of(trainer, batch)]
+    loss, grad_norm, n_labels = trainer.train_step(micro)
+    life |= {"loss": loss, "grad_norm": grad_norm, "n_labels": n_labels, "grads": full_grads(trainer.model)}
+    if trainer.pipeline is not None:
+        life["forwards"] = (trainer.pipeline.microbatches, trainer.dims.dp)
     advance(trainer)
     val_batches = [rows_of(trainer, global_batch(vocab, VAL_SEED))]
     life["val"] = trainer.validate(val_batches)
@@ -251,6 +297,8 @@ def check_life(per_rank: list[dict], single: dict, pipelined: bool) -> None:
     """Every rank's life equals the one-process life: loss, gradient norm, every gradient (a
     pipeline rank holds its stages' only; together they hold all), the validation loss after the
     AdamW step; and each resumed its own checkpoint exactly."""
+    if pipelined and "pipelined" in single:  # a row whose loss depends on the forwards' rows
+        single = single["pipelined"][per_rank[0]["forwards"]]
     check_resumed(single)
     seen = set()
     for life in per_rank:

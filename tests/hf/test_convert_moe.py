@@ -1,5 +1,6 @@
 """MoE transformers -> MixtralForCausalLM (stock transformers) with the same logits, and back exactly;
-the RMoE router and a shared expert, which Mixtral cannot compute, refused with the reason."""
+a shared expert, which Mixtral cannot compute, refused with the reason (the RMoE router exports with
+remote code: test_convert_rmoe.py)."""
 
 import dataclasses
 import os
@@ -75,7 +76,6 @@ def test_export_is_mixtral_with_same_logits_and_round_trips(tmp_path, spm_path, 
 
 
 @pytest.mark.parametrize("moe, reason", [
-    (dict(router="rmoe", router_dim=8), "needs remote code"),
     (dict(shared_expert_hidden=16), "Mixtral has no shared expert"),
 ])
 def test_what_mixtral_cannot_compute_is_refused(tmp_path, spm_path, capsys, moe, reason):

@@ -11,6 +11,8 @@ side is the family's business: its adapter, `models/<family>/hf.py`, named by th
                                         HFConversionError saying why there is none
     to_hf(cfg, state_dict, special_ids) -> (config dict, {hf name: tensor})
     from_hf(config dict, {hf name: tensor}) -> (family config, state_dict)
+    REMOTE_CODE or remote_code(cfg)     optional: the remote code (models/hf_remote.py) an export
+                                        ships where no stock class fits (per config: None = stock)
 
 This package imports neither transformers nor torch at import time (the CLI stays fast).
 """

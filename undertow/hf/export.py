@@ -123,7 +123,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "float32", 
     meta, family, model_cfg = read_checkpoint(checkpoint)
     adapter = adapter_for_family(family)
     architecture = adapter.hf_architecture(model_cfg)  # refuse before loading anything
-    remote = getattr(adapter, "REMOTE_CODE", None)  # a family without a stock transformers class
+    # a family (or, the adapter's `remote_code(cfg)`, a config) without a stock transformers class
+    remote = getattr(adapter, "REMOTE_CODE", None)
+    if hasattr(adapter, "remote_code"):
+        remote = adapter.remote_code(model_cfg)
     if remote is not None:
         remote_sources(remote)  # refuse a missing or non-self-contained modeling file early
     spm_path = find_tokenizer(checkpoint, meta, tokenizer)

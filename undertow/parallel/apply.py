@@ -1,7 +1,8 @@
 """Apply a parallel layout to a materialized single-device model, in DESIGN.md's fixed order:
 
-    tensor/sequence parallel -> context parallel -> expert parallel -> activation checkpointing
-    -> torch.compile -> FSDP2 (data parallel; the expert weights left to expert parallelism)
+    tensor/sequence parallel -> context parallel -> expert parallel (and the experts' width split
+    by tp) -> activation checkpointing -> torch.compile -> FSDP2 (data parallel; the expert weights
+    left to expert parallelism when ep > 1)
 
 The model arrives materialized and initialized identically on every rank (same seed), so every
 layout starts from the weights a single process would have: runs under different layouts are
@@ -20,6 +21,7 @@ from undertow.parallel.context import apply_context_parallel
 from undertow.parallel.data import apply_fsdp, fsdp_mesh, uses_fsdp
 from undertow.parallel.expert import apply_expert_parallel
 from undertow.parallel.mesh import ParallelDims
+from undertow.parallel.pipeline_shared import replicate_on_data_mesh
 from undertow.parallel.tensor import apply_tensor_parallel
 from undertow.parallel.wrap import apply_activation_checkpointing, apply_compile
 
@@ -50,7 +52,12 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True, roots=roots)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"])
-    experts = apply_expert_parallel(model, dims, mesh) if dims.ep > 1 else None
+    experts = apply_expert_parallel(model, dims, mesh) if dims.ep > 1 or dims.tp > 1 else None
+    if dims.dp * dims.cp > 1:  # losses that are statistics of a micro-batch's tokens on every dp/cp rank
+        group = mesh["dp_cp"].get_group()
+        for module in model.modules():
+            if callable(getattr(module, "set_token_group", None)):
+                module.set_token_group(group)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -63,4 +70,6 @@ def parallelize(
         apply_fsdp(model, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1, roots=roots,
                    ignored=experts)
         log.info("FSDP2 over %s (param dtype %s, gradients reduced in float32)", dims.describe(), param_dtype)
+        if roots is not None:  # modules every stage's blocks use: in no stage module, so not FSDP2's
+            replicate_on_data_mesh(model, dims, mesh)
     return model

@@ -6,9 +6,11 @@ work, with errors that say what to change. Mesh dimensions are named "pp", "dp_r
 flattened "dp" (dp_replicate x dp_shard) is what the loader splits data over and "dp_shard_cp"
 (dp_shard x cp) is what FSDP2 shards parameters over.
 
-ep (expert parallelism) is not a mesh dimension of its own: it splits the MoE experts over the
-"dp_shard_cp" ranks (parallel/expert.py), so it adds no processes. This version runs
-ep = dp_shard x cp with pp = 1 (dp_replicate ranks hold copies of the same experts, tp ranks too).
+ep (expert parallelism) is not a mesh dimension of its own: it splits the MoE experts over ep of
+the "dp_shard_cp" ranks (parallel/expert.py, which unflattens "dp_shard_cp" into (ep, replicas)
+when ep < dp_shard x cp), so it adds no processes; ep must divide dp_shard x cp. dp_replicate ranks
+hold copies of the same experts; tp ranks hold slices of every expert's width; each pipeline stage
+splits its own MoE layers.
 """
 
 from __future__ import annotations

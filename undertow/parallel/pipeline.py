@@ -16,7 +16,9 @@ carried activations (one tensor or more).
 
 Modules of the shell that every block uses (`model.shared_by_blocks`, e.g. a router recurrent across layers, whose
 state the stages send on with the activations): each pp rank keeps a copy, broadcast from pp rank 0,
-their gradients summed over the stages like tied embeddings (not yet with data or context parallelism).
+their gradients summed over the stages like tied embeddings; with data or context parallelism they
+are replicated on FSDP2's mesh and their gradients averaged over the dp x cp ranks by hand
+(pipeline_shared.py: no stage module holds them, so FSDP2 does not).
 
 Loss: the last stage computes the token-sum cross-entropy of each micro-batch divided by the
 step's global label count (times `grad_scale`, as Trainer.train_step does), so gradients equal
@@ -57,6 +59,7 @@ from undertow.models.common.documents import (
 from undertow.models.common.aux import paused
 from undertow.models.common.loss import lm_loss_sum
 from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.pipeline_shared import reduce_shared_grads, shared_parameters
 from undertow.parallel.pipeline_split import (
     StageCosts,
     rank_of_stage,
@@ -230,6 +233,8 @@ class PipelineRunner:
         self.microbatches = microbatches
         self.autocast = autocast
         self.group = mesh["pp"].get_group()
+        self.data_ranks = dims.dp * dims.cp  # the ranks of other tokens (shared_by_blocks' gradients: their mean)
+        self.data_group = mesh["dp_cp"].get_group() if self.data_ranks > 1 else None
         self.pp_rank = mesh["pp"].get_local_rank()
         self.device = next(model.parameters()).device
         self.tied = bool(getattr(model.cfg, "tie_embeddings", False))
@@ -252,7 +257,7 @@ class PipelineRunner:
 
         _prune(model, [i for s in self.stage_ids for i in ranges[s]], self.has_first, self.has_last)
         self.model = model
-        self._check_shared_by_blocks(model, dims)
+        self._copy_shared_by_blocks()
         # the modules the schedule runs, one per stage of this rank: parallel/apply.py hooks them (TP)
         # and makes each one an FSDP root
         self.stage_modules = [StageModule(model, ranges[s], s == 0, s == last, seq_shards=dims.tp)
@@ -382,30 +387,23 @@ class PipelineRunner:
                 for tensor in carried:
                     dist.send(tensor.contiguous(), dst=peer(stage + 1), group=self.group)
 
-    def _check_shared_by_blocks(self, model: nn.Module, dims: ParallelDims) -> None:
+    def _copy_shared_by_blocks(self) -> None:
         """Modules the shell names in `shared_by_blocks` are used by the blocks of every stage (e.g. a router
         recurrent across layers): every pp rank keeps a copy, equal from the start (broadcast from pp rank 0) and
-        kept equal by summing their gradients over the pp group each step (sync_tied_grads)."""
-        params = self.shared
-        if params and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
-            raise LayoutError(f"{type(model).__name__} shares {list(model.shared_by_blocks)} across pipeline stages, "
-                              "which is not yet supported together with data or context parallelism; use pp with "
-                              "tp only, or pp = 1")
+        kept equal by summing their gradients over the pp group (and averaging them over the dp x cp ranks)
+        each step (sync_tied_grads, pipeline_shared.py)."""
         with torch.no_grad():
-            for p in params:
+            for p in self.shared:
                 dist.broadcast(_local(p), group=self.group, group_src=0)
 
     @property
     def shared(self) -> list[nn.Parameter]:
         """The parameters shared by blocks of every stage, looked up each time (tensor parallelism replaces them)."""
-        modules = [getattr(self.model, name) for name in getattr(self.model, "shared_by_blocks", ())]
-        return [p for m in modules if m is not None for p in m.parameters()]
+        return shared_parameters(self.model)
 
     def sync_tied_grads(self) -> None:
-        for p in self.shared:  # summed over the stages that used them (zeros where none did)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(_local(p.grad), group=self.group)
+        # summed over the stages that used them (zeros where none did), averaged over the dp x cp ranks
+        reduce_shared_grads(self.shared, self.group, self.data_group, self.data_ranks)
         if self.tied_group is None:
             return
         weight = self.model.embed.weight if self.has_first else self.model.lm_head.weight

@@ -2,8 +2,9 @@
 
 A layout is (pp, dp_replicate, dp_shard, cp, tp) with product N, activation checkpointing on or
 off, and a ZeRO stage: 1, 2 or 3 when it has ranks to shard over (dp_shard x cp > 1), else 0.
-For a MoE model, each FSDP layout (ZeRO-3) without pp whose dp_shard x cp divides the experts is
-also listed with ep = dp_shard x cp (expert parallelism).
+For a MoE model, each FSDP layout (ZeRO-3) whose dp_shard x cp divides the experts is also listed
+with every ep > 1 that divides dp_shard x cp (expert parallelism: ep = dp_shard x cp, or groups of
+ep ranks whose experts the dp_shard x cp / ep groups replicate), with pp and tp too.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def layouts(gpus: int, n_experts: int = 0) -> Iterator[Layout]:
     for degrees in _factorizations(gpus, len(MESH_NAMES)):
         dims = dict(zip(MESH_NAMES, degrees))
         stages = (1, 2, 3) if dims["dp_shard"] * dims["cp"] > 1 else (0,)
-        shard = dims["dp_shard"] * dims["cp"]  # expert parallelism splits the experts over these ranks
-        expert = n_experts and shard > 1 and n_experts % shard == 0 and dims["pp"] == 1
+        shard = dims["dp_shard"] * dims["cp"]  # each of these ranks stores E / shard experts (parallel/expert.py)
+        eps = [ep for ep in divisors(shard) if ep > 1] if n_experts and n_experts % shard == 0 else []
         for ac in (False, True):
             for zero in stages:
                 yield Layout(**dims, ac=ac, zero=zero)
-            if expert:
-                yield Layout(**dims, ep=shard, ac=ac, zero=3)
+            for ep in eps:
+                yield Layout(**dims, ep=ep, ac=ac, zero=3)
 
 
 def sort_key(est: Estimate) -> tuple:

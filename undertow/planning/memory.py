@@ -25,11 +25,16 @@ states       context parallelism only: each rank keeps the final state and cumul
              correction (ModelSpec.state_elements, float32), split by tp. Without cp a sequence's
              states live inside the activations.
 reserve      a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
-experts      expert parallelism (ep > 1, MoE models): the experts' weights, gradients and AdamW
-             moments are split by ep and never gathered (FSDP2 leaves them alone); the rest as above.
-             The all-to-all volume per GPU and step is reported (`all_to_all`): per MoE layer each
-             routed (token, expert) pair's d_model activations leave the rank (fraction (ep-1)/ep)
-             and come back, forward and backward (and the recomputed forward with checkpointing).
+experts      tensor parallelism splits every expert's width (with or without ep). Expert parallelism
+             (ep > 1, MoE models): the experts' weights, gradients and AdamW moments are split by
+             dp_shard x cp (each of those ranks stores E / (dp_shard x cp) experts) and tp, outside
+             FSDP2. With ep < dp_shard x cp the ranks of a group gather the E / ep experts they
+             compute with before each MoE layer; the gathered weights stay saved for the backward
+             (per micro-batch in flight, every MoE layer of the stage; with checkpointing only the
+             recomputed block's), counted with the activations. The all-to-all volume per GPU and
+             step is reported (`all_to_all`): per MoE layer each routed (token, expert) pair's
+             d_model activations leave the rank (fraction (ep-1)/ep) and come back, forward and
+             backward (and the recomputed forward with checkpointing); the experts' gather is not.
 
 Step time = training FLOPs per token (ModelSpec.flops_per_token) x tokens per step, x 4/3 with
 activation checkpointing (one more forward), / (GPUs x peak x MFU), x (1 + (pp - 1) / m), the 1F1B
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from undertow.parallel.expert_layout import expert_count_problem
 from undertow.parallel.mesh import LayoutError, ParallelDims
 from undertow.parallel.pipeline_split import StageCosts, balance_stages, stage_ranges
 from undertow.models.profile import ModelProfile, Piece
@@ -55,7 +61,7 @@ class Layout:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
-    ep: int = 1  # expert parallelism: the MoE experts split over the dp_shard ranks
+    ep: int = 1  # expert parallelism: the MoE experts split over ep of the dp_shard x cp ranks
     ac: bool = False  # activation checkpointing of every block
     zero: int = 0  # 0: replicated; 1: optimizer sharded; 2: + gradients; 3: + weights (FSDP)
 
@@ -135,7 +141,9 @@ def stage_memory(layout: Layout, facts: ModelFacts, setup: Setup, pieces: list[P
     profile, tp, group = facts.profile, layout.tp, layout.shard_group
     elements, tensors = profile.parameters(pieces)
     experts = [facts.expert_elements[i] if layout.ep > 1 and facts.expert_elements else 0 for i in blocks]
-    split = sum(experts) / layout.ep  # per-rank experts, outside FSDP (ep > 1)
+    split = sum(experts) / group / tp  # per-rank stored experts, outside FSDP (ep > 1)
+    # ep < dp_shard x cp: the E / ep experts a rank computes with, gathered per MoE layer
+    gathered = [4.0 * e / layout.ep / tp for e in experts] if layout.ep < group else [0.0]
     elements -= sum(experts)
     weights = 4.0 * elements / tp / (group if layout.zero >= 3 else 1) + 4.0 * split
     if layout.zero >= 3 and blocks:  # the gathered block: its experts stay split
@@ -150,9 +158,9 @@ def stage_memory(layout: Layout, facts: ModelFacts, setup: Setup, pieces: list[P
         outside = [v for p, v in zip(pieces, saved) if p.name in ("pre", "post")]
         kept = sum(profile.blocks[i].input_bytes(b, t) / tp for i in blocks) + sum(outside)
         recompute = max((profile.blocks[i].saved_bytes(b, t) / tp for i in blocks), default=0.0)
-        working = recompute + max(saved)
+        working = recompute + max(saved) + max(gathered, default=0.0)
     else:
-        kept, working = sum(saved), max(saved)
+        kept, working = sum(saved) + sum(gathered), max(saved)
     states = 0.0
     if layout.cp > 1:
         states = in_flight * b * layout.cp * sum(2 * 4.0 * facts.state_elements[i] for i in blocks) / tp
@@ -176,6 +184,10 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
         layout.dims.validate(setup.gpus, limits)
     except LayoutError as e:
         est.problems.append(str(e))
+        return est
+    problem = expert_count_problem(layout, facts.n_experts)
+    if problem:
+        est.problems.append(f"ep={layout.ep}: valid ep {problem}")
         return est
     dims = layout.dims
     if setup.global_batch % (dims.dp * setup.micro_batch):

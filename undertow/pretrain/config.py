@@ -19,7 +19,7 @@ from typing import Any, Literal
 from undertow.configtools import ConfigError, check, opt, coerce, from_dict, parse_overrides, set_dotted
 from undertow.log import get_logger
 from undertow.models import registry
-from undertow.parallel.expert_layout import expert_layout_problem
+from undertow.parallel.expert_layout import expert_count_problem, expert_layout_problem
 
 DEFAULT_RECIPE = "tiny"
 # An AdamW learning rate above this is a typo (a missing minus in 1e-3, or a unit mix-up), not a choice:
@@ -213,7 +213,7 @@ class ParallelConfig:
     cp: int = opt(1, help="Context-parallel degree (the sequence split over cp ranks).")
     dp_shard: int = opt(1, help="Sharded data-parallel degree (FSDP2: parameters, gradients and optimizer states sharded).")
     dp_replicate: int = opt(1, help="Replicated data-parallel degree (with dp_shard > 1: HSDP).")
-    ep: int = opt(1, help="Expert-parallel degree: each MoE layer's experts split over the dp_shard x cp ranks (ep = dp_shard x cp, pp = 1; adds no processes), tokens exchanged by all-to-all; see docs/parallelism.md.")
+    ep: int = opt(1, help="Expert-parallel degree: each MoE layer's experts split over ep of the dp_shard x cp ranks (ep divides dp_shard x cp, which must divide model.moe.n_experts; adds no processes), tokens exchanged by all-to-all within each group of ep ranks; see docs/parallelism.md.")
     engine: Literal["fsdp", "deepspeed"] = opt("fsdp", help="Data-parallel engine: fsdp (FSDP2/HSDP over dp_shard x dp_replicate) or deepspeed (ZeRO over the dp_shard ranks; needs `pip install 'undertow[deepspeed]'`, tp = pp = cp = 1 and dp_replicate = 1; see docs/parallelism.md).")
     zero_stage: Literal[1, 2, 3] = opt(3, help="engine = deepspeed: ZeRO stage; 1 shards optimizer states, 2 also gradients, 3 also parameters (what FSDP2 shards).")
     zero_offload: bool = opt(False, help="engine = deepspeed: keep optimizer states (and with zero_stage = 3 the parameters) in CPU memory; the optimizer step runs on the CPU.")
@@ -290,6 +290,8 @@ class ExperimentConfig:
             valid = ", ".join(str(d) for d in range(1, experts + 1) if experts % d == 0)
             check(experts % self.parallel.ep == 0, "parallel.ep", self.parallel.ep,
                   f"a divisor of model.moe.n_experts = {experts} (valid: {valid})")
+            problem = expert_count_problem(self.parallel, experts)  # every dp_shard x cp rank stores E / (dp_shard x cp)
+            check(problem is None, "parallel.ep", self.parallel.ep, problem)
         if self.schedule.warmup_steps > self.training.steps:  # a short trial of a long recipe: one line, no error
             get_logger("pretrain.config").warning(
                 "schedule.warmup_steps = %d > training.steps = %d: warming up over all %d steps",

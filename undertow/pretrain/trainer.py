@@ -25,6 +25,7 @@ from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.aux import collect_aux
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
+from undertow.models.moe.load_table import write_expert_load
 from undertow.parallel.apply import parallelize
 from undertow.parallel.context import shard_batch
 from undertow.parallel.deepspeed import build_deepspeed
@@ -401,6 +402,7 @@ class Trainer(RunState):
                     if self.step < t.steps and guard.stop_requested():  # SIGTERM/SIGUSR1: checkpoint, then stop
                         guard.beat("checkpoint save", self.step)
                         raise guard.preempted(self.step, last_ckpt if saved else self.save())
+                write_expert_load(self.model, cfg.run_dir, lead)  # MoE layers' load per expert (collective)
         finally:
             bar.close()
             writer.close()

@@ -76,9 +76,15 @@ def current_loss_scale() -> float:
     return _ACTIVE[-1].loss_scale if _ACTIVE else 1.0
 
 
+def recording() -> bool:
+    """A training step's forward is running: a collector is open, not paused, grad enabled (what
+    `record_metric` records under; modules that count over the run use it too)."""
+    return bool(_ACTIVE) and not _PAUSED and torch.is_grad_enabled()
+
+
 def record_metric(name: str, value: torch.Tensor | float) -> None:
     """Record a scalar under `name` for this step's log (no-op outside a collector, e.g. in eval)."""
-    if _ACTIVE and not _PAUSED and torch.is_grad_enabled():
+    if recording():
         _ACTIVE[-1].record(name, value)
 
 

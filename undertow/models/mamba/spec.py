@@ -77,6 +77,9 @@ def shape_limits(cfg: MambaConfig) -> list[tuple[str, str, int]]:
         limits += [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.n_kv_heads or cfg.n_heads)]
     if "-" in kinds:
         limits.append(("tp", "ffn_hidden", cfg.hidden))
+    if "E" in kinds:  # each expert's width (parallel/expert.py)
+        width = cfg.moe.hidden(swiglu_hidden(cfg.d_model, cfg.multiple_of))
+        limits.append(("tp", "the expert width (model.moe.expert_hidden)", width))
     return limits
 
 

@@ -8,7 +8,10 @@ Aux losses, added to the backward through models/common/aux.py (no forward signa
     load balance (Switch Transformer): E * sum_e f_e P_e, f_e the fraction of the N*k routed
         pairs that go to e, P_e the mean router probability of e; 1 when balanced
     z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2
-and metrics per layer: the load f_e * E (min, max) and the load entropy / log E.
+both over the tokens of the forward on every data/context-parallel rank (models/moe/balance.py: the
+same numbers under every layout), and metrics per layer: the load f_e * E (min, max) and the load
+entropy / log E. The routed pairs per expert of the training forwards add up over the run
+(`routed_total`) for the table written at its end (models/moe/load_table.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from undertow.kernels.moe import moe_experts
-from undertow.kernels.moe.grouped import expert_counts
-from undertow.models.common.aux import add_aux_loss, record_metric
+from undertow.models.common.aux import add_aux_loss, record_metric, recording
 from undertow.models.common.mlp import SwiGLU
+from undertow.models.moe.balance import balance_losses
 from undertow.models.moe.config import MoEConfig
 from undertow.models.moe.router import build_router, linear, local
 
@@ -34,20 +37,12 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor,
     return probs, idx, top / top.sum(-1, keepdim=True)
 
 
-def balance_losses(logits: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(load-balancing loss, z-loss, load per expert f_e * E (E,), detached)."""
-    E = logits.shape[-1]
-    load = expert_counts(idx, E).float() / idx.numel()
-    balance = E * (load * probs.mean(0)).sum()
-    z = torch.logsumexp(logits, dim=-1).square().mean()
-    return balance, z, load * E
-
-
 class MoELayer(nn.Module):
     """x (..., d_model) [, router state (..., r)] -> (out (..., d_model), new router state or None).
 
-    Computes on plain tensors: under tensor parallelism its weights are replicated DTensors
-    (models/transformer/plan.py moe_styles) and their local values are used.
+    Computes on plain tensors: under tensor parallelism the router and shared expert are replicated
+    DTensors (models/transformer/plan.py moe_styles) and their local values are used; the experts'
+    width is split over tp by parallel/expert.py (partial outputs summed after the combine).
 
     Expert weights are stacked: w_gate, w_up (E, d, h), w_down (E, h, d). `index`: the layer's depth
     (its metrics are named by it).
@@ -57,6 +52,7 @@ class MoELayer(nn.Module):
     whose local values are this rank's experts) to its all-to-all dispatch."""
 
     expert_compute = None  # None: kernels/moe on all E experts (one device)
+    token_group = None  # the ranks whose tokens the router losses are taken over (None: this process's)
 
     def __init__(self, d_model: int, dense_hidden: int, cfg: MoEConfig, index: int = 0):
         super().__init__()
@@ -67,6 +63,14 @@ class MoELayer(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, d_model, h))
         self.w_down = nn.Parameter(torch.empty(E, h, d_model))
         self.shared_expert = SwiGLU(d_model, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        # (E,) float64 routed pairs of this layer's training forwards, over the token group's ranks
+        # (not a buffer: checkpoints keep the weights only; the count restarts with each process)
+        self.routed_total: torch.Tensor | None = None
+
+    def set_token_group(self, group) -> None:
+        """The process group of the ranks that hold other tokens of the same micro-batch (data and
+        context parallel), set by parallel/apply.py; the router losses sum their statistics."""
+        self.token_group = group
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)
@@ -104,8 +108,17 @@ class MoELayer(nn.Module):
             new_state = new_state.reshape(*shape[:-1], -1)
         return out.reshape(shape), new_state
 
+    @torch.compiler.disable  # eager under torch.compile: host-side bookkeeping
+    def _count_routed(self, counts: torch.Tensor) -> None:
+        """Add a forward's routed pairs per expert (E,) to the run's: a training step's forwards only,
+        not a recomputation for activation checkpointing (it runs inside the backward) nor a pipeline
+        stage's shape inference (metrics paused there)."""
+        if recording() and torch._C._current_graph_task_id() == -1:
+            self.routed_total = counts if self.routed_total is None else self.routed_total + counts
+
     def _add_losses(self, out, logits, probs, idx):
-        balance, z, load = balance_losses(logits, probs, idx)
+        balance, z, load, counts = balance_losses(logits, probs, idx, self.token_group)
+        self._count_routed(counts)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z
         if aux.requires_grad:
             out = add_aux_loss(out, aux)

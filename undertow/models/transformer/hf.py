@@ -5,8 +5,8 @@ attention with full-head RoPE and no q/k norms, then a sparse MoE of SwiGLU expe
 is a linear map, softmax, top-k renormalised). OLMoE adds q/k RMSNorms and does not renormalise
 the top-k weights, so it does not compute our function. Exported: model.moe.router = "linear"
 and no shared expert (Mixtral has none). The RMoE router (a GRU shared across layers) has no stock
-class: it needs remote code, which this adapter does not write yet. Dense transformers (no MoE)
-are not mapped here either.
+class: those models export with remote code (hf_rmoe.py, model_type "undertow_rmoe"; `remote_code`
+tells the exporter). Dense transformers (no MoE) are not mapped here.
 
 Layouts: our experts are stacked w_gate, w_up (E, d, h) and w_down (E, h, d) (x @ W); transformers
 fuses gate_up_proj (E, 2h, d) = [w_gate^T; w_up^T] and keeps down_proj (E, d, h) = w_down^T (F.linear).
@@ -19,10 +19,12 @@ import torch
 from undertow.configtools import from_dict
 from undertow.models.hf_common import (HFConversionError, check_model_type, store_config, stored_config,
                                        without_tied_head)
+from undertow.models.hf_remote import RemoteCode
 from undertow.models.moe.config import MoEConfig
+from undertow.models.transformer import hf_rmoe
 from undertow.models.transformer.config import TransformerConfig
 
-HF_MODEL_TYPES = ("mixtral",)
+HF_MODEL_TYPES = ("mixtral", hf_rmoe.REMOTE_CODE.name)
 _SAME = {  # our name inside layer i -> transformers' (prefix model.layers.i.)
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
@@ -37,14 +39,17 @@ def hf_architecture(cfg: TransformerConfig) -> str:
     if not cfg.moe.enabled:
         raise HFConversionError("the dense transformer has no Hugging Face mapping yet; MoE transformers "
                                 "(model.moe.n_experts > 0) export to MixtralForCausalLM")
-    if cfg.moe.router != "linear":
-        raise HFConversionError(f"model.moe.router = {cfg.moe.router!r}: RMoE's layerwise GRU router has no stock "
-                                "transformers class and needs remote code, which is not written yet; only the "
-                                "linear router exports (MixtralForCausalLM)")
+    if cfg.moe.router == "rmoe":
+        return hf_rmoe.REMOTE_CODE.model_class
     if cfg.moe.shared_expert_hidden:
         raise HFConversionError(f"model.moe.shared_expert_hidden = {cfg.moe.shared_expert_hidden}: Mixtral has no "
                                 "shared expert; only models without one export")
     return "MixtralForCausalLM"
+
+
+def remote_code(cfg: TransformerConfig) -> RemoteCode | None:
+    """The remote code an export of `cfg` ships (RMoE), or None (a stock class: Mixtral)."""
+    return hf_rmoe.REMOTE_CODE if cfg.moe.enabled and cfg.moe.router == "rmoe" else None
 
 
 def hf_config(cfg: TransformerConfig, special_ids: dict) -> dict:
@@ -61,6 +66,8 @@ def hf_config(cfg: TransformerConfig, special_ids: dict) -> dict:
 
 def to_hf(cfg: TransformerConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
     """Our config + state dict -> (config.json dict, {HF name: tensor}). Every tensor of ours is used."""
+    if remote_code(cfg) is not None:
+        return hf_rmoe.to_hf(cfg, state_dict, special_ids)
     config = store_config(hf_config(cfg, special_ids), "transformer", cfg)
     left = without_tied_head(state_dict, cfg.tie_embeddings)
     tensors = {}
@@ -122,6 +129,8 @@ def _shape(cfg: TransformerConfig) -> dict:
 
 def from_hf(config: dict, tensors: dict) -> tuple[TransformerConfig, dict]:
     """config.json dict + {HF name: tensor} -> (TransformerConfig, our state dict). Every HF tensor is used."""
+    if config.get("model_type") == hf_rmoe.REMOTE_CODE.name:
+        return hf_rmoe.from_hf(config, tensors)
     cfg = config_from_hf(config)
     cfg.validate()
     left = without_tied_head(tensors, cfg.tie_embeddings)

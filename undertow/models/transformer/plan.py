@@ -88,11 +88,11 @@ def mlp_styles(prefix: str, mlp: nn.Module, sequence_parallel: bool) -> dict[str
 
 
 def moe_styles(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """An MoE layer (models/moe) at `prefix`, called as moe(x, router_state, router_gru): replicated
-    experts. Every rank routes and computes the whole sequence's tokens on plain tensors (its
-    weights are replicated DTensors, `moe_params`, whose local values it uses: equal gradients on
-    every rank); the input is all-gathered
-    from the sequence shards, and each rank keeps its shard of the output (no communication back).
+    """An MoE layer (models/moe) at `prefix`, called as moe(x, router_state, router_gru). Every rank
+    routes the whole sequence's tokens on plain tensors (its weights are replicated DTensors,
+    `moe_params`, whose local values it uses: equal gradients on every rank; parallel/expert.py
+    then splits the experts' width over the tp ranks and sums their partial outputs); the input is
+    all-gathered from the sequence shards, and each rank keeps its shard of the output.
     The RMoE router state is whole on every rank and passes untouched."""
     residual = residual_layout(sequence_parallel)
     return {prefix: PrepareModuleInputOutput(

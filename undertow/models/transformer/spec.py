@@ -34,10 +34,12 @@ def layer_cost(cfg: TransformerConfig, seq_len: int) -> list[float]:
 
 
 def shape_limits(cfg: TransformerConfig) -> list[tuple[str, str, int]]:
-    """Tensor parallelism splits query and key/value heads and the SwiGLU hidden units (MoE layers'
-    experts are replicated: nothing of theirs is split)."""
+    """Tensor parallelism splits query and key/value heads and the SwiGLU hidden units (MoE layers:
+    each expert's width, parallel/expert.py)."""
     heads = [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads)]
-    return heads if cfg.moe.enabled else heads + [("tp", "ffn_hidden", cfg.hidden)]
+    if cfg.moe.enabled:
+        return heads + [("tp", "the expert width (model.moe.expert_hidden)", cfg.moe.hidden(cfg.hidden))]
+    return heads + [("tp", "ffn_hidden", cfg.hidden)]
 
 
 SPEC = ModelSpec(

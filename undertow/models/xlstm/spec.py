@@ -83,6 +83,8 @@ def shape_limits(cfg: XLSTMConfig) -> list[tuple[str, str, int]]:
         limits.append(("tp", "ffn_hidden", cfg.hidden))
     if "*" in kinds:
         limits += [("tp", "attn_heads", cfg.q_heads), ("tp", "attn_kv_heads", cfg.kv_heads)]
+    if "E" in kinds:  # each expert's width (parallel/expert.py)
+        limits.append(("tp", "the expert width (model.moe.expert_hidden)", cfg.moe.hidden(cfg.hidden)))
     if "s" in kinds:  # sLSTM heads (conv, gates, R, GroupNorm per head), its gated FFN's hidden units
         limits += [("tp", "slstm_heads", cfg.slstm_heads), ("tp", "the sLSTM FFN width", cfg.slstm_ffn_hidden)]
     if "M" in kinds:  # up-projection mLSTM heads (q/k/v blocks divide a head: a rank's channels hold whole ones)
