@@ -7,8 +7,10 @@ MoE forward + backward within 1.3x of the dense one), and of its grouped GEMMs.
 Default shape: one OLMoE-1B-7B MLP (64 experts of width 1024, top-8) on 8192 tokens; the dense
 SwiGLU has width top_k * hidden (8192), so both run the same matmul FLOPs per token. bf16 autocast
 over float32 weights, as the trainer runs. Rows: the MoE layer with the grouped GEMM the dispatch
-picks (torch._grouped_mm where it runs), with the split GEMM (one matmul per expert), and the dense
-SwiGLU; the median of `--reps` CUDA-event timings after warm-up. Writes bench_moe_gpu.md to --out.
+picks (torch._grouped_mm where it runs), with the Triton grouped GEMM (kernels/moe/triton_grouped.py,
+CUDA only), with the split GEMM (one matmul per expert), and the dense SwiGLU; the median of `--reps`
+CUDA-event timings after warm-up (the Triton kernels compile in the warm-up). Writes bench_moe_gpu.md
+to --out.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def main() -> None:
         return step
 
     rows = [("dense SwiGLU (width top_k x hidden)", time_ms(run(dense), args.reps, device))]
-    for name in dict.fromkeys((gemm, "split")):  # the MoE layer with each grouped GEMM
+    for name in dict.fromkeys((gemm, "triton", "split") if device == "cuda" else (gemm, "split")):  # each GEMM
         with mock.patch.object(grouped, "choose_gemm", return_value=name):
             rows.append((f"MoE layer, {name} GEMM", time_ms(run(moe), args.reps, device)))
     flops = 6 * N * 3 * d * k * h

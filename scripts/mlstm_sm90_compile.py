@@ -11,31 +11,14 @@ Needs Triton's bundled ptxas (the Linux x86-64 wheel carries it); numbers depend
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
-CHILD = r"""
-import sys, json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from undertow.kernels.mlstm import triton_chunk, triton_chunk_bwd
-spec = json.loads(sys.argv[1])
-fn = getattr(triton_chunk, spec["kernel"], None) or getattr(triton_chunk_bwd, spec["kernel"])
-constexprs = {k: v for k, v in spec["constexprs"].items() if k in fn.arg_names}
-sig = {name: spec["types"].get(name, "i32") for name in fn.arg_names if name not in constexprs}
-for name in constexprs:
-    sig[name] = "constexpr"
-aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")]
-attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-out = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": spec["warps"], "num_stages": spec["stages"]})
-print("SHARED", out.metadata.shared)
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sm90_compile import child_script, compile_kernel, print_table  # noqa: E402
+
+CHILD = child_script("from undertow.kernels.mlstm import triton_chunk, triton_chunk_bwd",
+                     'getattr(triton_chunk, spec["kernel"], None) or getattr(triton_chunk_bwd, spec["kernel"])')
 
 IO = ("Q", "K", "V", "DH", "Hout")  # q, k, v, dh and h in the inputs' dtype
 INT32 = ("SEG", "SARG")
@@ -62,20 +45,7 @@ def compile_one(name: str, constexprs: dict, args) -> dict:
                 "DCS", "DNS", "R1", "DD", "DQP", "DKP", "DV", "ROWP", "COLP", "DINTP"):
         types[ptr] = "*fp32"
     spec = {"kernel": name, "constexprs": constexprs, "types": types, "warps": args.warps, "stages": args.stages}
-    env = {**os.environ, "TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                              env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        return {"error": log.strip().splitlines()[-1] if log.strip() else f"exit {proc.returncode}"}
-    last = lambda pattern: (re.findall(pattern, log) or [None])[-1]  # noqa: E731
-    shared = last(r"SHARED (\d+)")
-    return {"registers": last(r"Used (\d+) registers"), "spill_stores": last(r"(\d+) bytes spill stores"),
-            "spill_loads": last(r"(\d+) bytes spill loads"),
-            "shared_kib": round(int(shared) / 1024, 1) if shared else None}
+    return compile_kernel(CHILD, spec)
 
 
 def main() -> None:
@@ -89,20 +59,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="compile only the kernels whose name contains this")
     args = ap.parse_args()
     print(f"sm_90, {args.dtype}, BL={args.bl} BK={args.bk} BV={args.bv} warps={args.warps} stages={args.stages}")
-    print("| kernel | registers | spill stores B | spill loads B | shared KiB |")
-    print("|---|---:|---:|---:|---:|")
-    failed = False
-    for name, (kernel, constexprs) in kernels(args).items():
-        if args.only not in name:
-            continue
-        r = compile_one(kernel, constexprs, args)
-        if "error" in r:
-            failed = True
-            print(f"| {name} | error: {r['error'][:160]} | | | |", flush=True)
-        else:
-            print(f"| {name} | {r['registers']} | {r['spill_stores']} | {r['spill_loads']} | {r['shared_kib']} |",
-                  flush=True)
-    sys.exit(1 if failed else 0)
+    rows = ((name, compile_one(kernel, constexprs, args)) for name, (kernel, constexprs) in kernels(args).items()
+            if args.only in name)
+    sys.exit(0 if print_table(rows) else 1)
 
 
 if __name__ == "__main__":

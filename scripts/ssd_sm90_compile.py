@@ -14,33 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
-# one kernel a subprocess: ptxas prints its log to the process's stderr, which we capture
-CHILD = r"""
-import sys, json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from undertow.kernels.ssd import triton_bwd, triton_fwd
-spec = json.loads(sys.argv[1])
-fn = getattr(triton_fwd, spec["kernel"], None) or getattr(triton_bwd, spec["kernel"])
-constexprs = {k: v for k, v in spec["constexprs"].items() if k in fn.arg_names}
-sig = {name: spec["types"].get(name, "i32") for name in fn.arg_names if name not in constexprs}
-for name in constexprs:
-    sig[name] = "constexpr"
-# as the JIT specializes a launch: pointers 16-byte aligned, ints that are multiples of 16 marked so
-aligned = [i for i, name in enumerate(fn.arg_names)
-           if sig[name].startswith("*") or spec["values"].get(name, 1) % 16 == 0]
-attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-src = ASTSource(fn, sig, constexprs, attrs)
-options = {"num_warps": spec["warps"], "num_stages": spec["stages"]}
-out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-print("SHARED", out.metadata.shared)
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sm90_compile import child_script, compile_kernel  # noqa: E402
+
+CHILD = child_script("from undertow.kernels.ssd import triton_bwd, triton_fwd",
+                     'getattr(triton_fwd, spec["kernel"], None) or getattr(triton_bwd, spec["kernel"])')
 
 PTR_TYPES = {  # bf16 inputs, as the benchmark: x, dy, B, C, y, dx in bf16; the rest float32 / int32
     "X": "*{io}", "DY": "*{io}", "B": "*{io}", "C": "*{io}", "K": "*{io}", "Y": "*{io}", "DX": "*{io}",
@@ -72,8 +52,6 @@ def kernels(args) -> dict[str, dict]:
 
 
 def compile_one(name: str, constexprs: dict, args) -> dict:
-    import json
-
     io = "bf16" if args.prec in (1, 2) else "fp16" if args.prec == 3 else "fp32"
     types = {k: v.format(io=io) for k, v in PTR_TYPES.items()}
     warps = args.bwarps if name.startswith(("scan_bwd", "chunk_scan_bwd")) and args.bwarps else args.warps
@@ -84,23 +62,7 @@ def compile_one(name: str, constexprs: dict, args) -> dict:
     constexprs = {**constexprs, **{k: 1 for k, v in values.items() if v == 1}}
     spec = {"kernel": name, "constexprs": constexprs, "types": types, "warps": warps, "stages": args.stages,
             "values": values}
-    env = {**os.environ, "TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                              env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        return {"error": log.strip().splitlines()[-1] if log.strip() else f"exit {proc.returncode}"}
-    regs = re.findall(r"Used (\d+) registers", log)
-    spill_st = re.findall(r"(\d+) bytes spill stores", log)
-    spill_ld = re.findall(r"(\d+) bytes spill loads", log)
-    stack = re.findall(r"(\d+) bytes stack frame", log)
-    shared = re.findall(r"SHARED (\d+)", log)
-    first = lambda xs: int(xs[-1]) if xs else None  # noqa: E731
-    return {"registers": first(regs), "spill_stores": first(spill_st), "spill_loads": first(spill_ld),
-            "stack": first(stack), "shared_kib": round(first(shared) / 1024, 1) if shared else None, "warps": warps}
+    return {**compile_kernel(CHILD, spec), "warps": warps}
 
 
 def main() -> None:

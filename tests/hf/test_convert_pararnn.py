@@ -3,29 +3,20 @@ transformers loads with trust_remote_code in a process where undertow cannot be 
 logits (ParaGRU, ParaLSTM, and a hybrid with attention and MLP layers; left padding too) equal our
 forward's within 1e-4 and whose greedy text is ours; `from-hf` back is lossless."""
 
-import dataclasses
-import json
-import os
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.hf.remote_load import (VOCAB, check_export_dir, exported_fixture, load_ours,  # noqa: E402,F401
+                                  perturbed_checkpoint, spm_path)
 from tests.models.helpers import greedy_by_full_forwards  # noqa: E402
 from undertow.cli import main  # noqa: E402
-from undertow.data_prep.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from undertow.hf import HFConversionError  # noqa: E402
-from undertow.hf.export import read_checkpoint  # noqa: E402
 from undertow.models.pararnn.config import ParaRNNConfig  # noqa: E402
 from undertow.models.pararnn.model import ParaRNNLM  # noqa: E402
-from undertow.pretrain.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from undertow.pretrain.config import build_config  # noqa: E402
 
-from ..data_prep.conftest import make_texts  # noqa: E402
-from .remote_load import load_without_undertow  # noqa: E402
-
-VOCAB = 300
 SMALL = dict(vocab_size=VOCAB, d_model=16, chunk_size=4, multiple_of=16)
 CASES = {
     "gru": dict(SMALL, layer_pattern="g-g", heads=2),
@@ -44,54 +35,23 @@ out["generated"] = model.generate(ids[:, :4], max_new_tokens=6, min_new_tokens=6
 """
 
 
-@pytest.fixture(scope="module")
-def spm_path(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-    train_tokenizer(make_texts(300, seed=1), path, vocab_size=VOCAB)
-    return path
-
-
-def make_checkpoint(root, spm_path: str, case: str) -> str:
-    torch.manual_seed(0)
-    model_cfg = ParaRNNConfig(**CASES[case])
-    model = ParaRNNLM(model_cfg)
-    model.init_weights()
-    with torch.no_grad():  # away from the init: gate biases, stronger recurrences, norm weights
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    cfg = build_config({"name": "t", "model": {"family": "pararnn", **dataclasses.asdict(model_cfg)}})
-    meta = {"config": cfg.to_dict(), "tokenizer": Tokenizer.load(spm_path).describe(os.path.abspath(spm_path))}
-    return save_checkpoint(str(root), 3, model, torch.optim.AdamW(model.parameters()), meta, keep_last=1)
+def make_checkpoint(root, spm_path: str, case: str) -> str:  # noqa: F811
+    # away from the init: gate biases, stronger recurrences, norm weights
+    return perturbed_checkpoint(root, spm_path, "pararnn", ParaRNNLM, ParaRNNConfig(**CASES[case]), noise=0.2)
 
 
 def our_model(checkpoint: str) -> ParaRNNLM:
-    _, _, model_cfg = read_checkpoint(checkpoint)
-    model = ParaRNNLM(model_cfg)
-    load_checkpoint(checkpoint, model, None)
-    return model.eval()
+    return load_ours(checkpoint, ParaRNNLM)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, spm_path):
-    """Every case exported with `convert to-hf`: ({case: checkpoint}, {case: dir}, {case: transformers' results})."""
-    root = tmp_path_factory.mktemp("export")
-    checkpoints, dirs = {}, {}
-    for case in CASES:
-        checkpoints[case] = make_checkpoint(root / case / "ckpt", spm_path, case)
-        dirs[case] = str(root / case / "hf")
-        assert main(["convert", "to-hf", checkpoints[case], dirs[case]]) == 0
-    return checkpoints, dirs, load_without_undertow(LOAD, dirs, IDS, root)
+exported = exported_fixture(CASES, make_checkpoint, LOAD, IDS)  # every case exported and loaded
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_loads_without_undertow_with_same_logits_and_greedy_text(exported, case):
     checkpoints, dirs, results = exported
     out, theirs = dirs[case], results[case]
-    config = json.load(open(os.path.join(out, "config.json")))
-    assert config["model_type"] == "undertow_pararnn" and config["architectures"] == ["UndertowParaRNNForCausalLM"]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_undertow_pararnn.UndertowParaRNNForCausalLM"
-    assert {"modeling_undertow_pararnn.py", "configuration_undertow_pararnn.py"} <= set(os.listdir(out))
-    assert theirs["type"] == "UndertowParaRNNForCausalLM"
+    check_export_dir(out, theirs, "undertow_pararnn", "UndertowParaRNNForCausalLM")
     ours = our_model(checkpoints[case])
     with torch.no_grad():
         logits = ours(IDS)
@@ -103,7 +63,7 @@ def test_export_loads_without_undertow_with_same_logits_and_greedy_text(exported
     assert torch.equal(theirs["generated"], ours.generate(IDS[:, :4], 6))  # our cell-step decoding too
 
 
-def test_round_trip_to_hf_from_hf_is_lossless(tmp_path, spm_path):
+def test_round_trip_to_hf_from_hf_is_lossless(tmp_path, spm_path):  # noqa: F811
     for case in ("hybrid", "lstm-dense-untied"):
         ckpt = make_checkpoint(tmp_path / case / "ckpt", spm_path, case)
         assert main(["convert", "to-hf", ckpt, str(tmp_path / case / "hf")]) == 0

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.hf.remote_load import load_without_undertow  # noqa: E402
+from tests.hf.remote_load import check_export_dir, exported_fixture  # noqa: E402
 from tests.hf.test_convert_moe import VOCAB, make_checkpoint, our_model, spm_path  # noqa: E402,F401
 from tests.models.helpers import greedy_by_full_forwards  # noqa: E402
 from undertow.cli import main  # noqa: E402
@@ -29,27 +29,16 @@ out["generated"] = model.generate(ids[:, :4], max_new_tokens=6, min_new_tokens=6
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, spm_path):  # noqa: F811
-    """Every case exported with `convert to-hf`: ({case: checkpoint}, {case: hf dir}, {case: transformers' results})."""
-    root = tmp_path_factory.mktemp("export")
-    checkpoints, dirs = {}, {}
-    for case, moe in CASES.items():
-        checkpoints[case] = make_checkpoint(root / case / "ckpt", spm_path, tie=case.startswith("tied"), **moe)
-        dirs[case] = str(root / case / "hf")
-        assert main(["convert", "to-hf", checkpoints[case], dirs[case]]) == 0
-    return checkpoints, dirs, load_without_undertow(BODY, dirs, IDS, root)
+# every case exported and loaded; the "tied-" cases tie the embeddings (test_convert_moe.make_checkpoint)
+exported = exported_fixture(CASES, lambda root, spm, case: make_checkpoint(root, spm, tie=case.startswith("tied"),
+                                                                           **CASES[case]), BODY, IDS)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_loads_without_undertow_with_same_logits_and_greedy_text(exported, case):
     checkpoints, dirs, results = exported
     out, theirs = dirs[case], results[case]
-    config = json.load(open(os.path.join(out, "config.json")))
-    assert config["model_type"] == "undertow_rmoe" and config["architectures"] == ["UndertowRMoEForCausalLM"]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_undertow_rmoe.UndertowRMoEForCausalLM"
-    assert {"modeling_undertow_rmoe.py", "configuration_undertow_rmoe.py"} <= set(os.listdir(out))
-    assert theirs["type"] == "UndertowRMoEForCausalLM"
+    check_export_dir(out, theirs, "undertow_rmoe", "UndertowRMoEForCausalLM")
     ours = our_model(checkpoints[case])
     with torch.no_grad():
         assert (theirs["logits"] - ours(IDS)).abs().max().item() <= 1e-4

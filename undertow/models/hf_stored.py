@@ -3,12 +3,14 @@ model config under UNDERTOW_KEY beside the remote config's fields, and model.saf
 parameter names (the remote model has our module tree), a tied head written once.
 
     to_hf_stored(family, cfg, fields, state_dict)      -> (config.json dict, {name: tensor})
-    from_hf_stored(config, tensors, family, config_cls, hf_config, model_types)
+    from_hf_stored(config, tensors, family, config_cls, hf_config, model_types, parse=None)
                                                        -> (our config, our state dict, float32)
 
 `fields` is the family's hf_config(cfg, special_ids): what the remote model computes with. Import
 refuses a directory without our stored config, or whose fields disagree with it (edited by hand).
-Nothing here imports anything of undertow but hf_common.
+`parse` turns the stored dict into the config where config_cls(**stored) cannot (nested dataclasses:
+the transformer's MoE block goes through configtools.from_dict). Nothing here imports anything of
+undertow but hf_common.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ def to_hf_stored(family: str, cfg, fields: dict, state_dict: dict) -> tuple[dict
 
 
 def from_hf_stored(config: dict, tensors: dict, family: str, config_cls, hf_config: Callable,
-                   model_types: tuple) -> tuple:
+                   model_types: tuple, parse: Callable[[dict], object] | None = None) -> tuple:
     check_model_type(config, model_types)
     stored = stored_config(config)
     names = {f.name for f in dataclasses.fields(config_cls)}
-    if not stored or not set(stored) <= names:
+    # with `parse`, unknown or mistyped stored fields are its to report (from_dict names them)
+    if not stored or not (parse is not None or set(stored) <= names):
         raise HFConversionError(f"config.json has no undertow {family} config under {UNDERTOW_KEY!r} (only "
                                 "directories written by `undertow convert to-hf` import)")
-    cfg = config_cls(**stored)
+    cfg = parse(stored) if parse is not None else config_cls(**stored)
     cfg.validate()
     changed = sorted(k for k, v in hf_config(cfg, {}).items() if config.get(k) != v)
     if changed:

@@ -6,9 +6,9 @@
     combine: out[token] += weight * ys                                    (N, d)
 
 The grouped GEMM is `torch._grouped_mm` where this build has it and it runs (forward and backward,
-checked once per device and dtype by running it: `grouped_mm_runs`), else one matmul per group on
-views of the sorted rows (`split`). Both are autograd-differentiable; experts with zero tokens
-are empty groups.
+checked once per device and dtype by running it: `grouped_mm_runs`), else on CUDA the Triton grouped
+GEMM (`triton`, triton_grouped.py), else one matmul per group on views of the sorted rows (`split`).
+All are autograd-differentiable; experts with zero tokens are empty groups.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-GEMMS = ("grouped_mm", "split")
+from undertow.kernels.dispatch import triton_runs_on
+from undertow.log import get_logger
+
+GEMMS = ("grouped_mm", "split", "triton")
+_logged: set[tuple[str, str, torch.dtype]] = set()
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -61,7 +65,13 @@ def _gemm_split(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts
     return torch.cat([part @ w[e] for e, part in enumerate(parts)])
 
 
-_GEMM_FNS = {"grouped_mm": _gemm_grouped_mm, "split": _gemm_split}
+def _gemm_triton(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    from undertow.kernels.moe.triton_grouped import grouped_mm_triton  # imports triton on first use
+
+    return grouped_mm_triton(xs, w, offsets)
+
+
+_GEMM_FNS = {"grouped_mm": _gemm_grouped_mm, "split": _gemm_split, "triton": _gemm_triton}
 
 
 @functools.cache
@@ -99,9 +109,11 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
 
 def choose_gemm(x: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor) -> str:
     """grouped_mm where it runs on x's device and dtype and the rows are 16-byte aligned (its
-    requirement), else split."""
+    requirement), else triton on CUDA (where Triton is installed), else split."""
     aligned = all((size * x.element_size()) % 16 == 0 for size in (w_gate.shape[1], w_gate.shape[2]))
-    return "grouped_mm" if aligned and grouped_mm_runs(x.device.type, x.dtype) else "split"
+    if aligned and grouped_mm_runs(x.device.type, x.dtype):
+        return "grouped_mm"
+    return "triton" if x.is_cuda and triton_runs_on(x) else "split"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -124,6 +136,12 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w_gat
     gemm = gemm or choose_gemm(x, w_gate, w_down)
     if gemm not in _GEMM_FNS:
         raise ValueError(f"moe grouped gemm {gemm!r} is unknown; choose one of {GEMMS}")
+    if gemm == "triton" and not triton_runs_on(x):
+        raise RuntimeError(f"moe grouped gemm 'triton' was forced but cannot run on {x.device} tensors (needs "
+                           "CUDA, or TRITON_INTERPRET=1 set before the kernel module is imported, and triton)")
+    if (gemm, x.device.type, x.dtype) not in _logged:  # once per choice, never silent
+        _logged.add((gemm, x.device.type, x.dtype))
+        get_logger("undertow.kernels").info("moe grouped gemm: %s (%s, %s)", gemm, x.device.type, x.dtype)
     N, k = idx.shape
     order, counts = sort_by_expert(idx, w_gate.shape[0])
     token = order // k

@@ -5,17 +5,15 @@ Export writes config.json (model_type "undertow_rmoe", our shapes under transfor
 `auto_map`, and our whole config under UNDERTOW_KEY for an exact return), model.safetensors with our
 own parameter names (the remote model, remote/modeling_undertow_rmoe.py, has our module tree; a tied
 head is not written twice: the remote model ties it again) and the two remote-code files
-(undertow/hf/remote.py). The transformer family's adapter (hf.py) sends rmoe models here.
+(undertow/hf/remote.py); the round trip is models/hf_stored.py's. The transformer family's adapter
+(hf.py) sends rmoe models here.
 """
 
 from __future__ import annotations
 
-import torch
-
 from undertow.configtools import from_dict
-from undertow.models.hf_common import (UNDERTOW_KEY, HFConversionError, check_model_type, store_config,
-                                       stored_config, without_tied_head)
 from undertow.models.hf_remote import RemoteCode
+from undertow.models.hf_stored import from_hf_stored, to_hf_stored
 from undertow.models.transformer.config import TransformerConfig
 
 REMOTE_CODE = RemoteCode(name="undertow_rmoe", package="undertow.models.transformer.remote",
@@ -37,27 +35,10 @@ def hf_config(cfg: TransformerConfig, special_ids: dict) -> dict:
 
 
 def to_hf(cfg: TransformerConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
-    return store_config(hf_config(cfg, special_ids), "transformer", cfg), without_tied_head(state_dict,
-                                                                                            cfg.tie_embeddings)
+    return to_hf_stored("transformer", cfg, hf_config(cfg, special_ids), state_dict)
 
 
 def from_hf(config: dict, tensors: dict) -> tuple[TransformerConfig, dict]:
     """config.json (written by `convert to-hf`) + tensors -> (TransformerConfig, our state dict)."""
-    check_model_type(config, (REMOTE_CODE.name,))
-    stored = stored_config(config)
-    if not stored:
-        raise HFConversionError(f"config.json has no undertow transformer config under {UNDERTOW_KEY!r} (only "
-                                "directories written by `undertow convert to-hf` import)")
-    cfg = from_dict(TransformerConfig, stored, "model")
-    cfg.validate()
-    expected = hf_config(cfg, {})
-    changed = sorted(k for k, v in expected.items() if config.get(k) != v)
-    if changed:
-        raise HFConversionError(f"config.json's {changed} disagree with its stored undertow config; "
-                                "edit neither by hand")
-    state = dict(tensors)
-    if cfg.tie_embeddings:
-        if "embed.weight" not in state:
-            raise HFConversionError("the weights have no embed.weight")
-        state["lm_head.weight"] = state["embed.weight"]
-    return cfg, {name: t.to(torch.float32) for name, t in state.items()}
+    return from_hf_stored(config, tensors, "transformer", TransformerConfig, hf_config, (REMOTE_CODE.name,),
+                          parse=lambda stored: from_dict(TransformerConfig, stored, "model"))
