@@ -45,7 +45,11 @@ class ACTLoop(nn.Module):
             return self._loop(x, cos, sin, doc_ids, cu_seqlens, max_seqlen)
 
     def _loop(self, x, cos, sin, doc_ids, cu_seqlens, max_seqlen):
-        return self.run_steps(x, lambda n, state: self.block(state, cos, sin, doc_ids, cu_seqlens, max_seqlen))
+        def apply_block(n, state):
+            out = self.block(state, cos, sin, doc_ids, cu_seqlens, max_seqlen)
+            return out[0] if self.block.is_moe else out  # an MoE block (linear router): (x, None)
+
+        return self.run_steps(x, apply_block)
 
     def run_steps(self, x, apply_block):
         """The loop over depth with the block applied as `apply_block(n, state)` at step n: the block

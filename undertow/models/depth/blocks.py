@@ -4,6 +4,10 @@ Transformer) and Huginn's sandwich block, both on the common attention, SwiGLU, 
 Sandwich block (Huginn-0125): every sub-layer's output is normalized again after the residual add,
     x = n2(x + attn(n1(x)));  x = n4(x + mlp(n3(x)))
 which keeps the latent state's scale fixed however many times the core is applied.
+
+With model.moe.n_experts > 0 the MLP is an MoE layer (linear router; config.py says why not rmoe).
+A looped block's MoE layer adds its router losses at every application with gradients and records
+its metrics at every application (averaged over the step).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from undertow.models.common.decoding import KVCache, attention_with_cache
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.depth.config import DepthConfig
+from undertow.models.moe.layer import MoELayer
 from undertow.models.transformer.model import Attention
 
 
@@ -37,16 +42,27 @@ def init_attention(attn: Attention, std: float, out_std: float) -> None:
             nn.init.zeros_(proj.bias)
 
 
+def build_mlp(cfg: DepthConfig, index: int) -> nn.Module:
+    """SwiGLU, or an MoE layer (named by `index` in its metrics: unique per block of the model)."""
+    return MoELayer(cfg.d_model, cfg.hidden, cfg.moe, index) if cfg.moe.enabled else SwiGLU(cfg.d_model, cfg.hidden)
+
+
+def mlp_out(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x), for a SwiGLU or an MoE layer (the linear router: no router state; called with all three
+    arguments, as the tensor-parallel moe_styles expect)."""
+    return mlp(x, None, None)[0] if isinstance(mlp, MoELayer) else mlp(x)
+
+
 class SandwichBlock(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model); see the module docstring."""
 
-    def __init__(self, cfg: DepthConfig):
+    def __init__(self, cfg: DepthConfig, index: int = 0):
         super().__init__()
         self.norm_1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = build_attention(cfg, cfg.qk_bias)
         self.norm_2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.norm_3 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+        self.mlp = build_mlp(cfg, index)
         self.norm_4 = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -57,14 +73,14 @@ class SandwichBlock(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None, position_ids=None):
         x = self.norm_2(x + self.attn(self.norm_1(x), cos, sin, doc_ids, cu_seqlens, max_seqlen))
-        return self.norm_4(x + self.mlp(self.norm_3(x)))
+        return self.norm_4(x + mlp_out(self.mlp, self.norm_3(x)))
 
     def step(self, x: torch.Tensor, cos, sin, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """Decoding: x (B, T, d_model) with the keys/values of earlier positions in `cache` (None:
         a prefill of the T positions) -> output, the cache including these positions."""
         out, cache = attention_with_cache(self.attn, self.norm_1(x), cos, sin, cache)
         x = self.norm_2(x + out)
-        return self.norm_4(x + self.mlp(self.norm_3(x))), cache
+        return self.norm_4(x + mlp_out(self.mlp, self.norm_3(x))), cache
 
 
 def step_timing_signal(n_steps: int, d_model: int, device=None) -> torch.Tensor:

@@ -7,6 +7,13 @@
           `n_core` sandwich blocks looped r times on s = adapter(concat(s, e)) -> `n_coda` blocks.
           Training depth r ~ Poisson(LogNormal(log(mean_depth) - sigma^2 / 2, sigma)) + 1, drawn per
           training step (the same on every rank), backprop through the last `backprop_depth` steps.
+
+With model.moe.n_experts > 0 every block's MLP (the UT's shared block, Huginn's prelude, core and
+coda blocks) is a mixture of experts with the linear router. The rmoe router is refused: its GRU state
+runs from layer to layer, and here the looped blocks are applied a number of times that is drawn per
+training step, chosen at test time, differs per position (ACT halting, Huginn's early exit) and runs
+partly without gradients, with one W1_l/W2_l per block reused at every application; a router state
+"from the previous layer" has no fixed meaning across that loop (RMOE_REFUSAL).
 """
 
 from __future__ import annotations
@@ -19,7 +26,12 @@ import torch
 
 from undertow.configtools import check, opt
 from undertow.models.common.mlp import swiglu_hidden
+from undertow.models.moe.config import MoEConfig
 from undertow.models.transformer.config import TransformerConfig
+
+RMOE_REFUSAL = ("the depth family loops its blocks a number of times drawn per training step, set at test time and "
+                "different per position (ACT halting, early exit), so RMoE's layer-to-layer router state has no "
+                "fixed sequence of layers to run over; use 'linear'")
 
 # a truncated depth distribution keeping less than this share of its draws below max_depth "has no mass"
 MIN_DEPTH_MASS = 1e-3
@@ -59,6 +71,8 @@ class DepthConfig:
     backprop_depth: int = opt(4, help="huginn: k, the last steps run with gradients (Huginn-0125: 8); <= max_depth.")
     eval_depth: int = opt(0, help="huginn: depth in eval mode and generation (0: round(mean_depth)); any r >= 1.")
     depth_seed: int = opt(0, help="huginn: seed of the depth draws and of s_0's hash (with the training step).")
+    moe: MoEConfig = opt(factory=MoEConfig, help="Mixture of experts in place of every block's MLP "
+                                                   "(moe.n_experts > 0; linear router only).")
 
     # ---- derived
     @property
@@ -97,7 +111,7 @@ class DepthConfig:
         """The shared attention/MLP shapes as a TransformerConfig (to build common blocks)."""
         return TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=1, n_heads=self.n_heads,
                                  n_kv_heads=self.n_kv_heads, ffn_hidden=self.hidden, rope_theta=self.rope_theta,
-                                 norm_eps=self.norm_eps, init_std=self.weight_std)
+                                 norm_eps=self.norm_eps, init_std=self.weight_std, moe=self.moe)
 
     def depth_mass(self, draws: int = 4096) -> float:
         """Share of training-depth draws at or below max_depth (before clamping), estimated from a
@@ -112,7 +126,9 @@ class DepthConfig:
 
     def validate(self) -> None:
         check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0 (0: from the tokenizer)")
-        self.attention_config().validate()
+        self.attention_config().validate()  # model.moe too
+        if self.moe.enabled:
+            check(self.moe.router == "linear", "model.moe.router", self.moe.router, RMOE_REFUSAL)
         check(self.init_std >= 0, "model.init_std", self.init_std, "must be >= 0 (0: sqrt(2 / (5 d_model)))")
         check(self.embed_scale >= 0, "model.embed_scale", self.embed_scale, "must be >= 0 (0: sqrt(d_model))")
         if self.arch == "ut":

@@ -56,11 +56,12 @@ def hashed_truncated_normal(positions: torch.Tensor, d_model: int, seed: int, st
 class RecurrentCore(nn.Module):
     """e (B, T, d_model) -> norm(s_r) (B, T, d_model); see the module docstring."""
 
-    def __init__(self, cfg: DepthConfig):
+    def __init__(self, cfg: DepthConfig, first_index: int = 0):
+        """`first_index`: the model-wide index of the first core block (MoE metrics are named by it)."""
         super().__init__()
         self.cfg = cfg
         self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.blocks = nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_core))
+        self.blocks = nn.ModuleList(SandwichBlock(cfg, first_index + i) for i in range(cfg.n_core))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.training_step = 0
         self.depth: int | None = None  # a fixed depth for every forward (set_depth), else drawn/eval

@@ -3,22 +3,19 @@
 Export writes config.json (model_type "undertow_depth", our shapes under transformers' usual names,
 `auto_map`, and our whole config under UNDERTOW_KEY for an exact return), model.safetensors with
 our own parameter names (the remote model, remote/modeling_undertow_depth.py, has our module
-tree; a tied head is not written twice: the remote model ties it again) and the two remote-code
-files (undertow/hf/remote.py). Huginn's exported depth is the eval depth (config.num_steps;
+tree; a tied head is not written twice: the remote model ties it again; models/hf_stored.py) and the
+two remote-code files (undertow/hf/remote.py). Huginn's exported depth is the eval depth (config.num_steps;
 `model(ids, num_steps=r)` picks another), its initial state the same hashed truncated normal as
 our eval forward, so logits agree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-import torch
-
+from undertow.configtools import from_dict
 from undertow.models.depth.config import DepthConfig
-from undertow.models.hf_common import (UNDERTOW_KEY, HFConversionError, check_model_type, store_config,
-                                       stored_config, without_tied_head)
+from undertow.models.hf_common import HFConversionError
 from undertow.models.hf_remote import RemoteCode
+from undertow.models.hf_stored import from_hf_stored, to_hf_stored
 
 REMOTE_CODE = RemoteCode(name="undertow_depth", package="undertow.models.depth.remote",
                          config_class="UndertowDepthConfig", model_class="UndertowDepthForCausalLM")
@@ -45,28 +42,12 @@ def hf_config(cfg: DepthConfig, special_ids: dict) -> dict:
 
 
 def to_hf(cfg: DepthConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
-    config = store_config(hf_config(cfg, special_ids), "depth", cfg)
-    tensors = without_tied_head(state_dict, cfg.tie_embeddings)
-    return config, tensors
+    if cfg.moe.enabled:  # the remote model's blocks have a SwiGLU MLP only
+        raise HFConversionError(f"model.moe.n_experts = {cfg.moe.n_experts}: the depth family's remote code has no "
+                                "mixture-of-experts MLP; only dense models (n_experts 0) export")
+    return to_hf_stored("depth", cfg, hf_config(cfg, special_ids), state_dict)
 
 
 def from_hf(config: dict, tensors: dict) -> tuple[DepthConfig, dict]:
-    check_model_type(config, HF_MODEL_TYPES)
-    stored = stored_config(config)
-    fields = {f.name for f in dataclasses.fields(DepthConfig)}
-    if not stored or not set(stored) <= fields:
-        raise HFConversionError(f"config.json has no undertow depth config under {UNDERTOW_KEY!r} (only "
-                                "directories written by `undertow convert to-hf` import)")
-    cfg = DepthConfig(**stored)
-    cfg.validate()
-    theirs = {k: v for k, v in config.items() if k in hf_config(cfg, {})}
-    if theirs != hf_config(cfg, {}):
-        changed = sorted(k for k, v in hf_config(cfg, {}).items() if theirs.get(k) != v)
-        raise HFConversionError(f"config.json's {changed} disagree with its stored undertow config; "
-                                "edit neither by hand")
-    state = {name: t for name, t in tensors.items()}
-    if cfg.tie_embeddings:
-        if "embed.weight" not in state:
-            raise HFConversionError("the weights have no embed.weight")
-        state["lm_head.weight"] = state["embed.weight"]
-    return cfg, {name: t.to(torch.float32) for name, t in state.items()}
+    return from_hf_stored(config, tensors, "depth", DepthConfig, hf_config, HF_MODEL_TYPES,
+                          parse=lambda stored: from_dict(DepthConfig, stored, "model"))  # nested model.moe

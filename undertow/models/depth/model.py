@@ -29,8 +29,9 @@ log = get_logger("undertow.models.depth")
 def build_layers(cfg: DepthConfig) -> list[nn.Module]:
     if cfg.arch == "ut":
         return [ACTLoop(cfg)]
-    return ([SandwichBlock(cfg) for _ in range(cfg.n_prelude)] + [RecurrentCore(cfg)]
-            + [SandwichBlock(cfg) for _ in range(cfg.n_coda)])
+    P, C = cfg.n_prelude, cfg.n_core  # blocks numbered prelude, core, coda (their MoE metrics' names)
+    return ([SandwichBlock(cfg, i) for i in range(P)] + [RecurrentCore(cfg, P)]
+            + [SandwichBlock(cfg, P + C + i) for i in range(cfg.n_coda)])
 
 
 class DepthLM(CausalLMShell):

@@ -26,12 +26,21 @@ from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInputO
 from undertow.models.depth.act import ACTLoop
 from undertow.models.depth.blocks import SandwichBlock
 from undertow.models.depth.core import RecurrentCore
-from undertow.models.transformer.plan import attention_styles, mlp_styles, residual_layout
+from undertow.models.moe.layer import MoELayer
+from undertow.models.transformer.plan import attention_styles, mlp_styles, moe_params, moe_styles, residual_layout
+
+
+def ffn_styles(prefix: str, mlp: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The SwiGLU's styles, or an MoE layer's (the transformer's moe_styles: replicated weights, the
+    experts' width split by parallel/expert.py)."""
+    if isinstance(mlp, MoELayer):
+        return moe_styles(prefix, sequence_parallel)
+    return mlp_styles(prefix, mlp, sequence_parallel)
 
 
 def sandwich_styles(prefix: str, block: SandwichBlock, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     styles = {**attention_styles(f"{prefix}attn", sequence_parallel),
-              **mlp_styles(f"{prefix}mlp", block.mlp, sequence_parallel)}
+              **ffn_styles(f"{prefix}mlp", block.mlp, sequence_parallel)}
     if sequence_parallel:
         for name, ends_branch in (("norm_1", False), ("norm_2", True), ("norm_3", False), ("norm_4", True)):
             styles[f"{prefix}{name}"] = SequenceParallel(use_local_output=ends_branch)
@@ -51,7 +60,7 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
         return sandwich_styles("", block, sequence_parallel)
     if isinstance(block, ACTLoop):
         return {"": loop_io(sequence_parallel), **attention_styles("block.attn", False),
-                **mlp_styles("block.mlp", block.block.mlp, False)}
+                **ffn_styles("block.mlp", block.block.mlp, False)}
     if isinstance(block, RecurrentCore):
         styles = {"": loop_io(sequence_parallel)}
         for i, inner in enumerate(block.blocks):
@@ -61,9 +70,10 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
-    """The loop's parameters no style owns (norm weights, halting unit, adapter): replicated."""
+    """The loop's parameters no style owns (norm weights, halting unit, adapter, MoE layers): replicated;
+    a sandwich block's MoE layer too."""
     if isinstance(block, SandwichBlock):
-        return {}
+        return moe_params("mlp", block.mlp) if isinstance(block.mlp, MoELayer) else {}
     styled = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     return {name: Replicate() for name, _ in block.named_parameters()

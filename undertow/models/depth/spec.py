@@ -3,9 +3,9 @@ the pipeline split) and at each training step's own draw (the trainer's MFU), pe
 tensor-parallel limits.
 
 Forward FLOPs per token of one block: 2 per weight of its projections (q, k, v, o, SwiGLU's gate,
-up, down) + 4 * seq_len * d_model for attention's scores and values (no causal saving, like the
-transformer's count). Training counts 3x the forward for steps with gradients and 1x for steps
-under no_grad:
+up, down; with MoE the active weights: top_k experts, shared expert, router) + 4 * seq_len *
+d_model for attention's scores and values (no causal saving, like the transformer's count).
+Training counts 3x the forward for steps with gradients and 1x for steps under no_grad:
   ut      the ACT loop runs all max_steps steps on every position (static shapes: halted positions
           are masked, not skipped), each with gradients: 3 * max_steps * (block + halting unit)
   huginn  prelude and coda blocks 3x; the core E[r - k] no-grad steps 1x and E[k] grad steps 3x,
@@ -29,7 +29,7 @@ _SAMPLES = 2048  # draws averaged for the expected depth
 
 def block_forward_flops(cfg: DepthConfig, seq_len: int) -> float:
     attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    return 2.0 * (attn + 3 * cfg.d_model * cfg.hidden) + 4.0 * seq_len * cfg.d_model
+    return 2.0 * (attn + cfg.moe.mlp_active_params(cfg.d_model, cfg.hidden)) + 4.0 * seq_len * cfg.d_model
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,8 +72,9 @@ def step_flops_per_token(cfg: DepthConfig, seq_len: int, step: int) -> float:
 
 
 def shape_limits(cfg: DepthConfig) -> list[tuple[str, str, int]]:
-    """Tensor parallelism splits every block's query and key/value heads and SwiGLU width."""
-    return [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads), ("tp", "ffn_hidden", cfg.hidden)]
+    """Tensor parallelism splits every block's query and key/value heads and SwiGLU width (MoE: each
+    expert's width, parallel/expert.py)."""
+    return [("tp", "n_heads", cfg.n_heads), ("tp", "n_kv_heads", cfg.kv_heads), cfg.moe.mlp_tp_limit(cfg.hidden)]
 
 
 def state_elements(cfg: DepthConfig) -> list[int]:

@@ -15,13 +15,14 @@ import torch
 
 from undertow.models.common.decoding import KVCache, attention_with_cache, generate_tokens, prompt_rope, token_rope
 from undertow.models.common.rope import rope_cos_sin
+from undertow.models.depth.blocks import mlp_out
 
 
 def _block_step(block, x: torch.Tensor, cos, sin, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
     """The transformer block's forward (x + attn(norm x), then + mlp(norm x)) with a key/value cache."""
     out, cache = attention_with_cache(block.attn, block.attn_norm(x), cos, sin, cache)
     x = x + out
-    return x + block.mlp(block.mlp_norm(x)), cache
+    return x + mlp_out(block.mlp, block.mlp_norm(x)), cache
 
 
 def _run(model, x: torch.Tensor, cos, sin, caches: list[KVCache | None]) -> torch.Tensor:

@@ -6,10 +6,11 @@ replaces it; other layers pass it through. Pipeline stages send the whole tuple 
 so the state crosses stage boundaries with the activations. With the linear router (or no MoE)
 `carried` stays (hidden,) and nothing changes for the family.
 
-A family mixes `RouterCarry` into its shell, calls `setup_router(moe_cfg, has_moe)` in __init__,
-`init_router()` in init_weights, and routes embed_stage / run_layer through `add_router_state`
-and `call_layer`. MoE blocks have `is_moe = True` and take router_state= and router_gru= keywords,
-returning (x, new state or None).
+A family mixes `RouterCarry` into its shell (before CausalLMShell) and calls `setup_router(moe_cfg,
+has_moe)` in __init__ and `init_router()` in init_weights; the mixin's embed_stage and run_layer
+route the carried tuple through `add_router_state` and `call_layer` (a shell whose embedding step
+differs, e.g. a float32 residual, overrides embed_stage with add_router_state). MoE blocks have
+`is_moe = True` and take router_state= and router_gru= keywords, returning (x, new state or None).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class RouterCarry:
     def init_router(self) -> None:
         if self.router_gru is not None:
             self.router_gru.init_weights()
+
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        """(embed(input_ids),) and, with the rmoe router, its h_0."""
+        return self.add_router_state(self.embed(input_ids), input_ids)
+
+    def run_layer(self, layer, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.call_layer(layer, carried, **ctx)
 
     def add_router_state(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(hidden,) or, with the rmoe router, (hidden, h_0 = zeros (B, T, router_dim))."""

@@ -1,6 +1,7 @@
 """Hyper-parameters of the mixture-of-experts MLP, shared by every family (`model.moe.*`).
 
-The transformer replaces every block's MLP by an MoE layer when n_experts > 0; the Mamba and xLSTM
+The transformer, Titans and depth families replace every block's MLP by an MoE layer when
+n_experts > 0 (depth: linear router only, depth/config.py says why); the Mamba, xLSTM and ParaRNN
 families place one where their layer_pattern has an `E`.
 """
 
@@ -64,6 +65,20 @@ class MoEConfig:
         else:
             router = d_model * self.n_experts
         return self.n_experts * expert + shared + router, self.top_k * expert + shared + router
+
+    def mlp_active_params(self, d_model: int, dense_hidden: int) -> int:
+        """Weights one token multiplies by in a family's MLP slot: the dense SwiGLU (3 d h) without
+        experts, else the layer's active weights and the rmoe GRU (it runs once per MoE layer)."""
+        if not self.enabled:
+            return 3 * d_model * dense_hidden
+        return self.layer_params(d_model, dense_hidden)[1] + self.shared_router_params()
+
+    def mlp_tp_limit(self, dense_hidden: int) -> tuple[str, str, int]:
+        """What tensor parallelism splits in a family's MLP slot (a shape_limits entry): the SwiGLU's
+        hidden units, or each expert's width (parallel/expert.py)."""
+        if not self.enabled:
+            return "tp", "ffn_hidden", dense_hidden
+        return "tp", "the expert width (model.moe.expert_hidden)", self.hidden(dense_hidden)
 
     def shared_router_params(self) -> int:
         """Weights of the GRU cell all rmoe layers share (3 gates, input and hidden, with biases)."""

@@ -12,6 +12,8 @@ One pre-norm residual block per `layer_pattern` letter (x + mixer(RMSNorm(x))):
   l  ParaLSTM block: the same with the ParaLSTM cell (coupled input-forget gate, peepholes p)
   *  attention (RoPE, grouped-query, document masks; attn_heads / attn_kv_heads)
   -  SwiGLU MLP (ffn_hidden)
+  E  mixture-of-experts SwiGLU MLP (`moe`: linear or RMoE router; the rmoe router's state runs from
+     E layer to E layer through the others, models/moe/carry.py)
 The paper's model alternates a cell block and an MLP block ("g-g-..." or "l-l-..."), as a DCLM
 Transformer alternates attention and MLP.
 
@@ -27,12 +29,14 @@ from dataclasses import dataclass
 
 from undertow.configtools import check, opt
 from undertow.models.common.mlp import swiglu_hidden
+from undertow.models.moe.config import MoEConfig
 
 LAYER_KINDS = {
     "g": "ParaGRU block (conv, ParaGRU cell, gated norm)",
     "l": "ParaLSTM block (conv, ParaLSTM cell, gated norm)",
     "*": "attention (RoPE, document masks)",
     "-": "MLP (SwiGLU)",
+    "E": "MoE MLP (model.moe)",
 }
 CELLS = {"g": "gru", "l": "lstm"}  # pattern letter -> the kernel's cell name
 
@@ -45,7 +49,8 @@ def divisors(n: int) -> list[int]:
 class ParaRNNConfig:
     vocab_size: int = opt(0, help="0: take the vocabulary size of the data's tokenizer.")
     d_model: int = opt(256, help="Width of the residual stream.")
-    layer_pattern: str = opt("g-g-", help="One letter per block: g ParaGRU, l ParaLSTM, * attention, - SwiGLU MLP.")
+    layer_pattern: str = opt("g-g-", help="One letter per block: g ParaGRU, l ParaLSTM, * attention, - SwiGLU MLP, "
+                                                    "E MoE MLP (model.moe).")
     expand: int = opt(1, help="Cell width d_inner = expand * d_model (the paper: 1).")
     heads: int = opt(4, help="Channel groups of the cell layers: the input projection is block-diagonal over them "
                              "(1: dense), the gated norm normalizes each, tensor parallelism splits them (1: "
@@ -65,6 +70,8 @@ class ParaRNNConfig:
     tie_embeddings: bool = opt(True, help="Share the input embedding and the LM head.")
     init_std: float = opt(0.02, help="Std of the normal init of embedding and projections (output projections "
                                      "scaled by 1/sqrt(2 n_layers)); the cell's B and a have their own (model docs).")
+    moe: MoEConfig = opt(factory=MoEConfig, help="The `E` layers' mixture of experts (SwiGLU experts; width "
+                                                   "moe.expert_hidden, 0: the `-` layers' width).")
 
     @property
     def n_layers(self) -> int:
@@ -111,6 +118,7 @@ class ParaRNNConfig:
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
         if "*" in self.layer_pattern:
             self._validate_attention()
+        self.moe.validate(required="E" in self.layer_pattern)
 
     def _validate_attention(self) -> None:
         d = self.d_model

@@ -6,7 +6,8 @@ What each block carries from token to token:
         prompt's come from the kernels' final states (the Newton solve's last token), each new
         token takes one conv step and one step of the cell itself (ParaRNNMixer.step)
   *     a key/value cache that grows by one position per token (RoPE at the token's position)
-  -     nothing
+  -, E  nothing (an `E` block is per token; the rmoe router's state runs over the blocks, not the
+        positions: it starts at 0 for each forward and passes from E block to E block)
 The token loop is the shared one (models/common/decoding.py).
 """
 
@@ -23,8 +24,13 @@ def prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """The prompt (B, T) -> last-position logits (B, V), per-block states (None for MLPs)."""
     cos, sin = prompt_rope(model.rope, input_ids)
     x = model.embed(input_ids)
+    router = model.add_router_state(x, input_ids)[1:]  # the rmoe router's h_0 (B, T, r), or nothing
     states = []
     for block in model.layers:
+        if block.is_moe:
+            x, *router = model.call_layer(block, (x, *router))
+            states.append(None)
+            continue
         h = block.norm(x)
         if block.kind == "*":
             out, state = attention_with_cache(block.mixer, h, cos, sin, None)
@@ -41,7 +47,11 @@ def step(model, tokens: torch.Tensor, position: int, states: list) -> torch.Tens
     """One new token per row, tokens (B,) at `position` -> logits (B, V); `states` advance in place."""
     cos, sin = token_rope(model.rope, tokens, position)
     x = model.embed(tokens)
+    router = model.add_router_state(x, tokens)[1:]
     for i, block in enumerate(model.layers):
+        if block.is_moe:
+            x, *router = model.call_layer(block, (x, *router))
+            continue
         h = block.norm(x)
         if block.kind == "*":
             out, states[i] = attention_with_cache(block.mixer, h[:, None], cos, sin, states[i])

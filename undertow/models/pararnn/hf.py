@@ -9,11 +9,14 @@ The remote model evaluates the ParaGRU / ParaLSTM cells by the plain sequential 
 reference, one cell step per token): the export is for inference, where the Newton solve buys
 nothing. Its logits are the converged solution of ours (Newton's `iterations` and `tol` are training
 settings and stay in the stored config only); they agree with our forward wherever Newton has
-converged (the "pararnn/residual" metric).
+converged (the "pararnn/residual" metric). The remote model has no mixture-of-experts blocks: a
+pattern with `E` is refused at export.
 """
 
 from __future__ import annotations
 
+from undertow.configtools import from_dict
+from undertow.models.hf_common import HFConversionError
 from undertow.models.hf_remote import RemoteCode
 from undertow.models.hf_stored import from_hf_stored, to_hf_stored
 from undertow.models.pararnn.config import ParaRNNConfig
@@ -42,8 +45,12 @@ def hf_config(cfg: ParaRNNConfig, special_ids: dict) -> dict:
 
 
 def to_hf(cfg: ParaRNNConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
+    if "E" in cfg.layer_pattern:
+        raise HFConversionError(f"layer_pattern {cfg.layer_pattern!r} has mixture-of-experts (E) blocks, which "
+                                "the ParaRNN remote code does not implement; export a pattern of g, l, *, - only")
     return to_hf_stored("pararnn", cfg, hf_config(cfg, special_ids), state_dict)
 
 
 def from_hf(config: dict, tensors: dict) -> tuple[ParaRNNConfig, dict]:
-    return from_hf_stored(config, tensors, "pararnn", ParaRNNConfig, hf_config, HF_MODEL_TYPES)
+    return from_hf_stored(config, tensors, "pararnn", ParaRNNConfig, hf_config, HF_MODEL_TYPES,
+                          parse=lambda stored: from_dict(ParaRNNConfig, stored, "model"))  # nested model.moe

@@ -4,7 +4,8 @@ RMSNorm -> LM head.
 A plain single-device module: parallelism is applied from outside (parallel/, with plan.py).
 Documents packed into a row never see each other: the conv windows and the ParaGRU/ParaLSTM states
 reset where doc_ids changes (given directly, or derived from cu_seqlens), and attention masks
-across documents.
+across documents. `E` blocks are mixture-of-experts MLPs (models/moe); with the rmoe router its state
+travels with the activations from E block to E block (models/moe/carry.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
 from undertow.models.common.rope import rope_cos_sin
+from undertow.models.moe.carry import RouterCarry
+from undertow.models.moe.layer import MoELayer
 from undertow.models.pararnn import generate as decoding
 from undertow.models.pararnn.cell_layer import ParaRNNMixer
 from undertow.models.pararnn.config import CELLS, ParaRNNConfig
@@ -31,32 +34,39 @@ def attention_config(cfg: ParaRNNConfig) -> TransformerConfig:
                              norm_eps=cfg.norm_eps)
 
 
-def build_mixer(kind: str, cfg: ParaRNNConfig) -> nn.Module:
-    """The mixer of one layer_pattern letter."""
+def build_mixer(kind: str, cfg: ParaRNNConfig, index: int = 0) -> nn.Module:
+    """The mixer of one layer_pattern letter at depth `index`."""
     if kind in CELLS:
         return ParaRNNMixer(cfg, CELLS[kind])
     if kind == "*":
         return Attention(attention_config(cfg))
     if kind == "-":
         return SwiGLU(cfg.d_model, cfg.hidden)
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: g, l, *, -")
+    if kind == "E":  # SwiGLU experts of the `-` layers' width unless moe.expert_hidden
+        return MoELayer(cfg.d_model, cfg.hidden, cfg.moe, index)
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: g, l, *, -, E")
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)). x: (B, T, d_model) -> (B, T, d_model)."""
+    """x + mixer(norm(x)). x: (B, T, d_model) -> (B, T, d_model); an `E` block -> (x, router state)."""
 
-    def __init__(self, kind: str, cfg: ParaRNNConfig):
+    def __init__(self, kind: str, cfg: ParaRNNConfig, index: int = 0):
         super().__init__()
         self.kind = kind
+        self.is_moe = kind == "E"  # takes and returns the router state (models/moe/carry.py)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(kind, cfg)
+        self.mixer = build_mixer(kind, cfg, index)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.norm.init_weights()
         self.mixer.init_weights(std, out_std)
 
-    def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos=None, sin=None, doc_ids=None, cu_seqlens=None, max_seqlen=None, router_state=None,
+                router_gru=None):
         h = self.norm(x)
+        if self.is_moe:  # -> (x, the router state after this block)
+            out, router_state = self.mixer(h, router_state, router_gru)
+            return x + out, router_state
         if self.kind == "*":
             return x + self.mixer(h, cos, sin, doc_ids, cu_seqlens, max_seqlen)
         if self.kind == "-":
@@ -64,12 +74,18 @@ class Block(nn.Module):
         return x + self.mixer(h, doc_ids)
 
 
-class ParaRNNLM(CausalLMShell):
-    """forward(input_ids (B, T), *, doc_ids=None, cu_seqlens=None, ...) -> logits (B, T, vocab_size)."""
+class ParaRNNLM(RouterCarry, CausalLMShell):
+    """forward(input_ids (B, T), *, doc_ids=None, cu_seqlens=None, ...) -> logits (B, T, vocab_size).
+    `E` blocks with the rmoe router carry its state from block to block (models/moe/carry.py)."""
 
     def __init__(self, cfg: ParaRNNConfig):
         cfg.validate()
-        super().__init__(cfg, (Block(kind, cfg) for kind in cfg.layer_pattern))
+        super().__init__(cfg, (Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_pattern)))
+        self.setup_router(cfg.moe, "E" in cfg.layer_pattern)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.init_router()
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """cos, sin (B, T, head_dim) for the attention layers, or (None, None) without any."""

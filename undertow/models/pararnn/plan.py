@@ -2,7 +2,7 @@
 
 Each block is `x + mixer(norm(x))`; the norm and the residual stream follow the transformer's
 sequence-parallel layout (the residual sharded on the sequence between blocks, each mixer's input
-all-gathered), and `*` / `-` layers the transformer's attention / MLP styles.
+all-gathered), and `*` / `-` / `E` layers the transformer's attention / MLP / MoE styles.
 
 The ParaGRU / ParaLSTM layers (`g`, `l`) split by channel groups. The recurrence is diagonal: a
 channel's next state depends on its own state and its own three gate pre-activations only, so a
@@ -34,6 +34,8 @@ from undertow.models.transformer.plan import (
     attention_styles,
     mixer_input,
     mlp_styles,
+    moe_params,
+    moe_styles,
     norm_styles,
     output_projection,
 )
@@ -57,12 +59,16 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
         mixer = _cell_styles(sequence_parallel)
     elif block.kind == "*":
         mixer = attention_styles("mixer", sequence_parallel)
+    elif block.kind == "E":
+        mixer = moe_styles("mixer", sequence_parallel)
     else:
         mixer = mlp_styles("mixer", block.mixer, sequence_parallel)
     return {**norm_styles(["norm"], sequence_parallel), **mixer}
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
+    if block.kind == "E":
+        return moe_params("mixer", block.mixer)
     if block.kind not in CELLS:
         return {}  # attention and MLP parameters all belong to styled Linears and norms
     present = dict(block.mixer.named_parameters())  # conv_bias without cfg.conv_bias, p for the GRU

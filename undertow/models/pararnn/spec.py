@@ -4,6 +4,7 @@ Training FLOPs are 3x the forward (backward = 2x forward). Forward FLOPs per tok
   matmuls   2 per weight of every projection (elementwise work of norms and SwiGLU not counted):
             g, l  in_proj, gate_proj (d x D each), B (3 D Dh, block-diagonal), out_proj (D x d)
             *     q, o (d x d), k, v (d x kv_heads head_dim);  -  SwiGLU 3 d hidden
+            E     the ACTIVE weights: top_k experts, the shared expert, the router (and RMoE's GRU)
   conv      2 * conv_width per channel (g, l)
   Newton    per channel, with `iterations` = k: the initial guess and the final residual evaluate
             the cell once each, every iteration evaluates it with its Jacobian, forms the residual
@@ -46,7 +47,9 @@ def layer_matmul_params(cfg: ParaRNNConfig, kind: str) -> int:
         return d * head_dim * (2 * cfg.attn_heads + 2 * cfg.kv_heads)
     if kind == "-":
         return 3 * d * cfg.hidden
-    raise ValueError(f"layer kind {kind!r} is unknown; valid: g, l, *, -")
+    if kind == "E":
+        return cfg.moe.mlp_active_params(d, cfg.hidden)
+    raise ValueError(f"layer kind {kind!r} is unknown; valid: g, l, *, -, E")
 
 
 def layer_forward_flops(cfg: ParaRNNConfig, kind: str, seq_len: int) -> float:
@@ -72,7 +75,7 @@ def flops_per_token(cfg: ParaRNNConfig, seq_len: int) -> float:
 def shape_limits(cfg: ParaRNNConfig) -> list[tuple[str, str, int]]:
     """What tensor parallelism splits in each layer kind present: the cell layers' channel groups
     (whole heads of d_inner channels per rank; with heads = 1 the channels, plan.py), attention
-    query and key/value heads, the MLP's hidden units."""
+    query and key/value heads, the MLP's hidden units, each expert's width (parallel/expert.py)."""
     kinds = set(cfg.layer_pattern)
     limits = []
     if kinds & set(CELLS):
@@ -84,6 +87,8 @@ def shape_limits(cfg: ParaRNNConfig) -> list[tuple[str, str, int]]:
         limits += [("tp", "attn_heads", cfg.attn_heads), ("tp", "attn_kv_heads", cfg.kv_heads)]
     if "-" in kinds:
         limits.append(("tp", "ffn_hidden", cfg.hidden))
+    if "E" in kinds:
+        limits.append(cfg.moe.mlp_tp_limit(cfg.hidden))
     return limits
 
 

@@ -1,8 +1,11 @@
-"""The blocks of the three Titans architectures (config.py's docstring), each ending with a SwiGLU FFN.
+"""The blocks of the three Titans architectures (config.py's docstring), each ending with a SwiGLU FFN,
+or with model.moe.n_experts > 0 a mixture-of-experts FFN (models/moe).
 
 Every block offers forward(x, cos, sin, doc_ids, cu_seqlens, max_seqlen) for training, and
 prefill(x, cos, sin) -> (out, state) / step(x (B, 1, d), state, cos, sin) -> (out, state) for decoding
-(one prompt per row, no documents), whose outputs equal forward's.
+(one prompt per row, no documents), whose outputs equal forward's. With an MoE FFN (`is_moe`) all
+three also take router_state= and router_gru= and their `out` becomes (x, the router state after the
+block): the rmoe router's state (B, T, router_dim) runs from block to block (models/moe/carry.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from undertow.kernels.titans_memory import MemoryState
 from undertow.kernels.titans_memory.context import flatten
 from undertow.models.common.mlp import SwiGLU
 from undertow.models.common.norms import RMSNorm
+from undertow.models.moe.layer import MoELayer
 from undertow.models.titans.attention import PersistentAttention, attend, document_causal_mask
 from undertow.models.titans.config import TitansConfig
 from undertow.models.titans.context import block_handler
@@ -37,11 +41,25 @@ def split_state(mem: NeuralMemory, flat: tuple | None) -> tuple[MemoryState | No
     return mem.unflatten(flat[:n]), tuple(flat[n:])
 
 
+def build_ffn(cfg: TitansConfig, index: int) -> nn.Module:
+    """The block's FFN: SwiGLU, or an MoE layer of SwiGLU experts (width moe.expert_hidden, 0: ffn's)."""
+    return MoELayer(cfg.d_model, cfg.hidden, cfg.moe, index) if cfg.moe.enabled else SwiGLU(cfg.d_model, cfg.hidden)
+
+
 class TitansBlock(nn.Module):
     """What the blocks share: the FFN branch and the inits."""
 
-    def add_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.ffn(self.norm_ffn(x))
+    @property
+    def is_moe(self) -> bool:
+        """An MoE FFN: the block takes and returns the router state (models/moe/carry.py)."""
+        return isinstance(self.ffn, MoELayer)
+
+    def add_ffn(self, x: torch.Tensor, router_state=None, router_gru=None):
+        """x + ffn(norm_ffn(x)); with an MoE FFN -> (that, the router state after it)."""
+        if not self.is_moe:
+            return x + self.ffn(self.norm_ffn(x))
+        out, router_state = self.ffn(self.norm_ffn(x), router_state, router_gru)
+        return x + out, router_state
 
     def init_weights(self, std: float, out_std: float) -> None:
         for module in self.children():
@@ -55,24 +73,24 @@ class MixerBlock(TitansBlock):
     """x + mixer(norm(x)), then the FFN: the mixing of MAC and MAG in one module (`mixer`), which a
     tensor-parallel plan takes a whole-sequence input into and a residual-layout output out of."""
 
-    def __init__(self, cfg: TitansConfig, mixer: nn.Module):
+    def __init__(self, cfg: TitansConfig, mixer: nn.Module, index: int = 0):
         super().__init__()
         self.kind = cfg.variant
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
+        self.ffn = build_ffn(cfg, index)
 
-    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
-        return self.add_ffn(x + self.mixer(self.norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen))
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None, **router):
+        return self.add_ffn(x + self.mixer(self.norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen), **router)
 
-    def prefill(self, x, cos, sin):
+    def prefill(self, x, cos, sin, **router):
         out, state = self.mixer.prefill(self.norm(x), cos, sin)
-        return self.add_ffn(x + out), state
+        return self.add_ffn(x + out, **router), state
 
-    def step(self, x, state, cos, sin):
+    def step(self, x, state, cos, sin, **router):
         out, state = self.mixer.step(self.norm(x), state, cos, sin)
-        return self.add_ffn(x + out), state
+        return self.add_ffn(x + out, **router), state
 
 
 class MACMixer(nn.Module):
@@ -216,7 +234,7 @@ class MALBlock(TitansBlock):
 
     kind = "mal"
 
-    def __init__(self, cfg: TitansConfig):
+    def __init__(self, cfg: TitansConfig, index: int = 0):
         super().__init__()
         self.window = cfg.window
         self.norm_mem = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -224,18 +242,19 @@ class MALBlock(TitansBlock):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = PersistentAttention(cfg)
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
+        self.ffn = build_ffn(cfg, index)
 
-    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos, sin, doc_ids=None, cu_seqlens=None, max_seqlen=None, **router):
         handler = block_handler(lambda: self.mem.flat_shapes(x.shape[0]) + self.attn.tail_shapes(x.shape[0],
                                                                                                  self.window))
         if handler is not None:  # context parallelism: memory state and window tail from the previous rank
             if isinstance(self.mem.q_proj.weight, DTensor):  # run_slice calls mem and attn past their TP wrappers
                 raise NotImplementedError("Titans MAL under context parallelism with tensor parallelism is not "
                                           "implemented (mac and mag are); use tp = 1 or cp = 1")
-            return self.add_ffn(handler(self.run_slice, x, cos, sin, doc_ids=doc_ids))
+            return self.add_ffn(handler(self.run_slice, x, cos, sin, doc_ids=doc_ids), **router)
         x = x + self.mem(self.norm_mem(x), doc_ids)
-        return self.add_ffn(x + self.attn(self.norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen, window=self.window))
+        return self.add_ffn(x + self.attn(self.norm(x), cos, sin, doc_ids, cu_seqlens, max_seqlen, window=self.window),
+                            **router)
 
     def run_slice(self, x, cos, sin, doc_ids=None, initial_state=None, return_final_state=True):
         """The memory and attention branches of a cp slice (as MAGMixer.run_slice) -> (x after both,
@@ -247,22 +266,22 @@ class MALBlock(TitansBlock):
         y, tail = self.attn.forward_tail(self.norm(x), cos, sin, doc_ids, self.window, tail)
         return x + y, (*flatten(final), *tail)
 
-    def prefill(self, x, cos, sin):
+    def prefill(self, x, cos, sin, **router):
         m, dstate = self.mem.prefill(self.mem.inputs(self.norm_mem(x)))
         x = x + self.mem.project_out(m)
         y, cache = self.attn.prefill(self.norm(x), cos, sin, self.window)
-        return self.add_ffn(x + y), (dstate, cache)
+        return self.add_ffn(x + y, **router), (dstate, cache)
 
-    def step(self, x, state, cos, sin):
+    def step(self, x, state, cos, sin, **router):
         dstate, cache = state
         m, dstate = self.mem.step(self.mem.inputs(self.norm_mem(x)), dstate)
         x = x + self.mem.project_out(m)
         y, cache = self.attn.step(self.norm(x), cache, cos, sin, self.window)
-        return self.add_ffn(x + y), (dstate, cache)
+        return self.add_ffn(x + y, **router), (dstate, cache)
 
 
-def build_block(cfg: TitansConfig) -> nn.Module:
-    """The block of config.variant."""
+def build_block(cfg: TitansConfig, index: int = 0) -> nn.Module:
+    """The block of config.variant at depth `index` (its MoE metrics are named by it)."""
     if cfg.variant == "mal":
-        return MALBlock(cfg)
-    return MixerBlock(cfg, MACMixer(cfg) if cfg.variant == "mac" else MAGMixer(cfg))
+        return MALBlock(cfg, index)
+    return MixerBlock(cfg, MACMixer(cfg) if cfg.variant == "mac" else MAGMixer(cfg), index)

@@ -8,8 +8,10 @@ neural long-term memory (kernels/titans_memory) in one of the paper's three arch
   mag  Memory as a Gate: sliding-window attention (window tokens + the persistent tokens) and the
        memory branch side by side on the same input, joined by a gate: out(norm(y) * sigmoid(norm(m))).
   mal  Memory as a Layer: the memory layer, then sliding-window attention, each a residual branch.
-Every block ends with a SwiGLU FFN. The memory's update rule (loss, momentum, decay, Omega window,
-clipping) is kernels/titans_memory/rule.py's UpdateRule, built from the mem_* fields.
+Every block ends with a SwiGLU FFN, a mixture of experts with model.moe.n_experts > 0 (linear or
+RMoE router: one FFN per block, so the rmoe router's state runs from block to block). The memory's
+update rule (loss, momentum, decay, Omega window, clipping) is kernels/titans_memory/rule.py's
+UpdateRule, built from the mem_* fields.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal
 from undertow.configtools import check, opt
 from undertow.kernels.titans_memory.rule import UpdateRule
 from undertow.models.common.mlp import swiglu_hidden
+from undertow.models.moe.config import MoEConfig
 
 VARIANTS = {"mac": "memory as a context", "mag": "memory as a gate", "mal": "memory as a layer"}
 
@@ -56,6 +59,8 @@ class TitansConfig:
     rope_theta: float = opt(10000.0, help="RoPE base of the attention.")
     tie_embeddings: bool = opt(False, help="Share the input embedding and the LM head.")
     init_std: float = opt(0.02, help="Std of the normal init of embeddings and projections.")
+    moe: MoEConfig = opt(factory=MoEConfig, help="Mixture of experts in place of every block's FFN "
+                                                   "(moe.n_experts > 0; expert width moe.expert_hidden, 0: ffn's).")
 
     @property
     def head_dim(self) -> int:
@@ -128,3 +133,4 @@ class TitansConfig:
         check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
         check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be > 0")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        self.moe.validate()

@@ -5,11 +5,14 @@ Export writes config.json (model_type "undertow_titans", our shapes under transf
 own parameter names (the remote model, remote/modeling_undertow_titans.py, has our module tree; a
 tied head is not written twice: the remote model ties it again; models/hf_stored.py) and the two
 remote-code files (undertow/hf/remote.py). The remote model runs the memory's chunk-start rule token
-by token (plain torch, inference only), so its logits equal our forward's.
+by token (plain torch, inference only), so its logits equal our forward's. It has no mixture-of-experts
+FFN: a model with model.moe.n_experts > 0 is refused at export.
 """
 
 from __future__ import annotations
 
+from undertow.configtools import from_dict
+from undertow.models.hf_common import HFConversionError
 from undertow.models.hf_remote import RemoteCode
 from undertow.models.hf_stored import from_hf_stored, to_hf_stored
 from undertow.models.titans.config import TitansConfig
@@ -40,8 +43,12 @@ def hf_config(cfg: TitansConfig, special_ids: dict) -> dict:
 
 
 def to_hf(cfg: TitansConfig, state_dict: dict, special_ids: dict) -> tuple[dict, dict]:
+    if cfg.moe.enabled:
+        raise HFConversionError(f"model.moe.n_experts = {cfg.moe.n_experts}: the Titans remote code has no "
+                                "mixture-of-experts FFN; only dense models (n_experts 0) export")
     return to_hf_stored("titans", cfg, hf_config(cfg, special_ids), state_dict)
 
 
 def from_hf(config: dict, tensors: dict) -> tuple[TitansConfig, dict]:
-    return from_hf_stored(config, tensors, "titans", TitansConfig, hf_config, HF_MODEL_TYPES)
+    return from_hf_stored(config, tensors, "titans", TitansConfig, hf_config, HF_MODEL_TYPES,
+                          parse=lambda stored: from_dict(TitansConfig, stored, "model"))  # nested model.moe

@@ -11,7 +11,7 @@ input is all-gathered from the sequence shards and whose output each rank cuts b
 (MAC/MAG: `mixer`; MAL: `mem` and `attn`, each its own residual branch). Inside it, the replicated
 norms of MAG work on whole tensors (equal gradients on every rank) and its gate_out is column-wise
 with an all-gathered output. The persistent tokens are replicated and enter through the sharded k/v
-projections. The SwiGLU FFN and the block norms follow the transformer's styles.
+projections. The SwiGLU FFN (or MoE FFN) and the block norms follow the transformer's styles.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, PrepareModuleInputOutput, RowwiseParallel
 
-from undertow.models.transformer.plan import mlp_styles, norm_styles, residual_layout
+from undertow.models.transformer.plan import mlp_styles, moe_params, moe_styles, norm_styles, residual_layout
 
 
 def whole_in_shard_out(n_args: int, sequence_parallel: bool) -> PrepareModuleInputOutput:
@@ -52,7 +52,7 @@ def attention_styles(prefix: str) -> dict[str, ParallelStyle]:
 
 
 def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    ffn = mlp_styles("ffn", block.ffn, sequence_parallel)
+    ffn = moe_styles("ffn", sequence_parallel) if block.is_moe else mlp_styles("ffn", block.ffn, sequence_parallel)
     if block.kind == "mal":
         return {**norm_styles(["norm_mem", "norm", "norm_ffn"], sequence_parallel), **ffn,
                 "mem": whole_in_shard_out(2, sequence_parallel), **memory_styles("mem", block.mem),
@@ -67,11 +67,13 @@ def block_styles(block: nn.Module, sequence_parallel: bool) -> dict[str, Paralle
 
 
 def block_params(block: nn.Module) -> dict[str, Placement]:
-    """M_0 by heads; the persistent tokens and MAG's inner norms replicated."""
+    """M_0 by heads; the persistent tokens, MAG's inner norms and an MoE FFN's weights replicated."""
     prefix = "" if block.kind == "mal" else "mixer."
     mem = block.mem if block.kind == "mal" else block.mixer.mem
     params = {f"{prefix}mem.memory.{i}": Shard(0) for i in range(len(mem.memory))}
     params[f"{prefix}attn.persistent"] = Replicate()
     if block.kind == "mag":
         params.update({"mixer.norm_y.weight": Replicate(), "mixer.norm_m.weight": Replicate()})
+    if block.is_moe:
+        params.update(moe_params("ffn", block.ffn))
     return params

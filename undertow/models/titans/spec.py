@@ -3,7 +3,8 @@
 Training FLOPs are 3x the forward. Forward FLOPs per token of one block (d = d_model, H memory heads
 with widths Din_l x Dout_l per layer of the memory network, C = chunk_size, P persistent tokens):
   matmuls   2 per weight: attention q, k, v, o (4 d^2); memory q, k, v (3 d^2), gates (3-4 d H), out
-            (d^2); SwiGLU 3 d hidden; MAG's gate_out d^2; MAC also projects the memory's answers (k, v:
+            (d^2); SwiGLU 3 d hidden (MoE: the ACTIVE weights, top_k experts, shared expert, router
+            and RMoE's GRU); MAG's gate_out d^2; MAC also projects the memory's answers (k, v:
             2 d^2; out: d^2) and reads the memory at the segment's queries (2 sum Din Dout per head)
   memory    per head and layer of the memory network: its forward and hand-written backward at the
             chunk-start weights (6 Din Dout), the readout against the chunk-entry weights and momentum
@@ -33,7 +34,7 @@ def block_forward_flops(cfg: TitansConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one block (see the module docstring)."""
     d, H = cfg.d_model, cfg.mem_heads
     gates = 4 if cfg.omega_window > 1 else 3
-    params = 4 * d * d + 4 * d * d + gates * d * H + 3 * d * cfg.hidden
+    params = 4 * d * d + 4 * d * d + gates * d * H + cfg.moe.mlp_active_params(d, cfg.hidden)
     dims = cfg.mem_dims
     memory = H * sum(14 * a * b + 4 * cfg.chunk_size * (a + b) for a, b in zip(dims[:-1], dims[1:]))
     if cfg.variant == "mac":
@@ -57,8 +58,9 @@ def flops_per_token(cfg: TitansConfig, seq_len: int) -> float:
 
 def shape_limits(cfg: TitansConfig) -> list[tuple[str, str, int]]:
     """Tensor parallelism splits the attention heads, the memory heads and the SwiGLU's hidden units
-    (plan.py). Context parallelism's limit depends on the row length: TitansConfig.context_limits."""
-    return [("tp", "n_heads", cfg.n_heads), ("tp", "mem_heads", cfg.mem_heads), ("tp", "ffn_hidden", cfg.hidden)]
+    (plan.py; an MoE FFN: each expert's width, parallel/expert.py). Context parallelism's limit depends
+    on the row length: TitansConfig.context_limits."""
+    return [("tp", "n_heads", cfg.n_heads), ("tp", "mem_heads", cfg.mem_heads), cfg.moe.mlp_tp_limit(cfg.hidden)]
 
 
 def state_elements(cfg: TitansConfig) -> list[int]:
