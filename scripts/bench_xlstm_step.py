@@ -3,7 +3,7 @@ against transformers' xLSTMForCausalLM of the same shape (its own torch code: th
 not installed).
 
     python scripts/bench_xlstm_step.py [--d-model 128] [--layers 4] [--heads 2] [--chunk-size 64]
-        [--batch 4] [--seq-len 512] [--vocab 2048] [--steps 7] [--warmup 2] [--threads 2]
+        [--batch 4] [--seq-len 512] [--vocab 2048] [--steps 7] [--warmup 2] [--threads 2] [--compile]
 
 Both models get the same weights (ours exported through models/xlstm/hf.py), the same random tokens
 and the same loss; a step is bench_mamba2_step.py's (zero_grad + forward + loss + backward), the two
@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each of our blocks, as training.compile does (transformers' model stays eager)")
     add_step_args(p)
     return p.parse_args(argv)
 
@@ -89,9 +91,14 @@ def main(argv=None) -> int:
     from undertow.kernels.mlstm import IMPLEMENTATIONS
 
     ours, theirs = build_models(args)
+    if args.compile:
+        from undertow.parallel.wrap import apply_compile
+
+        apply_compile(ours)  # the warm-up steps include the compilation
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     backend = select_backend("mlstm", ids.float(), None, tuple(IMPLEMENTATIONS))
-    names = [f"undertow XLSTMLM (mlstm: {backend})", "transformers xLSTMForCausalLM (its torch code)"]
+    compiled = ", blocks compiled" if args.compile else ""
+    names = [f"undertow XLSTMLM (mlstm: {backend}{compiled})", "transformers xLSTMForCausalLM (its torch code)"]
     times = timed_steps([(lambda m, x: m(x), ours), (lambda m, x: m(x, use_cache=False).logits, theirs)], ids, args)
     tokens = args.batch * args.seq_len
     print(f"command: `python {' '.join(sys.argv)}`  ")
