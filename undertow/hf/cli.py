@@ -26,6 +26,9 @@ transformers only) and config.json's auto_map; load it with
 Huginn runs config.num_steps core steps (the eval depth); model(ids, num_steps=r) picks another.
 ParaRNN family (no stock class): remote code the same way (configuration_/modeling_undertow_pararnn.py);
 the ParaGRU / ParaLSTM cells run as their sequential loop (inference), every layer pattern.
+Titans family (no stock class): remote code the same way (configuration_/modeling_undertow_titans.py);
+MAC, MAG and MAL, the memory by the chunk-start rule of training.
+The remote-code exports of ParaRNN, Titans and depth models take dense MLPs only (MoE: refused).
 Transformer with MoE MLPs: the linear router -> MixtralForCausalLM; the RMoE router (a GRU shared
 by all layers) -> remote code the same way (configuration_/modeling_undertow_rmoe.py).
 Other patterns and settings are refused with the reason.
@@ -37,7 +40,8 @@ example:
 
 _FROM_HF = """\
 Import a Hugging Face directory (config.json with model_type mamba, falcon_mamba, mamba2,
-bamba, xlstm, mixtral, undertow_depth, undertow_pararnn or undertow_rmoe; safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
+bamba, xlstm, mixtral, undertow_depth, undertow_pararnn, undertow_titans or undertow_rmoe;
+safetensors weights) as an undertow checkpoint: model tensors (DCP), meta.json with
 step 0, the config and the tokenizer entry (tokenizer.model is copied beside it). No optimizer
 state: start training from it with --checkpoint.init_from OUT_DIR.
 
