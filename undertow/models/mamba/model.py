@@ -90,6 +90,9 @@ class MambaLM(RouterCarry, CausalLMShell):
         super().init_weights()
         self.init_router()
 
+    def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.call_layer(layer, carried, **ctx)
+
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """cos, sin (B, T, head_dim) for the attention layers, or (None, None) when there are none or
         they use no positional encoding (position_embedding = "none"): no tables are computed."""

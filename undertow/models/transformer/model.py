@@ -103,6 +103,12 @@ class TransformerLM(RouterCarry, CausalLMShell):
         super().init_weights()
         self.init_router()
 
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.add_router_state(self.embed(input_ids), input_ids)
+
+    def run_layer(self, layer: nn.Module, carried: tuple[torch.Tensor, ...], ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.call_layer(layer, carried, **ctx)
+
     def layer_context(self, input_shape, device, *, position_ids=None, doc_ids=None, cu_seqlens=None,
                       max_seqlen=None) -> dict:
         """RoPE cos/sin (B, T, head_dim) from position_ids (arange(T) when absent), and the documents."""

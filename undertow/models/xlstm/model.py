@@ -194,6 +194,9 @@ class XLSTMLM(RouterCarry, CausalLMShell):
         attention also RoPE and cu_seqlens, MLPs nothing)."""
         return self.call_layer(layer, carried, **{name: ctx[name] for name in layer.reads})
 
+    def embed_stage(self, input_ids: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, ...]:
+        return self.add_router_state(self.embed(input_ids), input_ids)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_model) after the last block -> soft-capped float32 logits (..., vocab_size)."""
         return soft_cap(self.lm_head(self.norm(x)).float(), self.cfg.logit_soft_cap)
