@@ -318,12 +318,24 @@ def check_life(per_rank: list[dict], single: dict, pipelined: bool) -> None:
 
 
 class Once(dict):
-    """key -> compute(key), computed on first use (a spawn per world size only when a test needs it)."""
+    """key -> compute(key), computed on first use (a spawn per world size only when a test needs it).
+    A compute that fails is not run again: every later test of that key fails with its error. (A rerun
+    would find the first attempt's checkpoints in the same run directories, resume them and compare
+    trained weights with fresh ones: in CI, after a 4-process spawn failed, every 4-process case then
+    failed on a wrong loss instead of the spawn's error.)"""
 
     def __init__(self, compute):
         super().__init__()
         self.compute = compute
+        self.failed: dict = {}
 
     def __missing__(self, key):
-        self[key] = value = self.compute(key)
+        if key in self.failed:
+            raise AssertionError(f"the earlier computation of {key!r} failed (its test shows why)") from self.failed[key]
+        try:
+            value = self.compute(key)
+        except BaseException as error:
+            self.failed[key] = error
+            raise
+        self[key] = value
         return value

@@ -19,7 +19,12 @@ def test_layout_errors_say_what_to_change():
 
 def _mesh_groups(rank, world):
     mesh = ParallelDims(dp_shard=2, tp=2).build_mesh("cpu")
-    return {name: dist.get_process_group_ranks(mesh[name].get_group()) for name in ("tp", "dp_shard", "dp", "dp_shard_cp")}
+    groups = len(dist.distributed_c10d._world.pg_map)
+    again = ParallelDims(dp_shard=2, tp=2).build_mesh("cpu")  # a second Trainer of the layout
+    new_groups = len(dist.distributed_c10d._world.pg_map) - groups
+    other = ParallelDims(dp_shard=4).build_mesh("cpu")
+    return {"same": again is mesh, "new_groups": new_groups, "other": other is not mesh,
+            **{name: dist.get_process_group_ranks(mesh[name].get_group()) for name in ("tp", "dp_shard", "dp", "dp_shard_cp")}}
 
 
 def test_named_mesh_puts_tp_ranks_next_to_each_other():
@@ -27,3 +32,6 @@ def test_named_mesh_puts_tp_ranks_next_to_each_other():
     assert groups[0]["tp"] == [0, 1] and groups[2]["tp"] == [2, 3]
     assert groups[0]["dp_shard"] == [0, 2] and groups[1]["dp"] == [1, 3]
     assert groups[3]["dp_shard_cp"] == [1, 3]
+    # one mesh per layout and process: the second build reuses the first's groups (gloo keeps three
+    # threads per group alive), another layout builds its own
+    assert all(g["same"] and g["other"] and g["new_groups"] == 0 for g in groups)

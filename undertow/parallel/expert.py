@@ -54,7 +54,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from undertow.kernels.moe import moe_experts
 from undertow.kernels.moe.grouped import compute_dtype, expert_counts
 from undertow.parallel.expert_comm import AllToAll, CopyToGroup, ExpertWeight, SumOverGroup
-from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.mesh import LayoutError, ParallelDims, process_groups
 
 # the dimension of each stacked expert weight (gate, up, down) that holds the SwiGLU width h
 WIDTH_DIMS = (2, 2, 1)
@@ -131,7 +131,11 @@ def _expert_groups(dims: ParallelDims, mesh: DeviceMesh):
     if replicas == 1:
         return shard_mesh.get_group(), None, shard_mesh.get_local_rank()
     # ep index outer, replica inner: the ranks that share experts are neighbours (collective: every rank calls it)
-    split = shard_mesh._unflatten(0, (dims.ep, replicas), ("ep", "ep_replica"))
+    cache = process_groups()  # one split per mesh and ep (parallel/mesh.py: groups are built once)
+    key = ("ep_split", mesh.device_type, tuple(mesh.mesh.shape), mesh.mesh_dim_names, dims.ep)
+    if key not in cache:
+        cache[key] = shard_mesh._unflatten(0, (dims.ep, replicas), ("ep", "ep_replica"))
+    split = cache[key]
     return split.get_group("ep"), split.get_group("ep_replica"), shard_mesh.get_local_rank()
 
 

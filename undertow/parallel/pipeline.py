@@ -58,7 +58,7 @@ from undertow.models.common.documents import (
 )
 from undertow.models.common.aux import paused
 from undertow.models.common.loss import lm_loss_sum
-from undertow.parallel.mesh import LayoutError, ParallelDims
+from undertow.parallel.mesh import LayoutError, ParallelDims, process_groups
 from undertow.parallel.pipeline_shared import reduce_shared_grads, shared_parameters
 from undertow.parallel.pipeline_split import (
     StageCosts,
@@ -305,8 +305,11 @@ class PipelineRunner:
             return None
         grid = mesh.mesh  # global ranks, (pp, dp_replicate, dp_shard, cp, tp)
         mine = None
+        cache = process_groups()
         for a, b in zip(grid[first_rank].flatten().tolist(), grid[last_rank].flatten().tolist()):
-            group = dist.new_group([a, b])  # collective: every rank creates every pair, in order
+            if ("pair", a, b) not in cache:  # collective: every rank creates every pair, in order
+                cache["pair", a, b] = dist.new_group([a, b])
+            group = cache["pair", a, b]
             if dist.get_rank() in (a, b):
                 mine = group
         return mine
