@@ -6,14 +6,21 @@ Each process sets the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_A
 one intra-op thread (the machine has few cores), initializes gloo, runs fn and destroys the
 group. An exception in any rank fails the call with that rank's traceback. fn must be defined at
 module level (it is pickled by reference).
+
+A rank killed by a signal (a C++ abort inside torch or gloo: seen once in CI, "terminate called
+without an active exception" in a Titans cp spawn, not reproduced in 36 reruns) gets its Python stacks
+dumped to stderr (faulthandler) and the spawn is run once more with a warning, where the caller says
+fn can run twice (`retry_crash`: no run directory of the first attempt is read by the second).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,6 +37,7 @@ def _worker(rank, world_size, port, fn, args, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    faulthandler.enable(all_threads=True)  # a C++ abort shows where Python was
     torch.set_num_threads(1)
     out = os.path.join(result_dir, f"{rank}.pt")
     try:
@@ -44,14 +52,36 @@ def _worker(rank, world_size, port, fn, args, result_dir):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, retry_crash: bool = True) -> list:
     """Per-rank return values of fn(rank, world_size, *args), in rank order."""
+    try:
+        return _spawn(fn, world_size, args, timeout)
+    except _Crashed as crash:
+        if not retry_crash:
+            raise AssertionError(f"distributed run failed: {crash}") from crash.__cause__
+        warnings.warn(f"{fn.__name__} in {world_size} processes: {crash}; running it once more "
+                      "(the rank's Python stacks are in the captured stderr)", RuntimeWarning, stacklevel=2)
+        try:
+            return _spawn(fn, world_size, args, timeout)
+        except _Crashed as again:
+            raise AssertionError(f"distributed run failed twice: {again}") from again.__cause__
+
+
+class _Crashed(Exception):
+    """A rank died of a signal (no Python exception to report)."""
+
+
+def _spawn(fn, world_size: int, args: tuple, timeout: float) -> list:
     with tempfile.TemporaryDirectory() as result_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, result_dir),
                                  nprocs=world_size, join=False, start_method="spawn")
         try:
             while not ctx.join(timeout=timeout):
                 pass
+        except mp.ProcessExitedException as error:
+            if error.signal_name:
+                raise _Crashed(str(error)) from error
+            raise AssertionError(f"distributed run failed: {error}") from error
         except Exception as error:
             details = []
             for rank in range(world_size):

@@ -8,6 +8,7 @@ Two spawns in all (2 and 4 processes, on first use): each runs every layout case
 this file's resume scenarios, one Trainer after another."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -60,7 +61,15 @@ def _fit(rank, world, run_dir, layout, steps):
 
 
 def _world(rank, world, root):
-    """The layout cases of `world` processes, then this file's resume scenarios of that size."""
+    """The layout cases of `world` processes, then this file's resume scenarios of that size. Starts by
+    removing what an earlier attempt of this spawn wrote (run_distributed reruns a crashed spawn; a
+    rerun must not resume the first attempt's checkpoints)."""
+    if rank == 0:
+        written = [f"{family}-{layout}" for family, layout in cases(world)]
+        written += ["fsdp2-writes"] if world == 2 else ["tp2xpp2"] if world == 4 else []
+        for name in written:
+            shutil.rmtree(f"{root}/{name}", ignore_errors=True)
+    torch.distributed.barrier()
     out = {"lives": run_world(rank, world, root)}
     if world == 2:  # fsdp2 writes step 2; fsdp2 resumes the one-process step 2 (written before the spawn)
         out["reshard"] = [_train_and_read(rank, world, f"{root}/{writer}-writes", LAYOUTS["fsdp2"], 2)

@@ -90,7 +90,7 @@ def _spawned(rank, world, root):
 def spawned(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ep"))
     single = _saves(f"{root}/single", [])  # one process writes step 1: ep2 resumes it in the spawn
-    return root, run_distributed(_spawned, 2, root), single
+    return root, run_distributed(_spawned, 2, root, retry_crash=False), single
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""The spawn harness itself: a rank killed by a signal is reported and, where allowed, run again."""
+
+import os
+
+import pytest
+
+from tests.distributed.harness import run_distributed
+
+
+def _abort_once(rank, world, marker):
+    """Rank 1 aborts (a C++ abort's signal) the first time, while no marker exists."""
+    if rank == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.abort()
+    return rank * 10
+
+
+def test_a_crashed_spawn_runs_once_more_with_a_warning(tmp_path):
+    with pytest.warns(RuntimeWarning, match="SIGABRT.*running it once more"):
+        assert run_distributed(_abort_once, 2, str(tmp_path / "first")) == [0, 10]
+
+
+def test_a_crash_fails_where_the_caller_forbids_a_second_run(tmp_path):
+    with pytest.raises(AssertionError, match="distributed run failed.*SIGABRT"):
+        run_distributed(_abort_once, 2, str(tmp_path / "first"), retry_crash=False)
