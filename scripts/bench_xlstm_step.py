@@ -5,9 +5,11 @@ not installed).
     python scripts/bench_xlstm_step.py [--d-model 128] [--layers 4] [--heads 2] [--chunk-size 64]
         [--batch 4] [--seq-len 512] [--vocab 2048] [--steps 7] [--warmup 2] [--threads 2] [--compile]
 
-Both models get the same weights (ours exported through models/xlstm/hf.py), the same random tokens
-and the same loss; a step is bench_mamba2_step.py's (zero_grad + forward + loss + backward), the two
-models alternating which goes first, and their losses must agree. Each step is timed in wall time and
+Both models get the same weights (ours exported through models/xlstm/hf.py) and the same random
+tokens; a step is zero_grad + forward + loss + backward, each model computing its next-token loss
+the way its training does: ours `model(ids, labels=...)` (the trainer's fused head loss,
+models/common/fused_loss.py; `--unfused`: logits, then F.cross_entropy), transformers'
+`model(ids, labels=ids).loss`. The two models alternate which goes first, and their losses must agree. Each step is timed in wall time and
 in the calling thread's CPU time (time.thread_time): on a shared machine the wall time includes the
 time the process waits for a core, the thread time does not (with --threads 1 it is the whole work).
 qk and v widths must be multiples of 64 for the export (transformers sizes its cache that way).
@@ -25,9 +27,10 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mamba2_step import add_step_args, train_step  # noqa: E402
+from bench_mamba2_step import add_step_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each of our blocks, as training.compile does (transformers' model stays eager)")
+    p.add_argument("--unfused", action="store_true",
+                   help="our loss from the logits (training.fused_loss = false) instead of the fused head loss")
     add_step_args(p)
     return p.parse_args(argv)
 
@@ -65,6 +70,30 @@ def build_models(args):
     return ours.train(), theirs.train()
 
 
+def train_step(loss_fn, model, ids: torch.Tensor) -> tuple[float, float]:
+    """(seconds, mean loss) of zero_grad + forward + loss + backward."""
+    start = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, ids)
+    loss.backward()
+    return time.perf_counter() - start, loss.item()
+
+
+def ours_fused(model, ids: torch.Tensor) -> torch.Tensor:
+    """The trainer's path: next-token labels, the last position not counted, the fused head loss."""
+    labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -100)), 1)
+    return model(ids, labels=labels) / (ids.numel() - ids.shape[0])
+
+
+def ours_unfused(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def their_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, labels=ids, use_cache=False).loss
+
+
 def timed_steps(contenders, ids: torch.Tensor, args) -> list[list[tuple[float, float]]]:
     """(wall, thread CPU) seconds of each timed step of each (forward, model), alternating which goes
     first so a change of load hits both alike; raises if the models' losses differ."""
@@ -90,7 +119,7 @@ def main(argv=None) -> int:
     from undertow.kernels.dispatch import select_backend
     from undertow.kernels.mlstm import IMPLEMENTATIONS
 
-    ours, theirs = build_models(args)
+    ours, them = build_models(args)
     if args.compile:
         from undertow.parallel.wrap import apply_compile
 
@@ -98,8 +127,10 @@ def main(argv=None) -> int:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     backend = select_backend("mlstm", ids.float(), None, tuple(IMPLEMENTATIONS))
     compiled = ", blocks compiled" if args.compile else ""
-    names = [f"undertow XLSTMLM (mlstm: {backend}{compiled})", "transformers xLSTMForCausalLM (its torch code)"]
-    times = timed_steps([(lambda m, x: m(x), ours), (lambda m, x: m(x, use_cache=False).logits, theirs)], ids, args)
+    loss = "logits + F.cross_entropy" if args.unfused else "fused head loss"
+    names = [f"undertow XLSTMLM (mlstm: {backend}{compiled}, {loss})",
+             "transformers xLSTMForCausalLM (its torch code, labels=)"]
+    times = timed_steps([(ours_unfused if args.unfused else ours_fused, ours), (their_loss, them)], ids, args)
     tokens = args.batch * args.seq_len
     print(f"command: `python {' '.join(sys.argv)}`  ")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "

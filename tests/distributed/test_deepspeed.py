@@ -75,18 +75,18 @@ def _checkpoint_copy(rank, src_run, step, dst_run):
 @contextlib.contextmanager
 def _poisoned_loss(call: int):
     """The trainer's `call`-th loss (counting micro-batches from 1) is NaN."""
-    real, calls = trainer_mod.lm_loss_sum, [0]
+    real, calls = trainer_mod.Trainer._loss_sum, [0]  # each forward's loss, fused or not
 
-    def poisoned(logits, labels):
+    def poisoned(self, batch):
         calls[0] += 1
-        loss = real(logits, labels)
+        loss = real(self, batch)
         return loss * float("nan") if calls[0] == call else loss
 
-    trainer_mod.lm_loss_sum = poisoned
+    trainer_mod.Trainer._loss_sum = poisoned
     try:
         yield
     finally:
-        trainer_mod.lm_loss_sum = real
+        trainer_mod.Trainer._loss_sum = real
 
 
 def _all_runs(rank, world, root):

@@ -52,15 +52,15 @@ def strict_records(run_dir) -> list[dict]:
 
 def test_nonfinite_streak_protects_the_last_good_checkpoint_and_sets_poisoned_ones_aside(tmp_path, monkeypatch,
                                                                                          caplog):
-    real = trainer_mod.lm_loss_sum
+    real = trainer_mod.Trainer._loss_sum  # each forward's loss, fused or not
     calls = {"n": 0}
 
-    def poisoned(logits, labels):  # the weights after step 4 give only non-finite losses
+    def poisoned(self, batch):  # the weights after step 4 give only non-finite losses
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(self, batch)
         return loss * float("nan") if calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(trainer_mod, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(trainer_mod.Trainer, "_loss_sum", poisoned)
     root = os.path.join(tmp_path, "checkpoints")
     cfg = tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3, checkpoint__every=1,
                       checkpoint__keep_last=1)
@@ -83,7 +83,7 @@ def test_nonfinite_streak_protects_the_last_good_checkpoint_and_sets_poisoned_on
     assert [s for s, r in train_records.items() if r["skipped"]] == [5, 6, 7]
     assert train_records[5]["loss"] is None and train_records[4]["loss"] > 0
 
-    monkeypatch.setattr(trainer_mod, "lm_loss_sum", real)
+    monkeypatch.setattr(trainer_mod.Trainer, "_loss_sum", real)
     expected = ckpt.read_meta(good)["step"]
     resumed = Trainer(tiny_config(tmp_path, training__steps=20, checkpoint__every=1, checkpoint__keep_last=1))
     assert resumed.step == expected == 3

@@ -46,16 +46,16 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_nan_guard_skips_then_stops_without_saving_poisoned_weights(tmp_path, monkeypatch):
-    real = trainer_mod.lm_loss_sum
+    real = trainer_mod.Trainer._loss_sum  # each forward's loss, fused or not
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(self, batch):
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(self, batch)
         # step 3 is non-finite once (skipped, run goes on); from step 6 on every step is.
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(trainer_mod, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(trainer_mod.Trainer, "_loss_sum", poisoned)
     t = Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3))
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps") as e:
         t.fit()
@@ -64,7 +64,7 @@ def test_nan_guard_skips_then_stops_without_saving_poisoned_weights(tmp_path, mo
     # checkpoint exists, so the run is to start over; tests/pretrain/test_nan_guard.py covers the rest)
     assert "no checkpoint holds weights from before it" in str(e.value) and "start over" in str(e.value)
     assert ckpt.latest_checkpoint(os.path.join(tmp_path, "checkpoints")) is None
-    monkeypatch.setattr(trainer_mod, "lm_loss_sum", real)
+    monkeypatch.setattr(trainer_mod.Trainer, "_loss_sum", real)
     assert Trainer(tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3)).step == 0
     records = read_losses(tmp_path)
     assert records[3] is None and math.isfinite(records[4])  # metrics.jsonl writes NaN as null

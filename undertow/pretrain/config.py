@@ -117,6 +117,7 @@ class TrainingConfig:
     grad_clip: float = opt(1.0, help='Clip the global gradient norm to this (0: measure it, do not clip).')
     activation_checkpointing: bool = opt(False, help="Recompute each block's activations in the backward pass.")
     compile: bool = opt(False, help="torch.compile each block.")
+    fused_loss: bool = opt(True, help="The LM head's cross-entropy in chunks of tokens, its gradients taken at once, never building the (tokens, vocab) logits (models/common/fused_loss.py); off, or under tensor or pipeline parallelism: the logits, then the loss.")
     max_bad_steps: int = opt(5, help='Consecutive non-finite steps (skipped) that stop the run.')
     max_param_growth: float = opt(10.0, help="Stop the run when one optimizer step makes the parameters non-finite or multiplies their global norm by more than this (a blow-up: a healthy step changes it by a few percent at most); 0: check finiteness only.")
     val_every: int = opt(100, help="Validate every N steps and at the end (0: never; needs data.val_fraction > 0).")

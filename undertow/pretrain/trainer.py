@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from undertow.log import get_logger
 from undertow.models import registry
 from undertow.models.common.aux import collect_aux
+from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.loss import IGNORE_INDEX, lm_loss_sum
 from undertow.models.moe.load_table import write_expert_load
 from undertow.parallel.apply import parallelize
@@ -143,6 +144,10 @@ class Trainer(RunState):
             param_dtype=self.amp_dtype, engine=cfg.parallel.engine,
             roots=self.pipeline.stage_modules if self.pipeline is not None else None,
         )
+        # the fused head loss where the model offers it (CausalLMShell's forward with labels) and the
+        # head is whole here (tensor parallelism splits the vocabulary: the vocab-parallel loss instead)
+        self.fused_loss = (cfg.training.fused_loss and self.pipeline is None and self.dims.tp == 1
+                           and isinstance(model, CausalLMShell))
         # modules that follow the training step (e.g. a depth drawn per step, the same on every rank)
         self._step_followers = [m for m in model.modules() if callable(getattr(m, "set_training_step", None))]
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
@@ -218,8 +223,12 @@ class Trainer(RunState):
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         if self.pipeline is not None:
             return self.pipeline.loss_sum(batch)
+        side = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if self.fused_loss:  # the model's head computes the loss without the logits (models/common/fused_loss.py)
+            with self._autocast():
+                return self.model(batch["input_ids"], labels=batch["labels"], **side)
         with self._autocast():
-            logits = self.model(batch["input_ids"], **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            logits = self.model(batch["input_ids"], **side)
         return lm_loss_sum(logits, batch["labels"])
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:

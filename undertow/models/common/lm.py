@@ -7,6 +7,11 @@ The forward pass is written once, here, as four steps a family can override:
     carried = self.run_layer(layer, carried, ctx)       # for each block of `layers`
     logits  = self.head_stage(carried)
 
+With `labels` the forward returns the summed cross-entropy instead of the logits: through
+`head_inputs` (the final norm's output, the head's weight and the logit soft-cap) and
+models/common/fused_loss.py, which never builds the (tokens, vocab) logits tensor; a family whose
+head is not a plain linear head returns None there and gets lm_loss_sum of head_stage's logits.
+
 `ctx` holds what every block reads besides the activations (RoPE cos/sin, document ids, ...),
 computed from the batch's side inputs; `carried` is what flows from block to block (the residual
 stream, and for families that need it more tensors, e.g. router or recurrent-depth state).
@@ -21,7 +26,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from undertow.models.common.fused_loss import LMHead
+from undertow.models.common.loss import lm_loss_sum
 from undertow.models.common.norms import RMSNorm
 
 
@@ -41,7 +49,7 @@ class CausalLMShell(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -77,6 +85,22 @@ class CausalLMShell(nn.Module):
         """The carried activations after the last block -> logits (B, T, vocab_size)."""
         return self.lm_head(self.norm(carried[0]))
 
+    def head_inputs(self, carried: tuple[torch.Tensor, ...]):
+        """(hidden (B, T, d), logit soft-cap or None) such that head_stage's logits are
+        soft_cap(lm_head(hidden)), for the fused loss; None where head_stage is something else (a
+        family that overrides head_stage overrides this too, or gets the unfused loss)."""
+        if type(self).head_stage is not CausalLMShell.head_stage:
+            return None
+        return self.norm(carried[0]), None
+
+    def head_loss_sum(self, carried: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of head_stage's logits against labels (B, T) (-100: not counted)."""
+        inputs = self.head_inputs(carried)
+        if inputs is None or not isinstance(self.lm_head, LMHead) or isinstance(self.lm_head.weight, DTensor):
+            return lm_loss_sum(self.head_stage(carried), labels)  # e.g. a tensor-parallel head: vocab-parallel loss
+        hidden, soft_cap = inputs
+        return self.lm_head(hidden, labels=labels, soft_cap=soft_cap)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -85,11 +109,13 @@ class CausalLMShell(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab_size)."""
+        """input_ids (B, T) -> logits (B, T, vocab_size); with labels (B, T), the summed cross-entropy
+        (float32, 0-d; labels -100 not counted) without the logits tensor (`head_loss_sum`)."""
         ctx = self.layer_context(input_ids.shape, input_ids.device, position_ids=position_ids, doc_ids=doc_ids,
                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         carried = self.embed_stage(input_ids, ctx)
         for layer in self.layers:
             carried = self.run_layer(layer, carried, ctx)
-        return self.head_stage(carried)
+        return self.head_stage(carried) if labels is None else self.head_loss_sum(carried, labels)

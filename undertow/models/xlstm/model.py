@@ -204,6 +204,9 @@ class XLSTMLM(RouterCarry, CausalLMShell):
     def head_stage(self, carried: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.logits(carried[0])
 
+    def head_inputs(self, carried: tuple[torch.Tensor, ...]):
+        return self.norm(carried[0]), self.cfg.logit_soft_cap or None
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool = True) -> torch.Tensor:
         """Continue each row of `input_ids` (B, T) by `max_new_tokens` tokens -> (B, T + max_new_tokens):
