@@ -55,7 +55,8 @@ echo "== kernel tests on CUDA" | tee "$OUT/tests.log"
 # pytest-xdist spreads the many small Triton compiles over the CPU cores when it is installed
 XDIST=$(python3 -u -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 # The native CPU loops' tests (names with "native") are CPU-only and run in CI: not here.
-PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-90} python3 -u -m pytest tests/kernels -q -rs $XDIST -k "not native" \
+PYTHONPATH="$PWD" timeout ${TEST_LIMIT:-90} python3 -u -m pytest tests/kernels tests/models/test_fused_loss.py -q -rs $XDIST \
+    -k "not native and not family and not trainer" \
     2>&1 | tee -a "$OUT/tests.log" || status=1
 
 rm -rf "$SITE"

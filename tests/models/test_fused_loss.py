@@ -1,5 +1,6 @@
 """The fused head loss (models/common/fused_loss.py): the value and every gradient of the unfused
-head + soft-cap + cross-entropy, for the op, every family's model and the trainer's step."""
+head + soft-cap + cross-entropy, for the op, every family's model and the trainer's step. The op's
+tests run on CUDA where there is one (scripts/gpu_check.sh runs this file)."""
 
 import copy
 
@@ -22,11 +23,14 @@ def unfused(hidden, weight, labels, cap):
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def inputs(dtype=torch.float32, rows=37, vocab=50, d=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(3, rows, d, generator=gen, dtype=dtype).requires_grad_()
-    weight = torch.randn(vocab, d, generator=gen, dtype=dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (3, rows), generator=gen)
+    hidden = torch.randn(3, rows, d, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+    weight = torch.randn(vocab, d, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, vocab, (3, rows), generator=gen).to(DEVICE)
     labels[0, :5] = IGNORE_INDEX  # not counted: no loss, no gradient
     return hidden, weight, labels
 
@@ -58,7 +62,7 @@ def test_gradients_only_where_asked():
 
 def test_autocast_bfloat16_follows_the_unfused_head():
     hidden, weight, labels = inputs(rows=64, vocab=300, d=32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         ref = unfused(hidden, weight, labels, 30.0)
         out = head_loss_sum(hidden, weight, labels, 30.0, rows=40)
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
