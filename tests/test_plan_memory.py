@@ -83,15 +83,20 @@ def test_weights_gradients_and_adamw_states_are_exact(recipe):
 
 
 @pytest.mark.parametrize(
-    "recipe, batch, seq_len", [("tiny-mamba2", 3, 128), ("tiny", 3, 128), ("tiny-mamba", 2, 48), ("tiny-hybrid", 2, 96)]
+    "recipe, batch, seq_len, fused", [("tiny-mamba2", 3, 128, False), ("tiny", 3, 128, False), ("tiny-mamba", 2, 48, False),
+                                      ("tiny-hybrid", 2, 96, False), ("tiny", 3, 128, True), ("tiny-xlstm", 3, 128, True)]
 )
-def test_activation_memory_within_25_percent_of_a_real_cpu_forward(recipe, batch, seq_len):
+def test_activation_memory_within_25_percent_of_a_real_cpu_forward(recipe, batch, seq_len, fused):
+    """The profile's saved bytes against what a real forward's graph holds: the logits' loss, and the
+    trainer's fused head loss (model(ids, labels=...))."""
     in_use = _malloc_in_use()
     if in_use is None:
         pytest.skip("needs glibc's mallinfo2 to read the allocator's bytes in use")
     cfg = _tiny(recipe, seq_len)
     # Profiled at 64 and 128 tokens (multiples of the tiny recipes' chunks), evaluated at the run's shape.
-    predicted = model_facts(cfg, seq_len, torch.float32, base_len=64).profile.saved_bytes(batch, seq_len)
+    profile = model_facts(cfg, seq_len, torch.float32, base_len=64).profile
+    assert profile.fused_post is not None  # the recipes' default: training.fused_loss
+    predicted = profile.saved_bytes(batch, seq_len, fused=fused)
 
     torch.manual_seed(0)
     model = registry.get(cfg.family).model_cls(cfg.model)
@@ -99,7 +104,7 @@ def test_activation_memory_within_25_percent_of_a_real_cpu_forward(recipe, batch
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
     with torch.no_grad():  # first use: the library's lazy initializations, outside the measurement
         model(ids[:1])
-    loss = lm_loss_sum(model(ids), ids)
+    loss = model(ids, labels=ids) if fused else lm_loss_sum(model(ids), ids)
     gc.collect()
     holding = in_use()
     del loss  # drops autograd's graph and everything it saved for the backward

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from undertow.models.common.lm import CausalLMShell
 from undertow.models.common.loss import lm_loss_sum
 
 # The ops autocast runs in lower precision (the matmul family); everything else keeps its dtype.
@@ -80,6 +81,13 @@ class ModelProfile:
     pieces: list[Piece]  # pre, block 0 .. block L-1, post
     numel: dict[int, int]  # parameter id -> elements
     compute_dtype: torch.dtype
+    # the post piece as the trainer's fused head loss runs it (model(ids, labels=...)): the hidden
+    # states' and the head weight's gradients instead of the logits; None where not profiled
+    fused_post: Piece | None = None
+
+    def post(self, fused: bool) -> Piece:
+        """The post piece of a run with (fused) or without the fused head loss."""
+        return self.fused_post if fused and self.fused_post is not None else self.pieces[-1]
 
     @property
     def blocks(self) -> list[Piece]:
@@ -90,9 +98,10 @@ class ModelProfile:
         ids = frozenset().union(*(p.params for p in pieces))
         return sum(self.numel[i] for i in ids), len(ids)
 
-    def saved_bytes(self, batch: int, seq_len: int) -> float:
+    def saved_bytes(self, batch: int, seq_len: int, fused: bool = False) -> float:
         """Everything one micro-batch's forward keeps for the backward (no checkpointing)."""
-        return sum(p.saved_bytes(batch, seq_len) for p in self.pieces)
+        pieces = self.pieces[:-1] + [self.post(fused)]
+        return sum(p.saved_bytes(batch, seq_len) for p in pieces)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -157,8 +166,9 @@ def _signature(block: nn.Module) -> tuple:
     return (type(block).__qualname__, tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()))
 
 
-def _measure(model: nn.Module, batch: int, seq_len: int, compute_dtype: torch.dtype):
-    """One meta forward + loss. Returns (saved bytes per piece, input bytes per block, param ids per piece)."""
+def _measure(model: nn.Module, batch: int, seq_len: int, compute_dtype: torch.dtype, fused: bool = False):
+    """One meta forward + loss (`fused`: the model's fused head loss, model(ids, labels=ids)).
+    Returns (saved bytes per piece, input bytes per block, param ids per piece)."""
     blocks = model.layers
     n = len(blocks)
     phase = [0]  # index into pieces: 0 pre, 1 + i block i, n + 1 post
@@ -203,7 +213,7 @@ def _measure(model: nn.Module, batch: int, seq_len: int, compute_dtype: torch.dt
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     try:
         with _MetaTraining(compute_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = lm_loss_sum(model(ids), ids)
+            loss = model(ids, labels=ids) if fused else lm_loss_sum(model(ids), ids)
         del loss
     finally:
         for h in handles:
@@ -243,9 +253,21 @@ def _skip_repeats(blocks: nn.ModuleList) -> list[int]:
     return source
 
 
-def profile_model(model_cls, model_config, compute_dtype: torch.dtype = torch.float32, base_len: int = BASE_LEN) -> ModelProfile:
+def _fit(name: str, points: list[list[float]], m: int, base_len: int, params: frozenset) -> Piece:
+    """Piece `name` from its saved bytes at (1, base_len), (1, 2 base_len), (2, base_len) (index m)."""
+    s11, s12, s21 = (p[m] for p in points)
+    per_token = (s12 - s11) / base_len
+    per_batch_row = s21 - s11  # per_sequence + per_token * base_len
+    return Piece(name=name, params=params, per_microbatch=s11 - per_batch_row,
+                 per_sequence=per_batch_row - per_token * base_len, per_token=per_token)
+
+
+def profile_model(model_cls, model_config, compute_dtype: torch.dtype = torch.float32, base_len: int = BASE_LEN,
+                  fused_loss: bool = False) -> ModelProfile:
     """Build `model_cls(model_config)` on the meta device and fit every piece's saved bytes (see the
-    module docstring). The model must have its blocks in `model.layers` (an nn.ModuleList)."""
+    module docstring). The model must have its blocks in `model.layers` (an nn.ModuleList).
+    `fused_loss`: also profile the post piece under the fused head loss (`ModelProfile.fused_post`),
+    for models whose forward takes labels (CausalLMShell)."""
     with torch.device("meta"):
         model = model_cls(model_config)
     model.train()
@@ -261,17 +283,13 @@ def profile_model(model_cls, model_config, compute_dtype: torch.dtype = torch.fl
     for k in range(n + 2):
         name = "pre" if k == 0 else "post" if k == n + 1 else f"block {k - 1}"
         m = k if k in (0, n + 1) else 1 + source[k - 1]  # repeats take their first's numbers
-        per_token = (s12[m] - s11[m]) / base_len
-        per_batch_row = s21[m] - s11[m]  # per_sequence + per_token * base_len
-        piece = Piece(
-            name=name,
-            params=frozenset(used[k]),
-            per_microbatch=s11[m] - per_batch_row,
-            per_sequence=per_batch_row - per_token * base_len,
-            per_token=per_token,
-        )
+        piece = _fit(name, [s11, s12, s21], m, base_len, frozenset(used[k]))
         if 0 < k <= n:
             piece.input_per_token = in11[k - 1] / base_len
         pieces.append(piece)
+    fused_post = None
+    if fused_loss and isinstance(model, CausalLMShell):
+        saved = [_measure(model, b, t, compute_dtype, fused=True) for b, t in points]
+        fused_post = _fit("post", [x[0] for x in saved], n + 1, base_len, frozenset(saved[0][2][n + 1]))
     numel = {id(p): p.numel() for p in model.parameters()}
-    return ModelProfile(pieces=pieces, numel=numel, compute_dtype=compute_dtype)
+    return ModelProfile(pieces=pieces, numel=numel, compute_dtype=compute_dtype, fused_post=fused_post)

@@ -15,6 +15,8 @@ activations  what the micro-batches in flight saved for the backward, plus a wor
              Without activation checkpointing: every piece's saved bytes, times the micro-batches in
              flight (1F1B: stage s holds min(pp - s, micro-batches) of them); working set: the
              gradients of the largest piece while its backward runs (about its saved bytes).
+             The head + loss piece is the fused head loss's (training.fused_loss, models/
+             common/fused_loss.py: no logits kept) where the trainer runs it, without tp and pp.
              With checkpointing: the input of every block (what `checkpoint` keeps) and the saved
              bytes of the pieces outside the blocks (embedding, head + loss), times the micro-
              batches in flight; working set: one block recomputed plus the largest piece's gradients.
@@ -204,7 +206,8 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
         if s == 0:
             pieces.insert(0, profile.pieces[0])
         if s == layout.pp - 1:
-            pieces.append(profile.pieces[-1])
+            # the trainer's fused head loss runs without tp and pp (profile.fused_post, when profiled)
+            pieces.append(profile.post(fused=layout.tp == 1 and layout.pp == 1))
         in_flight = min(layout.pp - s, m)
         memory = stage_memory(layout, facts, setup, pieces, blocks, in_flight)
         if sum(memory.values()) > sum(worst.values()):

@@ -120,7 +120,7 @@ def model_facts(cfg, seq_len: int, compute_dtype: torch.dtype, base_len: int = B
     """Everything the layout model needs about the recipe's model, from the registry and a meta
     profile (measured at base_len and 2 * base_len tokens, see models/profile.py)."""
     spec = registry.get(cfg.family)
-    profile = profile_model(spec.model_cls, cfg.model, compute_dtype, base_len)
+    profile = profile_model(spec.model_cls, cfg.model, compute_dtype, base_len, fused_loss=cfg.training.fused_loss)
     n = len(profile.blocks)
     experts, n_experts, routed = expert_facts(spec.model_cls, cfg.model)
     return ModelFacts(
