@@ -127,6 +127,14 @@ def test_layouts_that_cannot_run_say_why():
     assert "global batch of 12 sequences does not split into dp=8 x micro-batch 1" in odd.problems[0]
     small = estimate(Layout(dp_replicate=8), facts, _setup(gpu_memory=20 * GIB))
     assert re.fullmatch(r"needs \d+\.\d GiB > 20 GiB", small.problems[0])
+    # what the trainer refuses before any work, refused here too: sequence parallelism must split each
+    # cp slice of a row over tp, and a family's context limits (Titans: whole segments per cp slice)
+    sp = estimate(Layout(cp=4, tp=2), facts, _setup(seq_len=12))
+    assert "tp=2 does not divide seq_len / cp=3" in sp.problems[0]
+    facts.context_limits = [("cp", "seq_len / segment_len", 3)]
+    segments = estimate(Layout(dp_shard=4, cp=2), facts, _setup())
+    assert "cp=2 does not divide seq_len / segment_len=3; valid cp: 1, 3" in segments.problems[0]
+    assert estimate(Layout(dp_shard=8), facts, _setup()).fits  # no cp: the limit does not apply
 
 
 def test_plan_sorts_fitting_layouts_by_throughput():

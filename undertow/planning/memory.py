@@ -101,6 +101,9 @@ class ModelFacts:
     expert_elements: list[int] = dataclasses.field(default_factory=list)  # per block: MoE expert weights ([]: none)
     n_experts: int = 0  # experts per MoE layer (0: no MoE layers)
     routed_per_token: int = 0  # sum over MoE layers of top_k x d_model: activation elements a token sends
+    # what context parallelism must also divide (the family config's context_limits, e.g. Titans' whole
+    # segments per cp slice), as the trainer checks it before any work
+    context_limits: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -177,6 +180,10 @@ def estimate(layout: Layout, facts: ModelFacts, setup: Setup) -> Estimate:
     est = Estimate(layout=layout, reserve=setup.reserve)
     profile = facts.profile
     limits = [*facts.shape_limits, ("cp", "seq_len", setup.seq_len), ("pp", "layers", len(profile.blocks))]
+    if layout.cp > 1:
+        limits += facts.context_limits
+    if layout.tp > 1:  # sequence parallelism splits each cp slice of a row over the tp ranks (as the trainer checks)
+        limits.append(("tp", "seq_len / cp", setup.seq_len // layout.cp))
     if layout.ep > 1:
         if not facts.n_experts:
             est.problems.append(f"ep={layout.ep}: the model has no MoE layers")

@@ -132,6 +132,7 @@ def model_facts(cfg, seq_len: int, compute_dtype: torch.dtype, base_len: int = B
         expert_elements=experts,
         n_experts=n_experts,
         routed_per_token=routed,
+        context_limits=cfg.model.context_limits(seq_len) if hasattr(cfg.model, "context_limits") else [],
     )
 
 
