@@ -29,11 +29,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from undertow.models.common.loss import IGNORE_INDEX
-
 
 
 def _no_autocast(device: str):
@@ -78,34 +76,43 @@ def _chunk_loss(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, soft
     return loss, e.div_(norm) if softmax else None, t
 
 
+def _chunks(hidden, weight, labels, soft_cap, rows: int, dtype, need_h: bool, need_w: bool):
+    """The summed loss over chunks of `rows` rows, and the gradients asked for: hidden's (in `dtype`)
+    and the weight's (float32), or None."""
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    g_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+    g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    for start in range(0, hidden.shape[0], rows):
+        h = hidden[start:start + rows].to(dtype)
+        y_ids = labels[start:start + rows]
+        valid = y_ids != IGNORE_INDEX
+        loss, g, t = _chunk_loss(torch.mm(h, w.t()).float(), y_ids, valid, soft_cap, softmax=need_h or need_w)
+        total += loss
+        if g is None:
+            continue
+        g[torch.arange(g.shape[0], device=g.device), y_ids.clamp_min(0)] -= 1.0  # softmax - onehot
+        g.mul_(valid[:, None])
+        if t is not None:  # through the soft-cap: g (1 - t^2)
+            g.addcmul_(g, t.mul_(t), value=-1.0)
+        g = g.to(dtype)
+        if need_h:
+            torch.mm(g, w, out=g_hidden[start:start + rows])
+        if need_w:
+            if dtype == torch.float32:
+                g_weight.addmm_(g.t(), h)
+            else:
+                g_weight += torch.mm(g.t(), h).float()
+    return total, g_hidden, g_weight
+
+
 class _HeadLoss(torch.autograd.Function):
     """(hidden (N, d), weight (V, d)) -> the summed loss; gradients computed in the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, soft_cap, rows, dtype):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        g_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows].to(dtype)
-            y_ids = labels[start:start + rows]
-            valid = y_ids != IGNORE_INDEX
-            loss, g, t = _chunk_loss(torch.mm(h, w.t()).float(), y_ids, valid, soft_cap, softmax=True)
-            total += loss
-            g[torch.arange(g.shape[0], device=g.device), y_ids.clamp_min(0)] -= 1.0  # softmax - onehot
-            g.mul_(valid[:, None])
-            if t is not None:  # through the soft-cap: g (1 - t^2)
-                g.addcmul_(g, t.mul_(t), value=-1.0)
-            g = g.to(dtype)
-            if need_h:
-                torch.mm(g, w, out=g_hidden[start:start + rows])
-            if need_w:
-                if dtype == torch.float32:
-                    g_weight.addmm_(g.t(), h)
-                else:
-                    g_weight += torch.mm(g.t(), h).float()
+        total, g_hidden, g_weight = _chunks(hidden, weight, labels, soft_cap, rows, dtype,
+                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(g_hidden, g_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -132,17 +139,10 @@ def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     dtype = compute_dtype(hidden, weight)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     rows = rows or chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        with _no_autocast(hidden.device.type):
-            return _HeadLoss.apply(hidden, weight, labels, soft_cap, rows, dtype)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    w = weight.to(dtype)
     with _no_autocast(hidden.device.type):
-        for start in range(0, hidden.shape[0], rows):
-            y_ids = labels[start:start + rows]
-            z = torch.mm(hidden[start:start + rows].to(dtype), w.t()).float()
-            total += _chunk_loss(z, y_ids, y_ids != IGNORE_INDEX, soft_cap, softmax=False)[0]
-    return total
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _HeadLoss.apply(hidden, weight, labels, soft_cap, rows, dtype)
+        return _chunks(hidden, weight, labels, soft_cap, rows, dtype, False, False)[0]  # validation: the loss
 
 
 class LMHead(nn.Linear):
@@ -152,7 +152,7 @@ class LMHead(nn.Linear):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, soft_cap: float | None = None):
         if labels is None:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         if self.bias is not None:
             raise ValueError("LMHead: the fused loss takes a head without bias")
         return head_loss_sum(x, self.weight, labels, soft_cap)
