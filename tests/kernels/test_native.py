@@ -1,5 +1,6 @@
 """kernels/native.py: building, caching and loading native loops, and its refusals."""
 
+import ctypes
 import subprocess
 import threading
 
@@ -170,3 +171,23 @@ def test_a_skipped_temporary_folder_is_named_in_the_reason(tmp_path, fresh, monk
     folder.chmod(0o777)
     assert native.load(fresh, _write(tmp_path, SOURCE)) is None
     assert "writable by other users" in native.unavailable_reason(fresh)
+
+
+@needs_compiler
+def test_a_changed_local_header_rebuilds(tmp_path, fresh):
+    """A source's local headers are part of the library's name: the shared native_math.h from the
+    kernels folder is found on the include path, and a header beside the source that changes gets
+    a new library instead of the stale one."""
+    (tmp_path / "value.h").write_text("#pragma once\nconstexpr int VALUE = 1;\n")
+    source = _write(tmp_path, '#include "native_math.h"\n#include "value.h"\n'
+                    'extern "C" int add_value(int x) { return x + VALUE; }\n'
+                    'extern "C" float e1() { return undertow_native::exp_approx(1.0f); }\n')
+    library = native.load(fresh, source)
+    assert library is not None, native.unavailable_reason(fresh)
+    assert library.add_value(1) == 2
+    library.e1.restype = ctypes.c_float
+    assert abs(library.e1() - 2.7182817) < 1e-6
+    assert b"exp_approx" in native.source_text(source)
+    native.forget(fresh)
+    (tmp_path / "value.h").write_text("#pragma once\nconstexpr int VALUE = 5;\n")
+    assert native.load(fresh, source).add_value(1) == 6

@@ -15,46 +15,11 @@
 #include <cstring>
 #include <vector>
 
+#include "native_math.h"
+
 namespace {
 
-// e^x for the cells' sigmoid and tanh, inline and branch-free so that the channel loops vectorize
-// (libm's expf is a call; -ffast-math would change the whole process's denormal handling). x =
-// n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for the subtraction's exactness), e^r by its
-// Taylor series to r^6 (relative error ~1e-7), 2^n from the exponent bits. x clamped to [-87, 87]
-// (1 + e^87 stays inside `recip`'s range).
-inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-    float q = 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return q * scale;
-}
-
-// 1 / x for x in [1, 1.5e38]: a first guess from the bits (a shift of the exponent's sign), then three
-// Newton steps y <- y (2 - x y), each squaring the relative error (0.12 -> 1.5e-2 -> 2e-4 -> 5e-8):
-// seven multiply-adds that vectorize instead of a division (the loops' most expensive instruction).
-inline float recip1(float x) {
-    int32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    bits = 0x7EF311C7 - bits;
-    float y;
-    std::memcpy(&y, &bits, sizeof(y));
-    y = y * (2.0f - x * y);
-    y = y * (2.0f - x * y);
-    return y * (2.0f - x * y);
-}
-
-inline float sigm1(float x) { return recip1(1.0f + exp_approx(-x)); }
-inline float tanh_approx(float x) { return 2.0f * recip1(1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+using namespace undertow_native;  // exp_approx, recip1, sigm1, tanh_approx
 
 // The cells, as tags of vjp_token
 struct Gru {

@@ -39,10 +39,6 @@ def _library():
     return library
 
 
-def _ptrs(*tensors) -> list[int | None]:
-    return [None if t is None else t.data_ptr() for t in tensors]
-
-
 def _run_rows(fn, args_for, ranges: list[tuple[int, int]]) -> None:
     """fn(*args_for(part), begin, end) for each (begin, end) of `ranges`, on parallel threads."""
     failed = []
@@ -96,7 +92,8 @@ def _forward(u, delta, bias, softplus: bool, A, B, C, D, z, h0, starts, chunk: i
     incoming = None if chunk is None else u.new_empty(-(-T // chunk), Bt, N, Dc)
     final = u.new_empty(Bt, N, Dc)
     A2 = _a2(A)  # kept alive while the library reads it (as every tensor behind a pointer here)
-    args = (_ptrs(u, delta, bias) + [int(softplus)] + _ptrs(A2, B, C, D, z, h0, starts, y, incoming, final)
+    args = (native.pointers(u, delta, bias) + [int(softplus)]
+            + native.pointers(A2, B, C, D, z, h0, starts, y, incoming, final)
             + [Bt, T, Dc, N, chunk or T, math.log2(tiny_decay), grow])
     _run_rows(library.selective_scan_fwd, lambda index: args, native.parts(_rows(Bt, Dc)))
     return y, incoming, final
@@ -141,7 +138,7 @@ def native_backward(u, dt, A, B, C, starts, incoming, dy, dh_final, chunk: int, 
     # per part: dA, dB and dC accumulators (rows of different parts share their entries)
     dA, dB, dC = u.new_zeros(len(ranges), N, Dc), u.new_zeros(len(ranges), Bt, T, N), u.new_zeros(len(ranges), Bt, T, N)
     A2, incoming = _a2(A), incoming.contiguous()  # kept alive while the library reads them
-    head = _ptrs(u, dt, A2, B, C, starts, incoming, dy, dh_final, du, ddt, dh0)
+    head = native.pointers(u, dt, A2, B, C, starts, incoming, dy, dh_final, du, ddt, dh0)
     tail = [Bt, T, Dc, N, chunk, math.log2(tiny_decay), grow]
-    _run_rows(library.selective_scan_bwd, lambda i: head + _ptrs(dA[i], dB[i], dC[i]) + tail, ranges)
+    _run_rows(library.selective_scan_bwd, lambda i: head + native.pointers(dA[i], dB[i], dC[i]) + tail, ranges)
     return du, ddt, dA.sum(0).t(), dB.sum(0), dC.sum(0), dh0

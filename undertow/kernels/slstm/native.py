@@ -32,10 +32,6 @@ def _library():
     return library
 
 
-def _ptrs(*tensors) -> list[int | None]:
-    return [None if t is None else t.data_ptr() for t in tensors]
-
-
 def applies(gates: torch.Tensor) -> bool:
     return ENABLED and gates.device.type == "cpu" and gates.numel() > 0
 
@@ -67,7 +63,7 @@ def native_forward(gates: torch.Tensor, R: torch.Tensor, init: torch.Tensor | No
     gates, R, init, starts = _contiguous(gates, R, init, starts)
     states, final = gates.new_empty(4 if keep_states else 1, B, T, H, D), gates.new_empty(4, B, H, D)
     per_step = list(states) if keep_states else [states[0], None, None, None]
-    args = _ptrs(gates, R, init, starts, *per_step, final) + [B, T, H, D]  # the tensors stay alive here
+    args = native.pointers(gates, R, init, starts, *per_step, final) + [B, T, H, D]  # the tensors stay alive here
     _run(library.slstm_fwd, lambda index: args, H)  # one unit per head: its batch entries step together
     return states, final
 
@@ -86,7 +82,7 @@ def native_backward(gates, R, init, starts, states, dy, dfinal):
     dgates, dinit = gates.new_empty(B, T, 4, H, D), gates.new_empty(4, B, H, D)
     ranges = native.parts(B * H)
     dR = gates.new_zeros(len(ranges), *R.shape)  # one accumulator per part: rows of a head share dR
-    head = _ptrs(gates, R, init, starts, *states, dy, dfinal, dgates, dinit)
+    head = native.pointers(gates, R, init, starts, *states, dy, dfinal, dgates, dinit)
 
     def call(begin: int, end: int, index: int) -> None:
         if library.slstm_bwd(*head, dR[index].data_ptr(), B, T, H, D, begin, end):
