@@ -8,10 +8,20 @@ import pytest
 import torch
 
 from tests import oracles
+from undertow.kernels import native
 from undertow.kernels.mlstm import IMPLEMENTATIONS, mlstm, mlstm_step
+from undertow.kernels.mlstm import native as mlstm_native
 from undertow.kernels.mlstm.reference import mlstm_reference
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def cpu_form(request, monkeypatch):
+    """Every test twice: the chunked backend's CPU path as the native recurrence (native.py, float32
+    and half inputs with small head states) and as the PyTorch chunkwise form."""
+    monkeypatch.setattr(mlstm_native, "ENABLED", request.param == "native")
+    return request.param
 INPUTS = ("q", "k", "v", "i", "f")
 
 # Gate pre-activations (i~, f~) per regime: (mean, spread) of each. In xLSTM-7B they are soft-capped at 15.
@@ -205,6 +215,32 @@ def test_gate_regimes_make_each_denominator_branch_win(gates, branch):
 
 # ---- chunked against the reference -------------------------------------------------------------------
 
+def test_the_native_recurrence_runs_where_it_applies(cpu_form, monkeypatch):
+    """float32 CPU inputs with a head state up to MAX_STATE entries take the native recurrence (also at
+    Dqk 32 x Dv 64, against the float64 reference); float64 and, with gradients, larger states the
+    PyTorch form; without gradients every state size the native one."""
+    if cpu_form != "native" or native.find_compiler() is None:
+        pytest.skip("the native form, built by a C++ compiler")
+    calls = []
+    real = mlstm_native._run
+    monkeypatch.setattr(mlstm_native, "_run", lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs(2, 45, 2, 32, 64, torch.float32, seed=7)
+    exact = {k: v.double() if torch.is_tensor(v) else tuple(s.double() for s in v) for k, v in inputs.items()}
+    assert_close_to_reference(IMPLEMENTATIONS["chunked"], inputs,
+                              {"chunk_size": 16, "doc_ids": doc_ids_for("edges", 2, 45, 16)}, TOL[torch.float32], exact)
+    assert calls, native.unavailable_reason(mlstm_native.NAME)
+    calls.clear()
+    IMPLEMENTATIONS["chunked"](**make_inputs(1, 9, 1, 4, 4, torch.float64, seed=8), chunk_size=4)
+    big = make_inputs(1, 9, 1, 64, 128, torch.float32, seed=8)
+    big["q"].requires_grad_()
+    IMPLEMENTATIONS["chunked"](**big, chunk_size=4)
+    assert not calls
+    with torch.no_grad():
+        h = IMPLEMENTATIONS["chunked"](**big, chunk_size=4)
+    assert calls
+    assert ((h - mlstm_reference(**big)).norm() / h.norm()).item() < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("gates", list(GATES))
 @pytest.mark.parametrize("T,docs,init", [(1, "none", True), (37, "none", False), (37, "inside", True),
@@ -223,6 +259,24 @@ def test_chunked_matches_reference(dtype, gates, T, docs, init):
         assert not bad, f"(chunked, reference) float32 errors against float64: {bad}"
         return
     assert_close_to_reference(IMPLEMENTATIONS["chunked"], inputs, kwargs, TOL[dtype])
+
+
+def test_the_native_recurrence_inside_torch_compile(cpu_form, monkeypatch):
+    """Under torch.compile the recurrence is a custom operator with a fake implementation and an
+    autograd formula: a compiled function traces it (no graph break: fullgraph) and gives the
+    reference's outputs, final state and gradients (aot_eager: the traced graphs, run without
+    inductor's code generation)."""
+    if cpu_form != "native" or native.find_compiler() is None:
+        pytest.skip("the native form, built by a C++ compiler")
+    calls = []
+    real = mlstm_native._run
+    monkeypatch.setattr(mlstm_native, "_run", lambda *a: calls.append(1) or real(*a))
+    fn = torch.compile(IMPLEMENTATIONS["chunked"], backend="aot_eager", fullgraph=True)
+    inputs = make_inputs(2, 21, 2, 8, 6, torch.float32, seed=9)
+    assert_close_to_reference(fn, inputs, {"chunk_size": 8, "doc_ids": doc_ids_for("inside", 2, 21, 8)},
+                              TOL[torch.float32])
+    assert len(calls) >= 2, native.unavailable_reason(mlstm_native.NAME)  # forward and backward natively
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])

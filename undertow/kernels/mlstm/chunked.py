@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from undertow.kernels.dispatch import no_autocast, segment_starts
+from undertow.kernels.mlstm.native import native_mlstm
 from undertow.kernels.mlstm.reference import State, check_inputs, compute_dtype
 
 
@@ -133,6 +134,9 @@ def mlstm_chunked(
     Computes in float32 (float64 for float64 inputs) also inside a bf16 autocast region."""
     check_inputs(q, k, v, i, f, initial_state, doc_ids, chunk_size)
     with no_autocast(q.device):
+        done = native_mlstm(q, k, v, i, f, eps, initial_state, doc_ids, return_final_state)
+        if done is not None:  # CPU: the recurrence in C++ (native.py)
+            return done
         return _mlstm_chunked(q, k, v, i, f, eps, chunk_size, initial_state, doc_ids, return_final_state)
 
 
