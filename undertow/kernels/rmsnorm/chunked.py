@@ -5,6 +5,8 @@ Plain autograd over the reference keeps several float32 (..., dim) intermediates
 (x.float(), silu(z), the gated product, the normalized tensor); here nothing float32 of that size
 outlives the call. Rows are processed in chunks of about CHUNK_ELEMENTS elements, so the float32
 temporaries of forward and backward stay bounded too ("chunked" is the backend name of this form).
+On CPU with everything float32, both directions are one native pass over each row instead
+(native.py beside this file).
 
 Backward, with g = x * silu(z) (or x), r = 1/rms per group, ĝ = g r and dĝ = dout * weight:
     dg      = r (dĝ - ĝ mean_group(dĝ ĝ))
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from undertow.kernels.rmsnorm import native
 from undertow.kernels.rmsnorm.reference import check_inputs
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per temporary
@@ -39,6 +42,12 @@ class _RMSNormFunction(torch.autograd.Function):
         dim = x.shape[-1]
         x2 = _rows(x, dim)
         z2 = _rows(z, dim) if z is not None else None
+        ctx.group = group
+        done = native.forward(x2, z2, weight, group, eps) if out_dtype == torch.float32 else None
+        if done is not None:
+            out, rstd = done
+            ctx.save_for_backward(x, z, weight, rstd)
+            return out.view(x.shape)
         R, groups = x2.shape[0], dim // group
         out = torch.empty(R, dim, dtype=out_dtype, device=x.device)
         rstd = torch.empty(R, groups, dtype=torch.float32, device=x.device)
@@ -62,6 +71,11 @@ class _RMSNormFunction(torch.autograd.Function):
         z2 = _rows(z, dim) if z is not None else None
         R = x2.shape[0]
         need_x, need_z, need_w = ctx.needs_input_grad[:3]
+        done = native.backward(x2, z2, weight, rstd, d2, group, need_x, need_z)
+        if done is not None:
+            dx, dz, dw = done
+            return (dx.view(x.shape) if need_x else None, dz.view(z.shape) if need_z else None,
+                    dw.to(weight.dtype) if need_w else None, None, None, None)
         dx = torch.empty(R, dim, dtype=x.dtype, device=x.device) if need_x else None
         dz = torch.empty(R, dim, dtype=z.dtype, device=x.device) if need_z else None
         dw = torch.zeros(dim, dtype=torch.float32, device=x.device)

@@ -31,6 +31,7 @@ import contextlib
 import torch
 from torch import nn
 
+from undertow.kernels.cross_entropy import native as native_xent
 from undertow.models.common.loss import IGNORE_INDEX
 
 
@@ -55,12 +56,15 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_loss(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, soft_cap: float | None,
-                softmax: bool):
-    """z (rows, V) float32 logits of a chunk (overwritten) -> (loss sum, p, t): with `softmax`, p the
-    softmax of the (soft-capped) logits, else None; t = tanh(z / cap) (None without a cap). Written
-    in place, two (rows, V) buffers in all: fresh buffers of a few MiB each cost page faults on a
-    CPU, and a chunk that stays in the cache is the point of chunking."""
+def _chunk_loss(z: torch.Tensor, labels: torch.Tensor, soft_cap: float | None, grad: bool):
+    """z (rows, V) float32 logits of a chunk (overwritten) -> (loss sum, the gradient of the loss with
+    respect to z, or None without `grad`). On CPU one native pass per row (kernels/cross_entropy);
+    else in place with PyTorch ops, two (rows, V) buffers in all: fresh buffers of a few MiB each
+    cost page faults on a CPU, and a chunk that stays in the cache is the point of chunking."""
+    loss = native_xent.rows_loss(z, labels, soft_cap, IGNORE_INDEX, grad)
+    if loss is not None:
+        return loss, z if grad else None
+    valid = labels != IGNORE_INDEX
     t = None
     if soft_cap is not None:
         t = torch.tanh_(z.mul_(1.0 / soft_cap))
@@ -71,9 +75,15 @@ def _chunk_loss(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, soft
     top = y.amax(1, keepdim=True)
     e = y.sub_(top).exp_()  # exp(y - max), in place of y
     norm = e.sum(1, keepdim=True)
-    lse = (norm.log() + top).squeeze(1)
-    loss = torch.where(valid, lse - target, 0.0).sum()
-    return loss, e.div_(norm) if softmax else None, t
+    loss = torch.where(valid, (norm.log() + top).squeeze(1) - target, 0.0).sum()
+    if not grad:
+        return loss, None
+    g = e.div_(norm)
+    g[torch.arange(g.shape[0], device=g.device), labels.clamp_min(0)] -= 1.0  # softmax - onehot
+    g.mul_(valid[:, None])
+    if t is not None:  # through the soft-cap: g (1 - t^2)
+        g.addcmul_(g, t.mul_(t), value=-1.0)
+    return loss, g
 
 
 def _chunks(hidden, weight, labels, soft_cap, rows: int, dtype, need_h: bool, need_w: bool):
@@ -85,16 +95,10 @@ def _chunks(hidden, weight, labels, soft_cap, rows: int, dtype, need_h: bool, ne
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     for start in range(0, hidden.shape[0], rows):
         h = hidden[start:start + rows].to(dtype)
-        y_ids = labels[start:start + rows]
-        valid = y_ids != IGNORE_INDEX
-        loss, g, t = _chunk_loss(torch.mm(h, w.t()).float(), y_ids, valid, soft_cap, softmax=need_h or need_w)
+        loss, g = _chunk_loss(torch.mm(h, w.t()).float(), labels[start:start + rows], soft_cap, need_h or need_w)
         total += loss
         if g is None:
             continue
-        g[torch.arange(g.shape[0], device=g.device), y_ids.clamp_min(0)] -= 1.0  # softmax - onehot
-        g.mul_(valid[:, None])
-        if t is not None:  # through the soft-cap: g (1 - t^2)
-            g.addcmul_(g, t.mul_(t), value=-1.0)
         g = g.to(dtype)
         if need_h:
             torch.mm(g, w, out=g_hidden[start:start + rows])

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from undertow.kernels.swiglu import swiglu
+
 
 def swiglu_hidden(d_model: int, multiple_of: int) -> int:
     """Llama's default width: 2/3 of 4*d_model, rounded up to a multiple of `multiple_of`."""
@@ -16,7 +18,8 @@ def swiglu_hidden(d_model: int, multiple_of: int) -> int:
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)). x: (..., d_model) -> (..., d_model).
 
-    gate and up are separate projections so tensor parallelism can shard them column-wise.
+    gate and up are separate projections so tensor parallelism can shard them column-wise. The
+    activation is kernels/swiglu (one native pass each way on CPU float32).
     """
 
     def __init__(self, d_model: int, hidden: int):
@@ -31,7 +34,7 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class GeluMLP(nn.Module):
