@@ -94,6 +94,37 @@ def test_soft_cap_function_and_gradient_are_the_three_ops():
     assert soft_cap(x, 0.0) is x
 
 
+def test_stacked_projections_equal_the_six_linears(monkeypatch):
+    """The mLSTM layer's one stacked matmul (mlstm_layer.stacked_projections) gives each Linear's
+    output and every gradient; a module with a forward hook (what some wrappers gather weights in)
+    makes the layer call the Linears themselves."""
+    import copy
+
+    from undertow.models.xlstm import mlstm_layer
+    from undertow.models.xlstm.mlstm_layer import MLSTMLayer
+
+    torch.manual_seed(0)
+    layer = MLSTMLayer(tiny_cfg())
+    for p in layer.parameters():  # non-zero gates and biases: every term is exercised
+        torch.nn.init.normal_(p, std=0.3)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 9, 32)
+    stacked = layer(x)
+    stacked.square().sum().backward()
+    with monkeypatch.context() as m:
+        m.setattr(mlstm_layer, "stacked_projections", lambda x, mods: None)
+        separate = twin(x)
+    separate.square().sum().backward()
+    assert rel_err(stacked, separate) < 1e-6
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5, name
+    seen = []
+    layer.k.register_forward_hook(lambda mod, args, out: seen.append(mod))
+    layer(x)
+    assert seen == [layer.k]
+    assert mlstm_layer.stacked_projections(x, (layer.q, layer.k)) is None
+
+
 def test_first_training_steps_lower_the_loss_and_stay_finite():
     """xLSTM-7B's init (input gates at -10, forget gates at 3..6) with AdamW at a high learning rate:
     the loss falls over the first steps and no gradient is ever NaN or huge."""
