@@ -7,10 +7,13 @@ one intra-op thread (the machine has few cores), initializes gloo, runs fn and d
 group. An exception in any rank fails the call with that rank's traceback. fn must be defined at
 module level (it is pickled by reference).
 
-A rank killed by a signal (a C++ abort inside torch or gloo: seen once in CI, "terminate called
-without an active exception" in a Titans cp spawn, not reproduced in 36 reruns) gets its Python stacks
-dumped to stderr (faulthandler) and the spawn is run once more with a warning, where the caller says
-fn can run twice (`retry_crash`: no run directory of the first attempt is read by the second).
+A rank killed by a signal (a C++ abort inside torch or gloo: seen twice in CI, "terminate called
+without an active exception" in a Titans cp spawn and a SIGABRT in the pararnn-rmoe tp2 spawn, not
+reproduced in 36 and 15 reruns) gets its Python stacks dumped (faulthandler) and the spawn is run once
+more with a warning, where the caller says fn can run twice (`retry_crash`: no run directory of the
+first attempt is read by the second). Each rank's stderr (C++ messages and faulthandler's stacks
+included) goes to a file; the tail of the dead rank's is in the warning, and every failure's message
+carries the ranks' tails.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ def _worker(rank, world_size, port, fn, args, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    faulthandler.enable(all_threads=True)  # a C++ abort shows where Python was
+    stderr = open(os.path.join(result_dir, f"{rank}.stderr"), "w")  # noqa: SIM115 - the process's lifetime
+    os.dup2(stderr.fileno(), 2)  # C++ messages too ("terminate called ..."): read back on a failure
+    faulthandler.enable(file=stderr, all_threads=True)  # a C++ abort shows where Python was
     torch.set_num_threads(1)
     out = os.path.join(result_dir, f"{rank}.pt")
     try:
@@ -59,8 +64,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, retry_cr
     except _Crashed as crash:
         if not retry_crash:
             raise AssertionError(f"distributed run failed: {crash}") from crash.__cause__
-        warnings.warn(f"{fn.__name__} in {world_size} processes: {crash}; running it once more "
-                      "(the rank's Python stacks are in the captured stderr)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{fn.__name__} in {world_size} processes: {crash}; running it once more", RuntimeWarning,
+                      stacklevel=2)
         try:
             return _spawn(fn, world_size, args, timeout)
         except _Crashed as again:
@@ -69,6 +74,20 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, retry_cr
 
 class _Crashed(Exception):
     """A rank died of a signal (no Python exception to report)."""
+
+
+def _stderr_tails(result_dir: str, world_size: int, ranks=None, chars: int = 3000) -> str:
+    """The last `chars` of each rank's stderr file (all ranks by default), for a failure's message."""
+    parts = []
+    for rank in range(world_size) if ranks is None else ranks:
+        try:
+            with open(os.path.join(result_dir, f"{rank}.stderr"), errors="replace") as f:
+                text = f.read()[-chars:].strip()
+        except OSError:
+            continue
+        if text:
+            parts.append(f"\n--- rank {rank} stderr (tail):\n{text}")
+    return "".join(parts)
 
 
 def _spawn(fn, world_size: int, args: tuple, timeout: float) -> list:
@@ -80,8 +99,8 @@ def _spawn(fn, world_size: int, args: tuple, timeout: float) -> list:
                 pass
         except mp.ProcessExitedException as error:
             if error.signal_name:
-                raise _Crashed(str(error)) from error
-            raise AssertionError(f"distributed run failed: {error}") from error
+                raise _Crashed(f"{error}{_stderr_tails(result_dir, world_size, [error.error_index])}") from error
+            raise AssertionError(f"distributed run failed: {error}{_stderr_tails(result_dir, world_size)}") from error
         except Exception as error:
             details = []
             for rank in range(world_size):
@@ -90,5 +109,6 @@ def _spawn(fn, world_size: int, args: tuple, timeout: float) -> list:
                     saved = torch.load(path, weights_only=False)
                     if "error" in saved:
                         details.append(f"--- rank {rank}:\n{saved['error']}")
-            raise AssertionError("distributed run failed\n" + "\n".join(details)) from error
+            raise AssertionError("distributed run failed\n" + "\n".join(details)
+                                 + _stderr_tails(result_dir, world_size)) from error
         return [torch.load(os.path.join(result_dir, f"{r}.pt"), weights_only=False)["ok"] for r in range(world_size)]
