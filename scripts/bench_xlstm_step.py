@@ -9,7 +9,10 @@ Both models get the same weights (ours exported through models/xlstm/hf.py) and 
 tokens; a step is zero_grad + forward + loss + backward, each model computing its next-token loss
 the way its training does: ours `model(ids, labels=...)` (the trainer's fused head loss,
 models/common/fused_loss.py; `--unfused`: logits, then F.cross_entropy), transformers'
-`model(ids, labels=ids).loss`. The two models alternate which goes first, and their losses must agree. Each step is timed in wall time and
+`model(ids, labels=ids).loss`. On CPU ours runs its native loops (the mLSTM recurrence, SwiGLU,
+RMSNorm, the gated head norm, the head loss's rows: kernels/native.py, on torch's OpenMP threads
+where it can; `UNDERTOW_NATIVE=0` for the PyTorch forms alone; under --compile the compiled blocks
+call the mLSTM recurrence as a custom operator and leave the elementwise work to inductor). The two models alternate which goes first, and their losses must agree. Each step is timed in wall time and
 in the calling thread's CPU time (time.thread_time): on a shared machine the wall time includes the
 time the process waits for a core, the thread time does not (with --threads 1 it is the whole work).
 qk and v widths must be multiples of 64 for the export (transformers sizes its cache that way).
@@ -45,6 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our loss from the logits (training.fused_loss = false) instead of the fused head loss")
     add_step_args(p)
     return p.parse_args(argv)
+
+
+def native_summary() -> str:
+    """Which native libraries the step loaded, and whether on torch's OpenMP threads."""
+    from undertow.kernels import native
+
+    loaded = {name: native.uses_openmp(name) for name, lib in native._libraries.items() if lib is not None}
+    if not loaded:
+        return "none (UNDERTOW_NATIVE=0, no compiler, or none applied)"
+    return ", ".join(f"{name}{' (OpenMP)' if omp else ''}" for name, omp in sorted(loaded.items()))
 
 
 def build_models(args):
@@ -137,6 +150,7 @@ def main(argv=None) -> int:
           f"{args.threads} torch threads; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}  ")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  ")
+    print(f"native loops: {native_summary()}  ")
     print(f"shape: d_model {args.d_model}, {args.layers} xLSTM-7B blocks, {args.heads} heads, chunk {args.chunk_size}, "
           f"vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, float32; median of {args.steps} steps "
           f"after {args.warmup} warm-up\n")
