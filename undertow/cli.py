@@ -196,13 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(plain)
     try:
         if getattr(args, "takes_overrides", False):
-            return args.func(args, overrides)
-        if overrides:
-            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-        return args.func(args)
+            code = args.func(args, overrides)
+        else:
+            if overrides:
+                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+            code = args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if "torch.distributed" in sys.modules:  # a command that joined a process group ends it (mesh.end_process)
+        from undertow.parallel.mesh import end_process
+
+        code = end_process(code)
+    return code
 
 
 if __name__ == "__main__":

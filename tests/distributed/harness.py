@@ -7,11 +7,13 @@ one intra-op thread (the machine has few cores), initializes gloo, runs fn and d
 group. An exception in any rank fails the call with that rank's traceback. fn must be defined at
 module level (it is pickled by reference).
 
-A rank killed by a signal (a C++ abort inside torch or gloo: seen twice in CI, "terminate called
-without an active exception" in a Titans cp spawn and a SIGABRT in the pararnn-rmoe tp2 spawn, not
-reproduced in 36 and 15 reruns) gets its Python stacks dumped (faulthandler) and the spawn is run once
-more with a warning, where the caller says fn can run twice (`retry_crash`: no run directory of the
-first attempt is read by the second). Each rank's stderr (C++ messages and faulthandler's stacks
+A rank ends as `undertow` does (parallel.mesh.end_process: a barrier, the groups destroyed,
+os._exit): a plain interpreter exit raced gloo's worker threads and died of SIGABRT after fn had
+returned ("terminate called without an active exception", tests/distributed/test_comm_count.py's
+spawn in 1 of 3 runs; the cause is in end_process's docstring). A rank killed by a signal anyway
+gets its Python stacks dumped (faulthandler) and the spawn is run once more with a warning, where the
+caller says fn can run twice (`retry_crash`: no run directory of the first attempt is read by the
+second). Each rank's stderr (C++ messages and faulthandler's stacks
 included) goes to a file; the tail of the dead rank's is in the warning, and every failure's message
 carries the ranks' tails.
 """
@@ -28,6 +30,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from undertow.parallel.mesh import end_process
 
 
 def free_port() -> int:
@@ -51,10 +55,10 @@ def _worker(rank, world_size, port, fn, args, result_dir):
         torch.save({"ok": result}, out)
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         torch.save({"error": traceback.format_exc()}, out)
-        raise
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    end_process(0)  # as `undertow` ends: barrier, groups destroyed, os._exit (no abort at interpreter exit)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, retry_crash: bool = True) -> list:

@@ -138,3 +138,39 @@ def init_process_group_from_env() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def end_process(exit_code: int) -> int:
+    """End a process that joined a process group, without the abort gloo can cause at exit.
+
+    A gloo worker thread drops its reference to a finished collective's tensors after the caller
+    has its result; when the tensor was made in Python, the drop takes the GIL. If the main thread
+    reaches interpreter shutdown first, Python ends that thread with pthread_exit inside a noexcept
+    C++ destructor (c10d ProcessGroupGloo runLoop -> ~AsyncWork -> decref_pyobject -> take_gil) and
+    the process dies of SIGABRT ("terminate called without an active exception") after its work
+    was done: a torchrun or Slurm job counted as failed, a test spawn seen crashing in 1 of 3 runs.
+    So, after a success (exit_code 0, which every rank reaches): a barrier (every rank past its last
+    collective) and the process groups destroyed; after a failure neither (the peers may be inside
+    another collective, which a barrier would meet). Then under gloo: standard streams and logging
+    flushed and os._exit(exit_code), which skips the interpreter's shutdown, where the race is (its
+    atexit work is the flushing done here). Under NCCL, and without a process group, returns exit_code.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return exit_code
+    gloo = dist.get_backend() == "gloo"
+    if exit_code == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+        _GROUPS.update(world=None, entries={})
+    if not gloo:
+        return exit_code
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(exit_code)
