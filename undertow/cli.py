@@ -204,12 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         code = 2
-    if "torch.distributed" in sys.modules:  # a command that joined a process group ends it (mesh.end_process)
-        from undertow.parallel.mesh import end_process
-
-        code = end_process(code)
     return code
 
 
+def console(argv: list[str] | None = None) -> None:
+    """The `undertow` program (and `python -m undertow.cli`): main, then the process ends. One that
+    joined a process group ends through parallel.mesh.end_process (under gloo: os._exit, so no abort
+    at interpreter exit). main itself only returns its code: tests and notebooks call it in-process."""
+    code = main(argv)
+    if "torch.distributed" in sys.modules:
+        from undertow.parallel.mesh import end_process
+
+        code = end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
