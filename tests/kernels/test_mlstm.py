@@ -229,6 +229,11 @@ def test_the_native_recurrence_runs_where_it_applies(cpu_form, monkeypatch):
     assert_close_to_reference(IMPLEMENTATIONS["chunked"], inputs,
                               {"chunk_size": 16, "doc_ids": doc_ids_for("edges", 2, 45, 16)}, TOL[torch.float32], exact)
     assert calls, native.unavailable_reason(mlstm_native.NAME)
+    # Dqk 20 x Dv 24: the vector loops' leftovers (a 16-lane vector and 8 channels; 16 rows summed
+    # across lanes at once and 4 one by one)
+    odd = make_inputs(2, 21, 2, 20, 24, torch.float32, seed=17)
+    exact = {k: v.double() if torch.is_tensor(v) else tuple(s.double() for s in v) for k, v in odd.items()}
+    assert_close_to_reference(IMPLEMENTATIONS["chunked"], odd, {"chunk_size": 8}, TOL[torch.float32], exact)
     calls.clear()
     IMPLEMENTATIONS["chunked"](**make_inputs(1, 9, 1, 4, 4, torch.float64, seed=8), chunk_size=4)
     big = make_inputs(1, 9, 1, 64, 128, torch.float32, seed=8)

@@ -86,6 +86,35 @@ inline float hsum(vf x) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// out[i] = hsum(x[i]) for i < n, sixteen vectors at a time by a transposing tree: each level adds the
+// halves of pairs of vectors (15 adds and 30 shuffles give 16 sums, where 16 hsums take 4 dependent
+// adds each and a reduction's shuffles); the rest one by one.
+inline void hsums(const vf* x, int64_t n, float* out) {
+    int64_t i = 0;
+    for (; i + VLANES <= n; i += VLANES) {
+        vf y[8], z[4], w[2];
+        for (int p = 0; p < 8; ++p) {  // y[p]: x[i+2p] folded to lanes 0-7, x[i+2p+1] to 8-15
+            const vf a = x[i + 2 * p], b = x[i + 2 * p + 1];
+            y[p] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        }
+        for (int p = 0; p < 4; ++p) {  // z[p]: x[i+4p+r] folded to lanes 4r..4r+3
+            const vf a = y[2 * p], b = y[2 * p + 1];
+            z[p] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                   __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+        }
+        for (int p = 0; p < 2; ++p) {  // w[p]: x[i+8p+r] folded to lanes 2r, 2r+1
+            const vf a = z[2 * p], b = z[2 * p + 1];
+            w[p] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                   __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+        }
+        const vf r = __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                     __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        vstore(out + i, r);
+    }
+    for (; i < n; ++i) out[i] = hsum(x[i]);
+}
+
 // sum of a[j] (times b[j] in `dot`) over j < n, in VLANES independent partial sums (a plain loop
 // would not vectorize: the compiler may not reorder a float sum)
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {

@@ -157,7 +157,8 @@ int mlstm_bwd(const float* q, const float* k, const float* v, const float* ig, c
     // per span: the state before each token (after any reset), its step's scalars and num
     std::vector<float> Cs(R * KV), ns(R * K), nums(R * V), C(KV), n(K), num(V);
     std::vector<Step> steps(R);
-    std::vector<float> gC(KV), gn(K), gnum(V), gqs(K);
+    std::vector<float> gC(KV), gn(K), gnum(V), gqs(K), cpg(K), rv(K), tails(2 * K);
+    std::vector<vf> P1(K), P2(K);  // per row of the state: the lanes of two dot products
 #pragma omp for schedule(static)
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / H, hh = u % H;
@@ -198,24 +199,22 @@ int mlstm_bwd(const float* q, const float* k, const float* v, const float* ig, c
                 const float* vt = v + x * V;
                 const float* g = gh + x * V;
                 // h = num / den
-                float gh_num = 0.0f;
-                for (int64_t c = 0; c < V; ++c) {
-                    gnum[c] = g[c] / r.den;
-                    gh_num += g[c] * nm[c];
-                }
+                const float inv_den = 1.0f / r.den;
+                for (int64_t c = 0; c < V; ++c) gnum[c] = g[c] * inv_den;
+                const float gh_num = undertow_native::dot(g, nm, V);
                 const float gden = -gh_num / (r.den * r.den);
                 const float absd = std::fabs(r.d), wd = win(absd, r.e);
                 const float sign = r.d > 0.0f ? 1.0f : (r.d < 0.0f ? -1.0f : 0.0f);
                 const float gd = gden * wd * sign;
                 float gmt = gm - gden * (1.0f - wd) * r.e;  // den's exp(-m) branch
-                float v_gnum = 0.0f;
-                for (int64_t c = 0; c < V; ++c) v_gnum += vt[c] * gnum[c];
+                const float v_gnum = undertow_native::dot(vt, gnum.data(), V);
                 // through C = F Cp + I k v^T and num = C^T (s q); n = F np + I k and d = n . (s q)
                 // the gradient to the state before the token: gC_t F, zero where a document starts
                 // (the zero state was used), written over gC_t's row once its row is done with
                 const bool cut = reset != nullptr && reset[b * T + t];
                 const float carry = cut ? 0.0f : r.F;
                 float gF = 0.0f, gI = 0.0f;
+                vf pF = {};  // gC_t's rows . Cp's rows, summed over the rows: one horizontal sum per token
                 float* gvt = gv + x * V;
                 for (int64_t c = 0; c < V; ++c) gvt[c] = 0.0f;
                 for (int64_t a = 0; a < K; ++a) {
@@ -223,35 +222,47 @@ int mlstm_bwd(const float* q, const float* k, const float* v, const float* ig, c
                     float* row = &gC[a * V];
                     const float* cp = Cp + a * V;
                     // gC_t's row and three dot products, VLANES channels at a time in vectors (a float
-                    // sum in a plain loop would not vectorize; a scalar tree per row is latency-bound)
-                    vf p1 = {}, p2 = {}, p3 = {};
+                    // sum in a plain loop would not vectorize); the per-row sums are summed across
+                    // their lanes for all rows at once below (hsums), the third over all rows here
+                    vf p1 = {}, p2 = {};
                     int64_t c = 0;
                     for (; c + VLANES <= V; c += VLANES) {
                         const vf gr = vload(row + c) + qs * vload(gnum.data() + c), cpv = vload(cp + c);
                         vstore(row + c, gr * carry);
                         p1 += cpv * vload(gnum.data() + c);
                         p2 += gr * vload(vt + c);
-                        p3 += gr * cpv;
+                        pF += gr * cpv;
                         vstore(gvt + c, vload(gvt + c) + ka * gr);
                     }
-                    float cp_gnum = hsum(p1), row_v = hsum(p2), row_cp = hsum(p3);
+                    float t1 = 0.0f, t2 = 0.0f;
                     for (; c < V; ++c) {
                         const float gr = row[c] + qs * gnum[c];
                         row[c] = gr * carry;
-                        cp_gnum += cp[c] * gnum[c];
-                        row_v += gr * vt[c];
-                        row_cp += gr * cp[c];
+                        t1 += cp[c] * gnum[c];
+                        t2 += gr * vt[c];
+                        gF += gr * cp[c];
                         gvt[c] += ka * gr;
                     }
+                    P1[a] = p1;
+                    P2[a] = p2;
+                    tails[2 * a] = t1;
+                    tails[2 * a + 1] = t2;
+                }
+                undertow_native::hsums(P1.data(), K, cpg.data());
+                undertow_native::hsums(P2.data(), K, rv.data());
+                for (int64_t a = 0; a < K; ++a) {
+                    const float qs = s * qt[a], ka = kt[a];
+                    const float cp_gnum = cpg[a] + tails[2 * a], row_v = rv[a] + tails[2 * a + 1];
                     const float gna = gn[a] + gd * qs;
                     gn[a] = gna * carry;
                     const float n_t = r.F * np[a] + r.I * ka;
                     // gqs = C_t gnum + gd n_t, C_t gnum = F (Cp gnum) + I k (v . gnum)
                     gqs[a] = r.F * cp_gnum + r.I * ka * v_gnum + gd * n_t;
-                    gF += row_cp + gna * np[a];
+                    gF += gna * np[a];
                     gI += ka * row_v + gna * ka;
                     gk[x * K + a] = r.I * (row_v + gna);
                 }
+                gF += hsum(pF);
                 for (int64_t c = 0; c < V; ++c) gvt[c] *= r.I;
                 for (int64_t a = 0; a < K; ++a) gq[x * K + a] = s * gqs[a];
                 // F = exp(a - m), I = exp(i - m); m = max(a, i); a = logsigmoid(f) + m_prev
