@@ -61,18 +61,45 @@ inline Step step(float* __restrict C, float* __restrict n, float& m, const float
     r.m = r.a > ig ? r.a : ig;
     r.F = std::exp(r.a - r.m);
     r.I = std::exp(ig - r.m);
-    for (int64_t j = 0; j < V; ++j) num[j] = 0.0f;
+    const float F = r.F, I = r.I;
+    // C's columns VLANES at a time, every row of a block before the next block: num's block is summed
+    // in registers (two chains, even and odd rows), not through memory row after row
+    int64_t j = 0;
+    for (; j + VLANES <= V; j += VLANES) {
+        const vf vv = vload(v + j);
+        vf acc0 = {}, acc1 = {};
+        int64_t x = 0;
+        for (; x + 1 < K; x += 2) {
+            float* r0 = C + x * V + j;
+            float* r1 = r0 + V;
+            const vf c0 = F * vload(r0) + (I * k[x]) * vv;
+            const vf c1 = F * vload(r1) + (I * k[x + 1]) * vv;
+            vstore(r0, c0);
+            vstore(r1, c1);
+            acc0 += c0 * (s * q[x]);
+            acc1 += c1 * (s * q[x + 1]);
+        }
+        if (x < K) {
+            float* r0 = C + x * V + j;
+            const vf c0 = F * vload(r0) + (I * k[x]) * vv;
+            vstore(r0, c0);
+            acc0 += c0 * (s * q[x]);
+        }
+        vstore(num + j, acc0 + acc1);
+    }
+    for (; j < V; ++j) {  // the channels left over
+        float acc = 0.0f;
+        for (int64_t x = 0; x < K; ++x) {
+            const float c = F * C[x * V + j] + I * k[x] * v[j];
+            C[x * V + j] = c;
+            acc += c * (s * q[x]);
+        }
+        num[j] = acc;
+    }
     float d = 0.0f;
     for (int64_t x = 0; x < K; ++x) {
-        const float ik = r.I * k[x], qs = s * q[x];
-        float* __restrict row = C + x * V;
-        for (int64_t j = 0; j < V; ++j) {
-            const float c = r.F * row[j] + ik * v[j];
-            row[j] = c;
-            num[j] += c * qs;
-        }
-        n[x] = r.F * n[x] + ik;
-        d += n[x] * qs;
+        n[x] = F * n[x] + I * k[x];
+        d += n[x] * (s * q[x]);
     }
     m = r.m;
     r.d = d;
