@@ -196,15 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(plain)
     try:
         if getattr(args, "takes_overrides", False):
-            code = args.func(args, overrides)
-        else:
-            if overrides:
-                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-            code = args.func(args)
+            return args.func(args, overrides)
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        code = 2
-    return code
+        return 2
 
 
 def console(argv: list[str] | None = None) -> None:

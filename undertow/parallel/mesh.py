@@ -24,7 +24,9 @@ the groups of an earlier mesh is not an option.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -164,9 +166,6 @@ def end_process(exit_code: int) -> int:
         _GROUPS.update(world=None, entries={})
     if not gloo:
         return exit_code
-    import logging
-    import sys
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
