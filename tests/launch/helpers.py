@@ -41,14 +41,16 @@ def undertow(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def read_losses(run_dir) -> dict[int, float]:
-    """step -> loss of metrics.jsonl's train records (a resumed run re-records steps; the last wins)."""
+    """step -> loss of metrics.jsonl's train records (a resumed run re-records steps; the last wins).
+    A last line without its newline is a record being written while this reads (seen in CI: a line cut
+    after 52 characters): skipped, the next poll reads it whole."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
     losses = {}
     with open(path) as f:
         for line in f:
-            if line.strip():
+            if line.strip() and line.endswith("\n"):
                 rec = json.loads(line)
                 if rec["kind"] == "train":
                     losses[rec["step"]] = rec["loss"]
